@@ -1,0 +1,111 @@
+"""CLIENT SIDE — DP LoRA fine-tuning of the generator on the client's private records; writes the transfer bundle.
+
+    ksg dp-train configs/dp_finetune.yaml [key=value ...]
+    ray job submit --working-dir . -- python jobs/dp_finetune.py --config configs/dp_finetune.yaml
+
+Reads private records: run it only where the data may be read. Only the bundle (adapter, configs, privacy
+report) leaves this machine. A rerun with the same `run.output_dir`/`run.name` resumes where it died.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import math
+import shutil
+import sys
+from functools import partial
+from pathlib import Path
+
+from ksg_ray.config import load_config
+from ksg_ray.dp_config import DPFinetuneConfig
+from ksg_ray.dp_trainer import DPTask, fit_dp, plan_dp_run
+from ksg_ray.privacy.accountant import Mechanism
+from ksg_ray.privacy.ledger import open_ledger, privacy_report
+
+logger = logging.getLogger("ksg.dp_finetune")
+
+
+def prepare(cfg: DPFinetuneConfig):
+    """Read, validate and tokenize the private records (fails before any worker starts)."""
+    from transformers import AutoTokenizer
+
+    from ksg_ray.chat_format import collate, tokenize_records
+    from ksg_ray.models import resolve_model
+    from ksg_ray.records import load_records
+
+    model_path = resolve_model(cfg.model.name)
+    records = load_records(cfg.data.path, limit=cfg.data.limit)
+    tokenizer = AutoTokenizer.from_pretrained(model_path)
+    examples, truncated = tokenize_records(tokenizer, records, cfg.data.max_seq_len)
+    return model_path, tokenizer, examples, truncated, partial(collate, pad_token_id=tokenizer.pad_token_id)
+
+
+def main(argv: list[str] | None = None) -> dict:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--config", default=None, help="YAML config (defaults: the embedded default)")
+    parser.add_argument("overrides", nargs="*", help="key=value overrides, e.g. train.epochs=2")
+    args = parser.parse_args(argv)
+    cfg = load_config(DPFinetuneConfig, args.config, args.overrides)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
+
+    from ksg_ray.lora_model import lm_builder, lm_loss, load_adapter, save_adapter
+
+    model_path, tokenizer, examples, truncated, collate_fn = prepare(cfg)
+    n = len(examples)
+    ledger = open_ledger(cfg.run.output_dir, cfg.data.path, cfg.privacy.delta)
+    spec = plan_dp_run("generator", n, cfg.privacy, cfg.train, cfg.scaling, ledger)
+    sigma, q, steps = spec.noise_multiplier, spec.sample_rate, spec.steps
+    logger.info("%d private records (%d truncated to %d tokens); q=%.4f, %d steps, σ=%.4f", n, truncated,
+                cfg.data.max_seq_len, q, steps, sigma)
+    task = DPTask(name="generator", build_model=lm_builder(model_path, cfg.lora, cfg.train.seed), examples=examples,
+                  collate=collate_fn, loss_fn=lm_loss, save=save_adapter, load=load_adapter)
+    ckpt, metrics = fit_dp(task, spec, num_workers=cfg.scaling.num_workers, use_gpu=cfg.scaling.use_gpu,
+                           cpus_per_worker=cfg.scaling.cpus_per_worker, output_dir=cfg.run.output_dir,
+                           name=cfg.run.name, max_failures=cfg.run.max_failures)
+
+    ledger.record(Mechanism("generator", sigma, q, steps))
+    ledger.save()
+    report = privacy_report(ledger, records=n, truncated=truncated)
+    bundle = write_generator_bundle(ckpt / "model", cfg, model_path, report)
+    summary = {"bundle": str(bundle), "epsilon": report["epsilon"], "epsilon_rdp": report["epsilon_rdp"],
+               "noise_multiplier": sigma, "sample_rate": q, "steps": steps, "final_loss": metrics.get("loss"),
+               "checkpoint": str(ckpt)}
+    print(format_summary(ckpt, summary))
+    return summary
+
+
+def write_generator_bundle(adapter_dir: Path, cfg: DPFinetuneConfig, model_path: str, report: dict) -> Path:
+    """Bundle = adapter + references to the public base model + the privacy report. No data, no metrics."""
+    import json
+
+    from ksg_ray.bundle import add_component, write_bundle
+
+    staging = Path(cfg.run.output_dir) / cfg.run.name / "generator_component"
+    shutil.rmtree(staging, ignore_errors=True)
+    shutil.copytree(adapter_dir, staging)
+    (staging / "model_ref.json").write_text(json.dumps(
+        {"base_model": cfg.model.name, "resolved_path": model_path, "tokenizer": cfg.model.name,
+         "kind": "causal-lm-lora"}, indent=2))
+    if (cfg.run.bundle_dir / "manifest.json").exists():  # keep a reward model trained earlier
+        return add_component(cfg.run.bundle_dir, "generator", staging, privacy=report)
+    return write_bundle(cfg.run.bundle_dir, {"generator": staging}, report, overwrite=True)
+
+
+def format_summary(ckpt: Path, summary: dict) -> str:
+    import json
+
+    progress = json.loads((ckpt / "progress.json").read_text())
+    losses = [x for x in progress["losses"] if not math.isnan(x)]
+    k = max(1, len(losses) // 4)
+    first, last = sum(losses[:k]) / k, sum(losses[-k:]) / k
+    return "\n".join([
+        f"bundle      {summary['bundle']}",
+        f"privacy     ε={summary['epsilon']:.3f} (PRV; RDP {summary['epsilon_rdp']:.3f}) "
+        f"σ={summary['noise_multiplier']:.4f} q={summary['sample_rate']:.4f} steps={summary['steps']}",
+        f"loss        first {k} steps {first:.4f} → last {k} steps {last:.4f}",
+    ])
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])

@@ -1,0 +1,346 @@
+"""The client→server transfer bundle: the only thing that leaves the client.
+
+Fixed layout: per component (`generator/`, `reward/`) LoRA weights in safetensors and two small JSON files;
+at the top a privacy report and a manifest of sha256 hashes. `verify_bundle` rejects everything else (extra
+files, pickles, symlinks, hidden or nested entries, unknown safetensors header fields or metadata, integer
+tensors, NaN payloads, JSON over `MAX_JSON_BYTES`), so records cannot ride along unnoticed: what is left is
+the weights, which DP bounds, and a few KiB of JSON a reviewer can read.
+A bundle is built in a hidden sibling `.{name}.tmp-XXXX`, manifest last, verified there and renamed into
+place: a crash never leaves a directory at `out_dir` that looks finished.
+JSON has no Infinity, so a non-finite float dict value in privacy.json (ε=inf of a run without DP) is written
+as the string "inf"/"-inf"/"nan" by `dump_privacy` and read back as a float by `load_privacy`/`read_privacy`.
+
+Examples:
+    >>> write_bundle(Path("runs/bundle"), {"generator": Path("runs/x/generator_component")}, report)
+    >>> add_component(Path("runs/bundle"), "reward", Path("runs/x/reward_component"), privacy=composed_report)
+    $ ksg bundle verify runs/bundle
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import logging
+import math
+import os
+import re
+import shutil
+import sys
+import tempfile
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+__all__ = ["BundleError", "add_bundle_args", "add_component", "dump_privacy", "load_privacy", "read_privacy",
+           "run_bundle", "verify_bundle", "write_bundle"]
+
+logger = logging.getLogger(__name__)
+
+FORMAT = "ksg-bundle/1"
+TOP_FILES = ("manifest.json", "privacy.json")
+COMPONENTS = ("generator", "reward")
+COMPONENT_FILES = ("adapter_model.safetensors", "adapter_config.json", "model_ref.json",
+                   "score_head.safetensors")
+REQUIRED_FILES = COMPONENT_FILES[:3]
+PRIVACY_KEYS = ("epsilon", "delta", "not_dp", "mechanisms")
+MAX_JSON_BYTES = 64 * 1024  # configs and reports are a few KiB; the cap keeps free text from carrying records
+_NAME_PART = re.compile(r"[A-Za-z_][A-Za-z0-9_]{0,63}|\d{1,6}")  # tensor names are module paths
+_TENSOR_FIELDS = {"dtype", "shape", "data_offsets"}
+
+
+class BundleError(ValueError):
+    """A bundle is invalid or cannot be written; `problems` lists every problem, each naming its file."""
+
+    def __init__(self, where: str | Path, problems: list[str]):
+        self.where, self.problems = str(where), list(problems)
+        super().__init__(f"invalid bundle {where}:\n" + "\n".join(f"  - {p}" for p in self.problems))
+
+
+def _walk(x: Any, leaf) -> Any:
+    """Apply `leaf` to every scalar dict value at any depth; scalar list items (`not_dp` texts) are kept."""
+    if isinstance(x, dict):
+        return {k: _walk(v, leaf) if isinstance(v, dict | list) else leaf(v) for k, v in x.items()}
+    return [_walk(v, leaf) if isinstance(v, dict | list) else v for v in x] if isinstance(x, list) else x
+
+
+def _decode(v: Any) -> Any:
+    return float(v) if v in ("inf", "-inf", "nan") else v
+
+
+def dump_privacy(privacy: dict) -> str:
+    """privacy.json text: standard JSON, non-finite float dict values written as "inf"/"-inf"/"nan"."""
+    enc = _walk(privacy, lambda v: str(v) if isinstance(v, float) and not math.isfinite(v) else v)
+    return json.dumps(enc, indent=2, allow_nan=False) + "\n"
+
+
+def load_privacy(text: str) -> dict:
+    """Inverse of `dump_privacy`: dict values "inf"/"-inf"/"nan" become floats again."""
+    return _walk(json.loads(text), _decode)
+
+
+def read_privacy(bundle_dir: str | Path) -> dict:
+    """The bundle's privacy report, ε a float (inf included). Does not verify: call `verify_bundle` first."""
+    return load_privacy((Path(bundle_dir) / "privacy.json").read_text())
+
+
+def write_bundle(out_dir: Path, components: dict[str, Path], privacy: dict, *,
+                 overwrite: bool = False) -> Path:
+    """Write a verified bundle from component source directories and a privacy report.
+
+    Only bundle files are copied from a source (a peft `save_pretrained` dir also holds a README; it stays
+    behind and is logged). The new bundle is verified before it replaces anything at `out_dir`.
+
+    Args:
+        out_dir (Path): bundle directory to create; its parent is created if needed.
+        components (dict[str, Path]): component name (`generator`, `reward`) → directory holding its files.
+        privacy (dict): privacy report with at least `epsilon`, `delta`, `not_dp`, `mechanisms`.
+        overwrite (bool): replace an existing bundle (old one renamed aside, new one in, old one deleted).
+
+    Returns:
+        Path: `out_dir`.
+
+    Raises:
+        BundleError: if a component name is unknown or a source lacks a required file.
+        BundleError: if `out_dir` exists and `overwrite` is False, or it exists and is not a bundle.
+        BundleError: if the new bundle fails `verify_bundle`; `out_dir` is then left as it was.
+    """
+    out_dir, srcs = Path(out_dir), {n: Path(s) for n, s in components.items()}
+    problems = [f"{n}/: unknown component (allowed: generator, reward)" for n in srcs if n not in COMPONENTS]
+    problems += [f"{n}/{f}: missing from source {s}" for n, s in srcs.items() for f in REQUIRED_FILES
+                 if not (s / f).is_file()] + ["no components given (generator, reward)"] * (not srcs)
+    is_bundle = out_dir.is_dir() and ((out_dir / "manifest.json").is_file() or not any(out_dir.iterdir()))
+    if (out_dir.exists() or out_dir.is_symlink()) and not overwrite:
+        problems.append(f"{out_dir}: already exists; pass overwrite=True to replace it")
+    elif out_dir.exists() and not is_bundle:
+        problems.append(f"{out_dir}: exists and is not a bundle (no manifest.json); refusing to replace it")
+    if problems:
+        raise BundleError(out_dir, problems)
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.tmp-", dir=out_dir.parent))
+    try:
+        for name, src in srcs.items():
+            (tmp / name).mkdir()
+            for f in (f for f in COMPONENT_FILES if (src / f).is_file()):
+                shutil.copyfile(src / f, tmp / name / f)
+            left = sorted(p.name for p in src.iterdir() if not (p.name in COMPONENT_FILES and p.is_file()))
+            if left:
+                logger.info("bundle: left out of %s (not bundle files): %s", name, ", ".join(left))
+        (tmp / "privacy.json").write_text(dump_privacy(privacy))
+        _write_manifest(tmp)  # last: a directory without it never verifies
+        try:
+            verify_bundle(tmp)
+        except BundleError as e:
+            raise BundleError(out_dir, e.problems) from None
+        old = tmp.with_name(tmp.name.replace(".tmp-", ".old-", 1))
+        if out_dir.exists():
+            os.rename(out_dir, old)
+        try:
+            os.rename(tmp, out_dir)
+        except BaseException:
+            if old.exists():
+                os.rename(old, out_dir)
+            raise
+        shutil.rmtree(old, ignore_errors=True)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    logger.info("bundle: wrote %s (components: %s)", out_dir, ", ".join(sorted(srcs)))
+    return out_dir
+
+
+def add_component(bundle_dir: Path, name: str, source_dir: Path, *, privacy: dict | None = None) -> Path:
+    """Add or replace one component of a bundle (the reward model is trained after the generator).
+
+    The bundle is verified first, so re-hashing never blesses a file slipped in after it was written; then a
+    new bundle is built from its other components plus `source_dir` and swapped in as by `write_bundle`.
+
+    Args:
+        bundle_dir (Path): an existing, valid bundle.
+        name (str): `generator` or `reward`.
+        source_dir (Path): directory holding the component's files.
+        privacy (dict | None): new privacy report (ε composed over both trainings); None keeps the old one.
+
+    Returns:
+        Path: `bundle_dir`.
+
+    Raises:
+        BundleError: if the existing bundle does not verify, or the new one cannot be written.
+    """
+    bundle_dir = Path(bundle_dir)
+    comps = {c: bundle_dir / c for c in verify_bundle(bundle_dir)["components"] if c != name}
+    privacy = read_privacy(bundle_dir) if privacy is None else privacy
+    return write_bundle(bundle_dir, comps | {name: Path(source_dir)}, privacy, overwrite=True)
+
+
+def verify_bundle(bundle_dir: Path) -> dict:
+    """Check a bundle and return its parsed manifest; run it before sending and again after receiving.
+
+    Raises:
+        BundleError: listing every problem (layout, manifest, hashes, safetensors, JSON, privacy report).
+    """
+    root = Path(bundle_dir)
+    if not root.is_dir():
+        raise BundleError(root, [f"{root}: not a directory"])
+    problems, files = _scan(root)
+    manifest, found = _check_manifest(root, files)
+    problems += found
+    for c in sorted(p.name for p in root.iterdir() if p.name in COMPONENTS and p.is_dir()):
+        problems += [f"{c}/{f}: required file missing" for f in REQUIRED_FILES if f"{c}/{f}" not in files]
+    if not any("/" in f for f in files):
+        problems.append("no component (expected generator/ and/or reward/)")
+    if "privacy.json" not in files:
+        problems.append("privacy.json: missing")
+    for rel in (f for f in files if f != "manifest.json"):
+        if rel.endswith(".safetensors"):
+            problems += _check_safetensors(root / rel, rel)
+            continue
+        data, found = _read_json(root, rel)
+        problems += found
+        if rel == "privacy.json" and data is not None:
+            problems += _check_privacy(_walk(data, _decode))
+        elif rel.endswith("/model_ref.json") and data and not isinstance(data.get("base_model"), str):
+            problems.append(f"{rel}: needs a string 'base_model' (name or path of the public base model)")
+    if problems:
+        raise BundleError(root, problems)
+    return manifest
+
+
+def _scan(root: Path) -> tuple[list[str], list[str]]:
+    """Walk the two allowed levels; return (problems, relative paths of the allowed regular files)."""
+    problems, files = [], []
+    for entry in sorted(root.iterdir()):
+        is_comp = entry.name in COMPONENTS and entry.is_dir() and not entry.is_symlink()
+        for p in sorted(entry.iterdir()) if is_comp else [entry]:
+            rel, allowed = p.relative_to(root).as_posix(), COMPONENT_FILES if is_comp else TOP_FILES
+            if p.is_symlink():
+                problems.append(f"{rel}: symlinks are not allowed")
+            elif p.is_dir():
+                problems.append(f"{rel}/: directory not allowed (only generator/, reward/; nothing nested)")
+            elif p.name not in allowed or not p.is_file():
+                problems.append(f"{rel}: not allowed in a bundle (allowed here: {', '.join(allowed)})")
+            else:
+                files.append(rel)
+    return problems, files
+
+
+def _digest(path: Path) -> dict:
+    with path.open("rb") as fh:
+        return {"sha256": hashlib.file_digest(fh, "sha256").hexdigest(), "bytes": path.stat().st_size}
+
+
+def _components(files: list[str]) -> dict[str, list[str]]:
+    parts = sorted(f.split("/") for f in files if "/" in f)
+    return {c: [f for c2, f in parts if c2 == c] for c, _ in parts}
+
+
+def _write_manifest(root: Path) -> None:
+    files = sorted(f for f in _scan(root)[1] if f != "manifest.json")
+    manifest = {"format": FORMAT, "created": datetime.now(UTC).isoformat(timespec="seconds"),
+                "files": {f: _digest(root / f) for f in files}, "components": _components(files)}
+    (root / "manifest.json").write_text(json.dumps(manifest, indent=2) + "\n")
+
+
+def _read_json(root: Path, rel: str) -> tuple[dict | None, list[str]]:
+    """Parse a bundle JSON file, which must be an object of at most MAX_JSON_BYTES."""
+    if (size := (root / rel).stat().st_size) > MAX_JSON_BYTES:
+        return None, [f"{rel}: {size} bytes, over the {MAX_JSON_BYTES} allowed for a bundle JSON file"]
+    try:
+        data = json.loads((root / rel).read_text())
+    except (ValueError, UnicodeDecodeError) as e:
+        return None, [f"{rel}: not valid JSON ({e})"]
+    return (data, []) if isinstance(data, dict) else (None, [f"{rel}: must be a JSON object"])
+
+
+def _check_manifest(root: Path, files: list[str]) -> tuple[dict, list[str]]:
+    if "manifest.json" not in files:
+        return {}, ["manifest.json: missing (an unfinished or hand-made bundle)"]
+    m, problems = _read_json(root, "manifest.json")
+    if m is None:
+        return {}, problems
+    if m.get("format") != FORMAT:
+        problems.append(f"manifest.json: format is {m.get('format')!r}, expected {FORMAT!r}")
+    if set(m) != {"format", "created", "files", "components"}:
+        problems.append(f"manifest.json: keys must be format, created, files, components; got {sorted(m)}")
+    try:
+        datetime.fromisoformat(m.get("created"))
+    except (TypeError, ValueError):
+        problems.append(f"manifest.json: 'created' is not an ISO time: {str(m.get('created'))[:40]!r}")
+    listed = m.get("files") if isinstance(m.get("files"), dict) else {}
+    on_disk = [f for f in files if f != "manifest.json"]
+    problems += [f"{f}: on disk but not listed in manifest.json" for f in on_disk if f not in listed]
+    problems += [f"{f[:80]}: in manifest.json but absent or not allowed" for f in listed if f not in on_disk]
+    for f in (f for f in on_disk if f in listed):
+        if not isinstance(listed[f], dict) or set(listed[f]) != {"sha256", "bytes"}:
+            problems.append(f"{f}: manifest entry must be exactly {{sha256, bytes}}")
+        elif listed[f] != (actual := _digest(root / f)):
+            problems.append(f"{f}: sha256/size differ from manifest.json ({actual['bytes']} bytes on disk, "
+                            f"{listed[f]['bytes']} listed): modified after the bundle was written")
+    if m.get("components") != _components(on_disk):
+        problems.append(f"manifest.json: components {str(m.get('components'))[:80]} do not match the files")
+    return m, problems
+
+
+def _check_safetensors(path: Path, rel: str) -> list[str]:
+    """safe_open (never unpickles), plus what it lets through: extra header fields, metadata, ints, NaN."""
+    from safetensors import safe_open
+
+    problems = []
+    try:
+        with safe_open(str(path), framework="pt") as f, path.open("rb") as fh:
+            raw = fh.read(int.from_bytes(fh.read(8), "little"))  # header length already checked by safe_open
+            header = json.loads(raw)
+            for key in f.keys():
+                if not (t := f.get_tensor(key)).is_floating_point():
+                    problems.append(f"{rel}: tensor {key[:80]!r} is {t.dtype}; only floats are allowed")
+                elif not bool(t.float().isfinite().all()):
+                    problems.append(f"{rel}: tensor {key[:80]!r} holds NaN or inf")
+    except Exception as e:  # SafetensorError derives from Exception only
+        return [f"{rel}: not a valid safetensors file ({type(e).__name__}: {e}); pickles are not allowed"]
+    if len(raw) > len(json.dumps(header, separators=(",", ":"))) + 8:
+        problems.append(f"{rel}: header is {len(raw)} bytes, more than its content needs (padding?)")
+    if (meta := header.pop("__metadata__", {})) not in ({}, {"format": "pt"}):
+        problems.append(f"{rel}: header metadata other than {{'format': 'pt'}} not allowed: {str(meta)[:80]}")
+    for key, info in header.items():
+        if len(key) > 256 or not all(_NAME_PART.fullmatch(s) for s in key.split(".")):
+            problems.append(f"{rel}: tensor name {key[:80]!r} is not a module path")
+        if not isinstance(info, dict) or set(info) != _TENSOR_FIELDS:
+            problems.append(f"{rel}: tensor {key[:80]!r} has header fields beyond dtype/shape/data_offsets")
+    return problems + [f"{rel}: holds no tensors"] * (not header)
+
+
+def _check_privacy(p: dict) -> list[str]:
+    def num(x: Any) -> bool:
+        return isinstance(x, int | float) and not isinstance(x, bool) and not math.isnan(x)
+
+    problems = [f"privacy.json: missing key {k!r}" for k in PRIVACY_KEYS if k not in p]
+    if "epsilon" in p and not (num(p["epsilon"]) and p["epsilon"] >= 0):
+        problems.append(f"privacy.json: epsilon must be a number >= 0 or \"inf\", got {p['epsilon']!r}")
+    if "delta" in p and not (num(p["delta"]) and 0 <= p["delta"] < 1):
+        problems.append(f"privacy.json: delta must be a number in [0, 1), got {p['delta']!r}")
+    if "not_dp" in p and not (isinstance(p["not_dp"], list) and all(isinstance(s, str) for s in p["not_dp"])):
+        problems.append("privacy.json: not_dp must be a list of strings")
+    if "mechanisms" in p and not isinstance(p["mechanisms"], list):
+        problems.append("privacy.json: mechanisms must be a list")
+    return problems
+
+
+def add_bundle_args(subparsers: argparse._SubParsersAction) -> None:
+    """Register `ksg bundle verify DIR` on the `ksg` subparsers."""
+    p = subparsers.add_parser("bundle", help="[client/server] check a transfer bundle before sending/loading")
+    sub = p.add_subparsers(dest="bundle_command", required=True)
+    v = sub.add_parser("verify", help="check layout, hashes, weights and privacy.json; exit 1 on any problem")
+    v.add_argument("dir", type=Path, help="bundle directory")
+
+
+def run_bundle(args: argparse.Namespace) -> int:
+    """Run a `ksg bundle` subcommand; returns the exit status (0 valid, 1 problems printed to stderr)."""
+    try:
+        manifest = verify_bundle(args.dir)
+    except BundleError as e:
+        print(e, file=sys.stderr)
+        return 1
+    p = read_privacy(args.dir)
+    print(f"OK {args.dir}: components={','.join(manifest['components'])}, "
+          f"epsilon={p['epsilon']:g}, delta={p['delta']:g}")
+    return 0

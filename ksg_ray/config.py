@@ -1,0 +1,95 @@
+"""YAML configs with typed defaults and `key=value` command-line overrides.
+
+Every job takes one YAML file plus overrides such as `train.epochs=2 privacy.target_epsilon=inf`. The file is
+validated by a pydantic model (unknown keys are errors), and all problems are reported at once in a
+`KsgConfigError`, so a user fixes a config in one round trip instead of one error per run.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, TypeVar
+
+import yaml
+from pydantic import BaseModel, ConfigDict, ValidationError
+
+__all__ = ["KsgConfigError", "StrictModel", "apply_overrides", "load_config", "parse_override"]
+
+T = TypeVar("T", bound=BaseModel)
+
+
+class KsgConfigError(ValueError):
+    """A config is invalid; `problems` lists every problem found, each naming its key."""
+
+    def __init__(self, source: str, problems: list[str]):
+        self.source = source
+        self.problems = problems
+        lines = "\n".join(f"  - {p}" for p in problems)
+        super().__init__(f"invalid config {source}:\n{lines}")
+
+
+class StrictModel(BaseModel):
+    """Base for config sections: unknown keys are rejected and assignments are validated."""
+
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+def parse_override(item: str) -> tuple[list[str], Any]:
+    """Split `a.b.c=value` into (["a", "b", "c"], value); the value is parsed as YAML (`2`, `inf`, `[a, b]`)."""
+    if "=" not in item:
+        raise KsgConfigError("command line", [f"override {item!r} is not of the form key=value (e.g. train.epochs=2)"])
+    key, raw = item.split("=", 1)
+    if not key or any(not part for part in key.split(".")):
+        raise KsgConfigError("command line", [f"override {item!r} has an empty key"])
+    value = yaml.safe_load(raw) if raw != "" else ""
+    if isinstance(value, str) and value.lower() in {"inf", "+inf", "infinity"}:
+        value = float("inf")
+    return key.split("."), value
+
+
+def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
+    """Return a copy of `data` with each `key=value` override applied (nested keys are created as needed)."""
+    out = _deepcopy(data)
+    for item in overrides:
+        path, value = parse_override(item)
+        node = out
+        for part in path[:-1]:
+            child = node.get(part)
+            if child is None:
+                child = node[part] = {}
+            if not isinstance(child, dict):
+                raise KsgConfigError("command line", [f"override {item!r}: {part!r} is not a section"])
+            node = child
+        node[path[-1]] = value
+    return out
+
+
+def load_config(model: type[T], path: str | Path | None = None, overrides: list[str] | None = None) -> T:
+    """Load `path` (YAML; None = defaults only), apply overrides, and validate into `model`.
+
+    Raises:
+        KsgConfigError: the file is missing or not YAML, or any field is invalid (all problems listed).
+    """
+    source = str(path) if path else "<defaults>"
+    data: dict[str, Any] = {}
+    if path is not None:
+        p = Path(path)
+        if not p.is_file():
+            raise KsgConfigError(source, [f"file not found: {p}"])
+        try:
+            loaded = yaml.safe_load(p.read_text())
+        except yaml.YAMLError as e:
+            raise KsgConfigError(source, [f"not valid YAML: {e}"]) from e
+        if loaded is not None and not isinstance(loaded, dict):
+            raise KsgConfigError(source, ["top level must be a mapping of sections"])
+        data = loaded or {}
+    data = apply_overrides(data, overrides or [])
+    try:
+        return model.model_validate(data)
+    except ValidationError as e:
+        problems = [f"{'.'.join(str(x) for x in err['loc']) or '<root>'}: {err['msg']}" for err in e.errors()]
+        raise KsgConfigError(source, problems) from None
+
+
+def _deepcopy(data: dict[str, Any]) -> dict[str, Any]:
+    return {k: _deepcopy(v) if isinstance(v, dict) else v for k, v in data.items()}

@@ -1,0 +1,67 @@
+"""LoRA models for DP training: a frozen base plus trainable adapters, built the way Opacus needs them.
+
+The base model is moved to its device *before* `get_peft_model` (otherwise the LoRA weights are silently
+corrupted under Opacus, opacus#820); only adapter (and, for a reward model, head) weights train.
+"""
+
+from __future__ import annotations
+
+from functools import partial
+from pathlib import Path
+
+import torch
+from peft import LoraConfig, PeftModel, get_peft_model, get_peft_model_state_dict, set_peft_model_state_dict
+from safetensors.torch import load_file
+
+from ksg_ray.dp_config import LoraSection
+from ksg_ray.privacy.dp_sgd import per_sample_lm_loss
+
+__all__ = ["build_lora_lm", "lm_loss", "load_adapter", "lora_b_norm", "save_adapter"]
+
+
+def build_lora_lm(device: torch.device, *, model_path: str, lora: LoraSection, seed: int = 0) -> PeftModel:
+    """Load the causal LM from `model_path` (float32), move it to `device`, add LoRA adapters."""
+    from transformers import AutoModelForCausalLM
+
+    base = AutoModelForCausalLM.from_pretrained(model_path, dtype=torch.float32)
+    base.config.use_cache = False
+    base.to(device)
+    torch.manual_seed(seed)
+    return get_peft_model(base, LoraConfig(
+        r=lora.r, lora_alpha=lora.alpha, lora_dropout=lora.dropout, target_modules=list(lora.target_modules),
+        task_type="CAUSAL_LM",
+    ))
+
+
+def lm_loss(module: torch.nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+    """Per-record loss on answer tokens; position ids are passed per row for Opacus' per-sample shapes."""
+    out = module(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
+                 position_ids=batch["position_ids"])
+    return per_sample_lm_loss(out.logits, batch["labels"])
+
+
+def save_adapter(model: torch.nn.Module, out: Path) -> None:
+    """peft's own format (adapter_model.safetensors + adapter_config.json): what a server loads with peft/vLLM."""
+    _peft(model).save_pretrained(str(out))
+
+
+def load_adapter(model: torch.nn.Module, src: Path) -> None:
+    set_peft_model_state_dict(_peft(model), load_file(str(Path(src) / "adapter_model.safetensors")))
+
+
+def lora_b_norm(model: torch.nn.Module) -> float:
+    """LoRA B starts at zero, so a non-zero norm means the adapter moved away from its initial value."""
+    sd = get_peft_model_state_dict(_peft(model))
+    return float(torch.sqrt(sum((v.float() ** 2).sum() for k, v in sd.items() if "lora_B" in k)))
+
+
+def _peft(model: torch.nn.Module) -> PeftModel:
+    """Unwrap Opacus' GradSampleModule / DeepSpeed to the PeftModel."""
+    while not isinstance(model, PeftModel):
+        model = model._module if hasattr(model, "_module") else model.module
+    return model
+
+
+def lm_builder(model_path: str, lora: LoraSection, seed: int):
+    """A picklable `(device) -> model` for `DPTask.build_model`."""
+    return partial(build_lora_lm, model_path=model_path, lora=lora, seed=seed)
