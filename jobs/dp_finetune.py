@@ -99,12 +99,22 @@ def format_summary(ckpt: Path, summary: dict) -> str:
     losses = [x for x in progress["losses"] if not math.isnan(x)]
     k = max(1, len(losses) // 4)
     first, last = sum(losses[:k]) / k, sum(losses[-k:]) / k
+    b_norm = adapter_b_norm(ckpt / "model" / "adapter_model.safetensors")
     return "\n".join([
         f"bundle      {summary['bundle']}",
         f"privacy     ε={summary['epsilon']:.3f} (PRV; RDP {summary['epsilon_rdp']:.3f}) "
         f"σ={summary['noise_multiplier']:.4f} q={summary['sample_rate']:.4f} steps={summary['steps']}",
-        f"loss        first {k} steps {first:.4f} → last {k} steps {last:.4f}",
+        f"loss        on a fixed probe of records {progress['probe_loss_start']:.4f} → "
+        f"{progress['probe_loss_end']:.4f}; batch loss first {k} steps {first:.4f} → last {k} steps {last:.4f}",
+        f"adapter     ‖LoRA B‖ = {b_norm:.4f} (initialised at 0)",
     ])
+
+
+def adapter_b_norm(path: Path) -> float:
+    """LoRA B starts at exactly zero: its norm is how far the adapter moved from its initial value."""
+    from safetensors.torch import load_file
+
+    return math.sqrt(sum(float((v.float() ** 2).sum()) for k, v in load_file(str(path)).items() if "lora_B" in k))
 
 
 if __name__ == "__main__":

@@ -9,6 +9,7 @@ import sys
 # command -> (recipe module, side of the trust boundary, what it does)
 STAGES = {
     "dp-train": ("ksg_ray.jobs.dp_finetune", "client", "DP LoRA fine-tuning of the generator; writes the bundle"),
+    "dp-reward": ("ksg_ray.jobs.dp_reward", "client", "DP reward model on the same records; joins the bundle"),
 }
 
 

@@ -13,8 +13,8 @@ from pydantic import Field, field_validator, model_validator
 
 from ksg_ray.config import StrictModel
 
-__all__ = ["DPFinetuneConfig", "DataSection", "LoraSection", "ModelSection", "PrivacySection", "RunSection",
-           "ScalingSection", "TrainSection"]
+__all__ = ["CandidatesSection", "DPFinetuneConfig", "DPRewardConfig", "DataSection", "EvalSection", "LoraSection",
+           "ModelSection", "PrivacySection", "RunSection", "ScalingSection", "TrainSection"]
 
 
 class ModelSection(StrictModel):
@@ -102,3 +102,33 @@ class DPFinetuneConfig(StrictModel):
         if self.scaling.strategy == "ddp" and self.scaling.zero_stage != 1:
             raise ValueError("scaling.zero_stage is a DeepSpeed setting: set scaling.strategy=deepspeed")
         return self
+
+
+class CandidatesSection(StrictModel):
+    """Where the reward model's candidate answers come from (RewardDS step 2)."""
+
+    generator_bundle: Path = Field(Path("runs/bundle"), description="bundle holding the DP generator adapter")
+    engine: Literal["transformers", "vllm", "auto"] = "transformers"
+    max_new_tokens: int = Field(96, gt=0, description="greedy answer length of the base and DP models")
+    batch_size: int = Field(8, gt=0, description="prompts per engine call")
+    non_dp_proxy_adapter: Path | None = Field(
+        None, description="NOT DP: answers of a non-private proxy trained on the records; marks the bundle not DP")
+
+
+class EvalSection(StrictModel):
+    path: str | None = Field(None, description="held-out records for pairwise accuracy (truth ranked above base)")
+    limit: int = Field(48, gt=0)
+
+
+class DPRewardConfig(StrictModel):
+    """`ksg dp-reward`: DP reward proxy (LoRA + scalar head, Bradley–Terry) on the same private records."""
+
+    model: ModelSection = ModelSection()
+    lora: LoraSection = LoraSection()
+    data: DataSection = DataSection()
+    privacy: PrivacySection = PrivacySection()
+    train: TrainSection = TrainSection()
+    scaling: ScalingSection = ScalingSection()
+    run: RunSection = RunSection(name="reward")
+    candidates: CandidatesSection = CandidatesSection()
+    eval: EvalSection = EvalSection()

@@ -81,6 +81,7 @@ class DPRunSpec:
     sampling_seed: int = 0
     noise_seed: int | None = None
     accountant: str = "prv"
+    probe_records: int = 16
     prior_history: list[tuple[float, float, int]] = field(default_factory=list)
 
     num_records: int = 0
@@ -167,6 +168,9 @@ def dp_worker_loop(config: dict) -> None:
         logger.info("rank %d resumes at step %d", rank, state["step"])
 
     autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=spec.bf16)
+    probe = _to_device(task.collate(task.examples[: spec.probe_records]), device)
+    if state["step"] == 0:
+        state["probe_loss_start"] = _probe_loss(dp, task, probe, autocast)
     for step in range(state["step"], spec.steps):
         idx = poisson_sample(spec.num_records, spec.sample_rate, state["sampling_seed"], step, rank, world)
         chunks = [idx[j:j + spec.physical_batch_size] for j in range(0, len(idx), spec.physical_batch_size)]
@@ -195,10 +199,24 @@ def dp_worker_loop(config: dict) -> None:
         state["step"] = step + 1
         state["losses"].append(mean_loss)
         metrics = _step_metrics(spec, task.name, state["step"], mean_loss, int(stats[1]), rank)
+        if state["step"] == spec.steps:
+            state["probe_loss_end"] = _probe_loss(dp, task, probe, autocast)
+            metrics |= {k: state[k] for k in ("probe_loss_start", "probe_loss_end")}
         if state["step"] % spec.checkpoint_every == 0 or state["step"] == spec.steps:
             _report_with_checkpoint(metrics, state, task, model, dp, optimizer, engine, rank)
         else:
             ray.train.report(metrics)
+
+
+@torch.no_grad()
+def _probe_loss(dp: DPSGD, task: DPTask, probe: dict[str, torch.Tensor], autocast) -> float:
+    """Mean loss on a fixed set of records: per-batch losses move with the Poisson batch, this one only with the
+    model. Every rank computes it (a ZeRO-3 forward is a collective); it stays on the client, like all metrics."""
+    dp.module.eval()
+    with autocast:
+        loss = float(task.loss_fn(dp.module, probe).mean())
+    dp.module.train()
+    return loss
 
 
 def _step_metrics(spec: DPRunSpec, name: str, step: int, loss: float, batch: int, rank: int) -> dict[str, Any]:
@@ -225,7 +243,8 @@ def _report_with_checkpoint(metrics, state, task, model, dp, optimizer, engine, 
             if engine is None:
                 torch.save(optimizer.state_dict(), d / "optimizer.pt")
             torch.save(state | {"dp": dp.state_dict()}, d / STATE_FILE)
-            (d / "progress.json").write_text(json.dumps({"step": state["step"], "losses": state["losses"]}))
+            progress = {k: v for k, v in state.items() if k not in ("dp", "sampling_seed")}  # no secrets
+            (d / "progress.json").write_text(json.dumps(progress))
         ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(tmp),
                          checkpoint_dir_name=f"checkpoint_{state['step']:07d}")
 

@@ -10,13 +10,13 @@ from functools import partial
 from pathlib import Path
 
 import torch
-from peft import LoraConfig, PeftModel, get_peft_model, get_peft_model_state_dict, set_peft_model_state_dict
+from peft import LoraConfig, PeftModel, get_peft_model, set_peft_model_state_dict
 from safetensors.torch import load_file
 
 from ksg_ray.dp_config import LoraSection
 from ksg_ray.privacy.dp_sgd import per_sample_lm_loss
 
-__all__ = ["build_lora_lm", "lm_loss", "load_adapter", "lora_b_norm", "save_adapter"]
+__all__ = ["build_lora_lm", "lm_builder", "lm_loss", "load_adapter", "save_adapter"]
 
 
 def build_lora_lm(device: torch.device, *, model_path: str, lora: LoraSection, seed: int = 0) -> PeftModel:
@@ -47,12 +47,6 @@ def save_adapter(model: torch.nn.Module, out: Path) -> None:
 
 def load_adapter(model: torch.nn.Module, src: Path) -> None:
     set_peft_model_state_dict(_peft(model), load_file(str(Path(src) / "adapter_model.safetensors")))
-
-
-def lora_b_norm(model: torch.nn.Module) -> float:
-    """LoRA B starts at zero, so a non-zero norm means the adapter moved away from its initial value."""
-    sd = get_peft_model_state_dict(_peft(model))
-    return float(torch.sqrt(sum((v.float() ** 2).sum() for k, v in sd.items() if "lora_B" in k)))
 
 
 def _peft(model: torch.nn.Module) -> PeftModel:

@@ -20,7 +20,8 @@ from ksg_ray.privacy.accountant import epsilon_for
 
 STEPS = 5
 COMMON = ["model.name=tiny-random", "data.limit=16", "data.max_seq_len=48", "train.expected_batch_size=4",
-          "train.epochs=2", f"train.max_steps={STEPS}", "train.checkpoint_every=1", "scaling.num_workers=2", "privacy.delta=1e-3",
+          "train.epochs=2",
+          f"train.max_steps={STEPS}", "train.checkpoint_every=1", "scaling.num_workers=2", "privacy.delta=1e-3",
           "privacy.noise_seed=5", "privacy.sampling_seed=6", "run.max_failures=1"]
 
 

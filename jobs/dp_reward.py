@@ -1,0 +1,149 @@
+"""CLIENT SIDE — DP reward proxy (RewardDS): LoRA + scalar head, Bradley–Terry on per-record preference pairs.
+
+    ksg dp-reward configs/dp_reward.yaml [key=value ...]
+    ray job submit --working-dir . -- python jobs/dp_reward.py --config configs/dp_reward.yaml
+
+Reads private records. Runs after `ksg dp-train` on the same records: both models spend one privacy budget,
+kept in the ledger under `run.output_dir`; a run that would push the composed ε over
+`privacy.total_epsilon_budget` is refused before anything is generated or trained. The reward adapter and head
+join the generator in the transfer bundle.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import shutil
+import sys
+from functools import partial
+from pathlib import Path
+
+from ksg_ray.config import load_config
+from ksg_ray.dp_config import DPRewardConfig
+from ksg_ray.dp_trainer import DPTask, fit_dp, plan_dp_run
+from ksg_ray.privacy.accountant import Mechanism
+from ksg_ray.privacy.ledger import open_ledger, privacy_report
+
+logger = logging.getLogger("ksg.dp_reward")
+NOT_DP_PROXY = "reward candidates from a non-DP proxy model trained on the private records"
+
+
+def build_examples(cfg: DPRewardConfig, records, tokenizer, model_path: str, run_dir: Path, ledger):
+    """Three candidates per record (truth, DP generator, base) → one RewardExample per record."""
+    from ksg_ray.reward_candidates import load_or_generate_candidates
+    from ksg_ray.reward_model import tokenize_reward_example
+
+    gen = dict(engine=cfg.candidates.engine, model_path=model_path, max_new_tokens=cfg.candidates.max_new_tokens,
+               batch_size=cfg.candidates.batch_size)
+    sources = {"base": gen | {"adapter_path": None},
+               "dp_generator": gen | {"adapter_path": str(cfg.candidates.generator_bundle / "generator")}}
+    if cfg.candidates.non_dp_proxy_adapter is not None:
+        sources["non_dp_proxy"] = gen | {"adapter_path": str(cfg.candidates.non_dp_proxy_adapter)}
+        ledger.mark_not_dp(NOT_DP_PROXY)
+    answers = load_or_generate_candidates(records, run_dir / "candidates.json", **sources)
+    examples, failed = [], []
+    for i, r in enumerate(records):
+        cands = [r.output, answers["dp_generator"][i], answers["base"][i]]
+        if any(c is None for c in cands):
+            failed.append(r.source)
+            cands = [c if c is not None else r.output for c in cands]  # a failed candidate makes no pair
+        examples.append(tokenize_reward_example(tokenizer, r.input, cands, cfg.data.max_seq_len))
+    if failed:
+        logger.warning("%d records lost a candidate to a generation error: %s", len(failed), failed[:10])
+    return examples, answers, failed
+
+
+def main(argv: list[str] | None = None) -> dict:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--config", default=None, help="YAML config (defaults: the embedded default)")
+    parser.add_argument("overrides", nargs="*", help="key=value overrides, e.g. privacy.target_epsilon=inf")
+    args = parser.parse_args(argv)
+    cfg = load_config(DPRewardConfig, args.config, args.overrides)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
+
+    from transformers import AutoTokenizer
+
+    from ksg_ray.bundle import verify_bundle
+    from ksg_ray.models import resolve_model
+    from ksg_ray.records import load_records
+    from ksg_ray.reward_model import (
+        bradley_terry_loss,
+        collate_reward,
+        load_reward_weights,
+        reward_builder,
+        reward_pad_id,
+    )
+
+    model_path = resolve_model(cfg.model.name)
+    records = load_records(cfg.data.path, limit=cfg.data.limit)
+    ledger = open_ledger(cfg.run.output_dir, cfg.data.path, cfg.privacy.delta)
+    spec = plan_dp_run("reward", len(records), cfg.privacy, cfg.train, cfg.scaling, ledger)  # budget check first
+    verify_bundle(cfg.candidates.generator_bundle)  # the DP generator must exist before its answers are asked for
+    run_dir = Path(cfg.run.output_dir) / cfg.run.name
+    tokenizer = AutoTokenizer.from_pretrained(model_path)
+    examples, _, failed = build_examples(cfg, records, tokenizer, model_path, run_dir, ledger)
+
+    task = DPTask(name="reward", build_model=reward_builder(model_path, cfg.lora, cfg.train.seed), examples=examples,
+                  collate=partial(collate_reward, pad_token_id=reward_pad_id(tokenizer)), loss_fn=bradley_terry_loss,
+                  save=_save_reward, load=load_reward_weights)
+    ckpt, metrics = fit_dp(task, spec, num_workers=cfg.scaling.num_workers, use_gpu=cfg.scaling.use_gpu,
+                           cpus_per_worker=cfg.scaling.cpus_per_worker, output_dir=cfg.run.output_dir,
+                           name=cfg.run.name, max_failures=cfg.run.max_failures)
+
+    ledger.record(Mechanism("reward", spec.noise_multiplier, spec.sample_rate, spec.steps))
+    ledger.save()
+    report = privacy_report(ledger, records=len(records))
+    bundle = add_reward_to_bundle(ckpt / "model", cfg, report)
+    summary = {"bundle": str(bundle), "epsilon": report["epsilon"], "epsilon_rdp": report["epsilon_rdp"],
+               "reward_noise_multiplier": spec.noise_multiplier, "steps": spec.steps, "not_dp": report["not_dp"],
+               "probe_loss_start": metrics.get("probe_loss_start"), "probe_loss_end": metrics.get("probe_loss_end"),
+               "candidate_failures": len(failed), "checkpoint": str(ckpt)}
+    if cfg.eval.path:
+        summary |= evaluate(cfg, model_path, ckpt / "model")
+    print(json.dumps(summary, indent=2))
+    return summary
+
+
+def _save_reward(model, out: Path) -> None:
+    from ksg_ray.lora_model import save_adapter
+
+    save_adapter(model, out)  # peft writes the LoRA weights and the `score` head (modules_to_save) together
+
+
+def add_reward_to_bundle(adapter_dir: Path, cfg: DPRewardConfig, report: dict) -> Path:
+    from ksg_ray.bundle import add_component
+
+    staging = Path(cfg.run.output_dir) / cfg.run.name / "reward_component"
+    shutil.rmtree(staging, ignore_errors=True)
+    shutil.copytree(adapter_dir, staging)
+    (staging / "model_ref.json").write_text(json.dumps(
+        {"base_model": cfg.model.name, "tokenizer": cfg.model.name, "kind": "reward-lora-seq-cls"}, indent=2))
+    return add_component(cfg.candidates.generator_bundle, "reward", staging, privacy=report)
+
+
+def evaluate(cfg: DPRewardConfig, model_path: str, adapter_dir: Path) -> dict:
+    """Pairwise accuracy on held-out records: truth ranked above the base model's answer, before vs after."""
+    import torch
+
+    from ksg_ray.records import load_records
+    from ksg_ray.reward_candidates import generate_answers
+    from ksg_ray.reward_model import build_lora_reward, load_reward_weights, pairwise_accuracy
+
+    held_out = load_records(cfg.eval.path, limit=cfg.eval.limit)
+    base = generate_answers(held_out, engine=cfg.candidates.engine, model_path=model_path, adapter_path=None,
+                            max_new_tokens=cfg.candidates.max_new_tokens, batch_size=cfg.candidates.batch_size)
+    keep = [i for i, a in enumerate(base) if a is not None]
+    questions = [held_out[i].input for i in keep]
+    truth, other = [held_out[i].output for i in keep], [base[i] for i in keep]
+    model = build_lora_reward(torch.device("cpu"), model_path=model_path, lora=cfg.lora, seed=cfg.train.seed)
+    before = pairwise_accuracy(model, model_path, questions, truth, other, cfg.data.max_seq_len)
+    load_reward_weights(model, adapter_dir)
+    after = pairwise_accuracy(model, model_path, questions, truth, other, cfg.data.max_seq_len)
+    print(f"pairwise accuracy (truth ≻ base) on {len(keep)} held-out records: untrained {before:.3f} → "
+          f"trained {after:.3f} (ε={cfg.privacy.target_epsilon})")
+    return {"eval_records": len(keep), "pairwise_accuracy_before": before, "pairwise_accuracy_after": after}
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])

@@ -1,0 +1,174 @@
+"""One generation contract over vLLM and transformers, so every stage runs on a GPU cluster or a laptop.
+
+The client draws candidate answers (reward training) and the server synthesises data with the same calls;
+which library does the work is a deployment choice (`build_engine(kind=...)`), not a code path in the stages.
+Prompts are chat message lists rendered by the tokenizer's own chat template with the assistant header added,
+exactly as training rendered them (`ksg_ray.chat_format.prompt_text`), so a fine-tuned model is asked in the
+format it learned.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any, Protocol, runtime_checkable
+
+__all__ = ["ENGINE_KINDS", "Engine", "Generation", "SamplingParams", "build_engine", "check_messages",
+           "prompt_ids", "render_prompt"]
+
+ENGINE_KINDS = ("transformers", "vllm", "auto")
+
+
+@dataclass(frozen=True)
+class SamplingParams:
+    """How to sample; the same meaning on every engine.
+
+    Args:
+        temperature: 0.0 means greedy decoding (deterministic; `n` copies of one answer).
+        top_p: nucleus sampling mass; 1.0 keeps the whole distribution. Top-k is always off, so both engines
+            sample from the same distribution (transformers would otherwise apply its default top_k=50).
+        max_new_tokens: generation budget per answer; an answer cut here is reported as not finished.
+        n: answers per prompt.
+        seed: makes sampling repeatable. vLLM seeds each request; transformers seeds one stream per `generate`
+            call, so there a sample also depends on its batch-mates.
+        stop_at_eos: stop at the end-of-turn token; False generates `max_new_tokens` (throughput tests).
+    """
+
+    temperature: float = 0.0
+    top_p: float = 1.0
+    max_new_tokens: int = 128
+    n: int = 1
+    seed: int | None = None
+    stop_at_eos: bool = True
+
+    def __post_init__(self) -> None:
+        problems = []
+        if self.temperature < 0:
+            problems.append(f"temperature must be >= 0 (0 = greedy), got {self.temperature}")
+        if not 0 < self.top_p <= 1:
+            problems.append(f"top_p must be in (0, 1], got {self.top_p}")
+        if self.max_new_tokens < 1:
+            problems.append(f"max_new_tokens must be a positive integer, got {self.max_new_tokens}")
+        if self.n < 1:
+            problems.append(f"n must be a positive integer, got {self.n}")
+        if problems:
+            raise ValueError("invalid SamplingParams: " + "; ".join(problems))
+
+    @property
+    def greedy(self) -> bool:
+        return self.temperature == 0.0
+
+
+@dataclass(frozen=True)
+class Generation:
+    """One answer.
+
+    Attributes:
+        text: the decoded answer without special tokens, stripped.
+        finished: it ended with an end-of-turn token; False = cut by `max_new_tokens` (RewardDS keeps only
+            finished answers).
+        num_tokens: tokens generated, the end-of-turn token included.
+    """
+
+    text: str
+    finished: bool
+    num_tokens: int
+
+
+@runtime_checkable
+class Engine(Protocol):
+    """What every stage needs from a model: sample answers, and score given answers.
+
+    Attributes:
+        tokenizer: the model's Hugging Face tokenizer (chat template, token counts).
+    """
+
+    tokenizer: Any
+
+    def generate(self, prompts: list[list[dict]], params: SamplingParams) -> list[list[Generation]]:
+        """`params.n` answers for each chat prompt, in prompt order."""
+        ...
+
+    def score(self, prompts: list[list[dict]], answers: list[str]) -> list[float]:
+        """Mean log-probability per answer token of each answer as the assistant reply to its prompt.
+
+        Perplexity is `exp(-score)`. Only the answer's own tokens count (not the end-of-turn token the
+        template would add), so answers cut by `max_new_tokens` are scored on the same footing as finished
+        ones. An empty answer has no tokens and scores NaN.
+        """
+        ...
+
+
+def build_engine(kind: str, model_path: str, adapter_path: str | None = None, **kw: Any) -> Engine:
+    """Load a model (plus an optional LoRA adapter) behind the `Engine` contract.
+
+    Args:
+        kind: "transformers", "vllm", or "auto" (vLLM when CUDA is available and vllm is installed, else
+            transformers: vLLM is the fast path on GPUs, transformers works everywhere).
+        model_path: a local model folder or hub id (see `ksg_ray.models.resolve_model`).
+        adapter_path: a peft adapter folder (what the client sends), or None for the base model.
+        **kw: engine options (`TransformersEngine`: device, dtype, batch_size; `VLLMEngine`: `vllm.LLM` args).
+
+    Returns:
+        The engine, loaded and ready.
+
+    Raises:
+        ValueError: `kind` is not one of `ENGINE_KINDS`.
+        ImportError: `kind="vllm"` without vllm installed.
+
+    Examples:
+        >>> engine = build_engine("auto", resolve_model("smollm2-135m"))
+        >>> engine.generate([[{"role": "user", "content": "Hi"}]], SamplingParams(max_new_tokens=16))
+    """
+    if kind not in ENGINE_KINDS:
+        raise ValueError(f"engine kind {kind!r} is not one of {ENGINE_KINDS}; use 'auto' to pick by hardware")
+    if kind == "auto":
+        kind = "vllm" if _cuda_available() and importlib.util.find_spec("vllm") is not None else "transformers"
+    if kind == "vllm":
+        from ksg_ray.engines.vllm_engine import VLLMEngine
+
+        return VLLMEngine(model_path, adapter_path, **kw)
+    from ksg_ray.engines.transformers_engine import TransformersEngine
+
+    return TransformersEngine(model_path, adapter_path, **kw)
+
+
+def check_messages(messages: Any) -> list[dict[str, str]]:
+    """Check one chat prompt and return it as plain dicts.
+
+    Chat templates render a missing or None `content` as the text "None" instead of failing, so a malformed
+    row would silently become a prompt; it is rejected here instead, before any engine sees it.
+
+    Raises:
+        ValueError: not a non-empty list of {"role": str, "content": str} mappings.
+    """
+    if isinstance(messages, str | bytes | Mapping) or not isinstance(messages, Sequence) or not messages:
+        raise ValueError(f"a prompt must be a non-empty list of chat messages, got {type(messages).__name__}")
+    checked = []
+    for i, m in enumerate(messages):
+        if not isinstance(m, Mapping):
+            raise ValueError(f"message {i} must be a mapping with 'role' and 'content', got {type(m).__name__}")
+        role, content = m.get("role"), m.get("content")
+        if not isinstance(role, str) or not role:
+            raise ValueError(f"message {i}: 'role' must be a non-empty string, got {role!r}")
+        if not isinstance(content, str):
+            raise ValueError(f"message {i} ({role}): 'content' must be a string, got {type(content).__name__}")
+        checked.append(dict(m))
+    return checked
+
+
+def render_prompt(tokenizer: Any, messages: list[dict]) -> str:
+    """The prompt text: the chat template with the assistant header, as `chat_format.prompt_text` renders it."""
+    return tokenizer.apply_chat_template(check_messages(messages), add_generation_prompt=True, tokenize=False)
+
+
+def prompt_ids(tokenizer: Any, messages: list[dict]) -> list[int]:
+    """Token ids of `render_prompt`; the template already holds any BOS, so none is added."""
+    return tokenizer(render_prompt(tokenizer, messages), add_special_tokens=False)["input_ids"]
+
+
+def _cuda_available() -> bool:
+    import torch
+
+    return torch.cuda.is_available()

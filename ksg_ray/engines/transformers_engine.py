@@ -1,0 +1,145 @@
+"""The `Engine` on plain transformers: runs on any CPU or GPU, and is the reference the vLLM engine must match.
+
+Prompts are generated in batches with LEFT padding (the new tokens of every row start at the same column) and
+scored in batches with RIGHT padding (positions 0..n-1 without position ids). Padding is always found through
+the attention mask or the known lengths, never by comparing ids with the pad token: SmolLM2 pads with
+`<|im_end|>`, the very token that ends every answer.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+import torch
+
+from ksg_ray.engines import Generation, SamplingParams, prompt_ids, render_prompt
+
+__all__ = ["TransformersEngine"]
+
+logger = logging.getLogger(__name__)
+
+
+class TransformersEngine:
+    """A causal LM (+ merged LoRA adapter) answering chat prompts with `model.generate`.
+
+    Args:
+        model_path: a local model folder or hub id.
+        adapter_path: a peft adapter folder; merged into the weights once, so generation costs the same as
+            the base model's.
+        device: "cpu", "cuda", ...; None = CUDA when available, else CPU.
+        dtype: weight dtype (a `torch.dtype` or its name); float32 is the safe choice on CPU.
+        batch_size: prompts per `generate` / forward call (`n` answers each); bounds memory.
+    """
+
+    def __init__(self, model_path: str, adapter_path: str | None = None, device: str | torch.device | None = None,
+                 dtype: torch.dtype | str = torch.float32, batch_size: int = 16) -> None:
+        from transformers import AutoModelForCausalLM, AutoTokenizer
+
+        if batch_size < 1:
+            raise ValueError(f"batch_size must be a positive integer, got {batch_size}")
+        self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+        self.batch_size = batch_size
+        dtype = getattr(torch, dtype) if isinstance(dtype, str) else dtype
+        self.tokenizer = AutoTokenizer.from_pretrained(model_path)
+        self.tokenizer.padding_side = "left"
+        if self.tokenizer.pad_token_id is None:  # Llama-style tokenizers have none; the mask makes any id safe
+            self.tokenizer.pad_token = self.tokenizer.eos_token
+        model = AutoModelForCausalLM.from_pretrained(model_path, dtype=dtype)
+        if adapter_path is not None:
+            from peft import PeftModel
+
+            model = PeftModel.from_pretrained(model, adapter_path).merge_and_unload()
+        self.model = model.to(self.device).eval()
+        # Every id that ends a turn: the model's generation config may list several (e.g. Llama 3's <|eot_id|>).
+        eos = self.model.generation_config.eos_token_id
+        eos = [] if eos is None else [eos] if isinstance(eos, int) else list(eos)
+        self.eos_token_ids: list[int] = sorted({*eos, self.tokenizer.eos_token_id} - {None})
+        logger.info("transformers engine: %s%s on %s (%s), batch %d", model_path,
+                    f" + adapter {adapter_path}" if adapter_path else "", self.device, dtype, batch_size)
+
+    @torch.inference_mode()
+    def generate(self, prompts: list[list[dict]], params: SamplingParams) -> list[list[Generation]]:
+        """`params.n` answers per prompt; see `ksg_ray.engines.Engine.generate`.
+
+        Raises:
+            ValueError: a prompt is not a list of {role, content} string messages.
+        """
+        texts = [render_prompt(self.tokenizer, p) for p in prompts]  # validates every prompt before any work
+        if params.seed is not None:
+            torch.manual_seed(params.seed)
+        # Greedy decoding gives n identical answers, and transformers refuses num_return_sequences>1 for it.
+        n_model = 1 if params.greedy else params.n
+        kwargs = self._generation_kwargs(params, n_model)
+        results: list[list[Generation]] = []
+        for start in range(0, len(texts), self.batch_size):
+            enc = self.tokenizer(texts[start:start + self.batch_size], padding=True, add_special_tokens=False,
+                                 return_tensors="pt").to(self.device)
+            out = self.model.generate(**enc, **kwargs)
+            new = out[:, enc["input_ids"].shape[1]:].tolist()  # left padding: new tokens start at one column
+            for i in range(0, len(new), n_model):
+                gens = [self._parse(row, params) for row in new[i:i + n_model]]
+                results.append(gens * params.n if n_model == 1 else gens)
+        return results
+
+    @torch.inference_mode()
+    def score(self, prompts: list[list[dict]], answers: list[str]) -> list[float]:
+        """Mean answer-token log-probability per (prompt, answer); see `ksg_ray.engines.Engine.score`.
+
+        Raises:
+            ValueError: `prompts` and `answers` differ in length, or a prompt is malformed.
+        """
+        if len(prompts) != len(answers):
+            raise ValueError(f"score needs one answer per prompt, got {len(prompts)} prompts, {len(answers)} answers")
+        pairs = [(prompt_ids(self.tokenizer, p), self.tokenizer(a, add_special_tokens=False)["input_ids"])
+                 for p, a in zip(prompts, answers, strict=True)]
+        scores: list[float] = []
+        for start in range(0, len(pairs), self.batch_size):
+            scores.extend(self._score_chunk(pairs[start:start + self.batch_size]))
+        return scores
+
+    def _score_chunk(self, pairs: list[tuple[list[int], list[int]]]) -> list[float]:
+        """Teacher forcing on right-padded [prompt + answer]; logits only where an answer token is predicted."""
+        seqs = [p + a for p, a in pairs]
+        shape = (len(seqs), max(len(s) for s in seqs))
+        input_ids = torch.full(shape, self.tokenizer.pad_token_id, dtype=torch.long)
+        attention_mask = torch.zeros(shape, dtype=torch.long)
+        predicts_answer = torch.zeros(shape, dtype=torch.bool)  # position t predicts token t+1, an answer token
+        targets = []
+        for i, (p, a) in enumerate(pairs):
+            input_ids[i, :len(p) + len(a)] = torch.tensor(p + a)
+            attention_mask[i, :len(p) + len(a)] = 1
+            predicts_answer[i, len(p) - 1:len(p) + len(a) - 1] = True
+            targets.extend(a)
+        out = self.model(input_ids=input_ids.to(self.device), attention_mask=attention_mask.to(self.device),
+                         logits_to_keep=predicts_answer.to(self.device), use_cache=False)
+        logits = out.logits
+        if logits.dim() == 3:  # a model that ignores a boolean logits_to_keep returns every position
+            logits = logits[predicts_answer.to(logits.device)]
+        target = torch.tensor(targets, dtype=torch.long, device=logits.device)
+        logp = torch.log_softmax(logits.float(), dim=-1).gather(1, target[:, None])[:, 0].cpu()
+        scores, offset = [], 0
+        for _, a in pairs:
+            scores.append(float(logp[offset:offset + len(a)].mean()) if a else float("nan"))
+            offset += len(a)
+        return scores
+
+    def _generation_kwargs(self, params: SamplingParams, n_model: int) -> dict[str, Any]:
+        """Every knob set explicitly: unset ones would be filled from the model's generation_config.json
+        (Qwen's sets top_k=20 and repetition_penalty=1.05), and the engines must sample alike."""
+        kwargs: dict[str, Any] = dict(
+            max_new_tokens=params.max_new_tokens, num_return_sequences=n_model, repetition_penalty=1.0,
+            pad_token_id=self.tokenizer.pad_token_id,
+            eos_token_id=self.eos_token_ids if params.stop_at_eos else None)
+        if params.greedy:  # the sampling knobs at their neutral values (others make transformers warn)
+            return kwargs | dict(do_sample=False, temperature=1.0, top_p=1.0, top_k=50)
+        return kwargs | dict(do_sample=True, temperature=params.temperature, top_p=params.top_p, top_k=0)
+
+    def _parse(self, new_ids: list[int], params: SamplingParams) -> Generation:
+        """The first end-of-turn id ends the answer; everything after it is padding (which may be the same id)."""
+        end = next((k for k, t in enumerate(new_ids) if t in self.eos_token_ids), None) \
+            if params.stop_at_eos else None
+        finished = end is not None
+        kept = new_ids[:end] if finished else new_ids
+        text = self.tokenizer.decode(kept, skip_special_tokens=True).strip()
+        return Generation(text=text, finished=finished, num_tokens=len(kept) + finished)

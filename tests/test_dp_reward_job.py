@@ -1,0 +1,71 @@
+"""`ksg dp-reward` end to end on a tiny model: candidates via Ray Data, DP reward training, one bundle with
+both models and their composed ε, and the server side loading both from the bundle without the data."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from ksg_ray.bundle import verify_bundle
+from ksg_ray.bundle_models import load_generator, load_reward
+from ksg_ray.jobs import dp_finetune, dp_reward
+from ksg_ray.privacy.accountant import epsilon_for
+from ksg_ray.records import load_records, write_jsonl
+from ksg_ray.reward_model import score_texts
+
+TINY = ["model.name=tiny-random", "data.max_seq_len=96", "train.expected_batch_size=4", "train.max_steps=3",
+        "scaling.num_workers=2", "privacy.delta=1e-3"]
+
+
+@pytest.fixture(scope="module")
+def trained(ray_cluster, tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("reward")
+    private = tmp / "private.jsonl"
+    write_jsonl(load_records("demo", limit=20), private)
+    common = TINY + [f"data.path={private}", f"run.output_dir={tmp / 'runs'}"]
+    dp_finetune.main(common + [f"run.bundle_dir={tmp / 'bundle'}"])
+    summary = dp_reward.main(common + [f"candidates.generator_bundle={tmp / 'bundle'}", "candidates.max_new_tokens=8",
+                                       "privacy.total_epsilon_budget=40"])
+    return tmp, private, summary
+
+
+def test_bundle_holds_both_models_and_their_composed_epsilon(trained):
+    tmp, _, summary = trained
+    manifest = verify_bundle(tmp / "bundle")
+    assert {"generator/adapter_model.safetensors", "reward/adapter_model.safetensors"} <= set(manifest["files"])
+    privacy = json.loads((tmp / "bundle" / "privacy.json").read_text())
+    mechs = {m["name"]: m for m in privacy["mechanisms"]}
+    assert set(mechs) == {"generator", "reward"}
+    history = [(m["noise_multiplier"], m["sample_rate"], m["steps"]) for m in mechs.values()]
+    assert float(privacy["epsilon"]) == pytest.approx(epsilon_for(history, privacy["delta"]), rel=1e-9)
+    assert float(privacy["epsilon"]) > max(epsilon_for([h], privacy["delta"]) for h in history)
+    assert privacy["not_dp"] == []
+    assert summary["candidate_failures"] == 0
+
+
+def test_candidates_hold_three_answers_per_record(trained):
+    tmp, private, _ = trained
+    cands = json.loads((tmp / "runs" / "reward" / "candidates.json").read_text())
+    assert len(cands["base"]) == len(cands["dp_generator"]) == 20
+    assert all(isinstance(a, str) for a in cands["base"] + cands["dp_generator"])
+
+
+def test_server_loads_both_models_from_the_bundle_without_the_data(trained):
+    tmp, private, _ = trained
+    private.rename(tmp / "moved-away.jsonl")  # the server never has the client's data
+    try:
+        gen, tok = load_generator(tmp / "bundle")
+        ids = tok.apply_chat_template([{"role": "user", "content": "Hi"}], add_generation_prompt=True,
+                                      return_tensors="pt", return_dict=True)
+        with torch.no_grad():
+            assert gen(**ids).logits.shape[-1] == gen.config.vocab_size
+        reward, rtok = load_reward(tmp / "bundle")
+        scores = score_texts(reward, rtok, ["Is it safe?", "Is it safe?"], ["Yes, with care.", "No."])
+        assert len(scores) == 2 and all(s == s for s in scores)  # finite, not NaN
+        # the head was trained: it is not the freshly initialised one
+        trained_head = [v for k, v in reward.state_dict().items() if "score" in k and "modules_to_save" in k]
+        assert trained_head and float(trained_head[0].abs().sum()) > 0
+    finally:
+        (tmp / "moved-away.jsonl").rename(private)

@@ -1,0 +1,290 @@
+"""Generation engines and the Ray Data generate stage, on tiny models.
+
+tiny-random's own greedy output is "\\n" forever whatever the prompt, which would let a padding bug pass
+unseen; the tests use `varied_model`, tiny-random with larger random weights, whose greedy answers depend on
+every prompt token.
+"""
+
+import math
+
+import numpy as np
+import pytest
+import torch
+
+from ksg_ray.chat_format import build_messages, prompt_text
+from ksg_ray.engines import Engine, Generation, SamplingParams, build_engine, render_prompt
+from ksg_ray.engines.transformers_engine import TransformersEngine
+from ksg_ray.records import Record
+from ksg_ray.synth import generate_stage
+from ksg_ray.synth.generate_stage import GenerateUDF, generate_dataset
+
+PROMPTS = [  # different lengths, so a batch is padded
+    [{"role": "user", "content": "hi"}],
+    [{"role": "system", "content": "You are a careful doctor who explains every step."},
+     {"role": "user", "content": "What should I do about a mild fever that has lasted two days?"}],
+    [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "2+2?"}],
+]
+
+
+@pytest.fixture(scope="session")
+def varied_model_path(tmp_path_factory, tiny_model_path) -> str:
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    model = AutoModelForCausalLM.from_pretrained(tiny_model_path, dtype=torch.float32)
+    gen = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.dim() == 2:
+                p.normal_(0.0, 0.3, generator=gen)
+    out = tmp_path_factory.mktemp("varied-tiny")
+    model.save_pretrained(out)
+    AutoTokenizer.from_pretrained(tiny_model_path).save_pretrained(out)
+    return str(out)
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_torch_thread():
+    """One intra-op thread: on a 2-core machine shared with other jobs, OpenMP's spinning barriers make
+    2 threads ~25x slower than 1 as soon as another process holds a core (Ray actors get 1 already)."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+@pytest.fixture(scope="module")
+def engine(varied_model_path) -> TransformersEngine:
+    return TransformersEngine(varied_model_path, batch_size=2)  # 3 prompts = one padded chunk + one single
+
+
+@pytest.fixture(scope="module")
+def smollm2_path() -> str:
+    from ksg_ray.models import resolve_model
+
+    return resolve_model("smollm2-135m")
+
+
+@pytest.fixture(scope="module")
+def smollm2_engine(smollm2_path) -> TransformersEngine:
+    return TransformersEngine(smollm2_path)
+
+
+def reference_greedy(engine: TransformersEngine, messages: list[dict], max_new_tokens: int) -> list[int]:
+    """model.generate on one unpadded prompt: what the batched engine must reproduce."""
+    enc = engine.tokenizer([render_prompt(engine.tokenizer, messages)], add_special_tokens=False, return_tensors="pt")
+    with torch.no_grad():
+        out = engine.model.generate(**enc, max_new_tokens=max_new_tokens, do_sample=False,
+                                    pad_token_id=engine.tokenizer.pad_token_id)
+    return out[0, enc["input_ids"].shape[1]:].tolist()
+
+
+def test_build_engine_kinds(engine, varied_model_path):
+    assert isinstance(engine, Engine)
+    with pytest.raises(ValueError, match="not one of"):
+        build_engine("llama.cpp", varied_model_path)
+    if not torch.cuda.is_available():
+        assert isinstance(build_engine("auto", varied_model_path), TransformersEngine)
+
+
+def test_prompt_rendering_matches_training(engine):
+    record = Record("Be brief.", "What is 2+2?", "4")
+    assert render_prompt(engine.tokenizer, build_messages(record)[:-1]) == prompt_text(engine.tokenizer, record)
+
+
+def test_generate_returns_n_per_prompt(engine):
+    sampled = engine.generate(PROMPTS, SamplingParams(temperature=1.0, n=3, max_new_tokens=6, seed=1))
+    assert [len(g) for g in sampled] == [3, 3, 3]
+    assert all(isinstance(x, Generation) and 1 <= x.num_tokens <= 6 for g in sampled for x in g)
+    assert len({x.text for x in sampled[1]}) > 1, "samples of one prompt should differ"
+    assert engine.generate(PROMPTS, SamplingParams(temperature=1.0, n=3, max_new_tokens=6, seed=1)) == sampled
+    greedy = engine.generate(PROMPTS, SamplingParams(n=2, max_new_tokens=6))
+    assert all(len(g) == 2 and g[0] == g[1] for g in greedy)
+
+
+def test_greedy_batched_equals_single_prompt_generate(engine):
+    params = SamplingParams(max_new_tokens=12)
+    batched = engine.generate(PROMPTS, params)
+    assert engine.generate(PROMPTS, params) == batched  # deterministic
+    texts = {g[0].text for g in batched}
+    assert len(texts) == len(PROMPTS) and "" not in texts, "the test model must answer each prompt differently"
+    for messages, (gen,) in zip(PROMPTS, batched, strict=True):
+        ref = reference_greedy(engine, messages, 12)
+        assert gen.text == engine.tokenizer.decode(ref, skip_special_tokens=True).strip()
+        assert engine.generate([messages], params)[0][0] == gen
+
+
+def test_finished_means_ended_with_end_of_turn(engine, monkeypatch):
+    one = engine.generate(PROMPTS, SamplingParams(max_new_tokens=1))
+    for messages, (gen,) in zip(PROMPTS, one, strict=True):
+        first = reference_greedy(engine, messages, 1)[0]
+        assert gen.num_tokens == 1 and first not in engine.eos_token_ids and not gen.finished
+    # Declare the 3rd greedy token of prompt 0 an end-of-turn token: the answer now ends there.
+    ref = reference_greedy(engine, PROMPTS[0], 8)
+    monkeypatch.setattr(engine, "eos_token_ids", engine.eos_token_ids + [ref[2]])
+    (gen,), = engine.generate(PROMPTS[:1], SamplingParams(max_new_tokens=8))
+    assert gen.finished and gen.num_tokens == 3
+    assert gen.text == engine.tokenizer.decode(ref[:2], skip_special_tokens=True).strip()
+    (gen,), = engine.generate(PROMPTS[:1], SamplingParams(max_new_tokens=8, stop_at_eos=False))
+    assert not gen.finished and gen.num_tokens == 8
+
+
+def test_smollm2_finishes_and_prefers_its_own_answers(smollm2_engine):
+    """A real model: short answers end with <|im_end|>, a long one is cut; its own answers score higher."""
+    gens = [g[0] for g in smollm2_engine.generate(PROMPTS, SamplingParams(max_new_tokens=24))]
+    assert [g.finished for g in gens] == [True, False, True], gens
+    assert gens[0].num_tokens < 24 and gens[1].num_tokens == 24 and "<|im_end|>" not in gens[0].text
+    own = smollm2_engine.score(PROMPTS, [g.text for g in gens])
+    noise = smollm2_engine.score(PROMPTS, ["zebra quantum marmalade seventeen"] * len(PROMPTS))
+    assert all(o > n + 2 for o, n in zip(own, noise, strict=True)), (own, noise)
+
+
+def test_score_is_exact_and_batch_invariant(engine):
+    """Random-weight greedy text does not re-tokenize to the same ids, so exactness is checked on any text."""
+    own = [g[0].text for g in engine.generate(PROMPTS, SamplingParams(max_new_tokens=12))]
+    own_scores = engine.score(PROMPTS, own)
+    # batched (right-padded) scores equal one-at-a-time scores, and a direct full forward pass
+    for messages, answer, batched in zip(PROMPTS, own, own_scores, strict=True):
+        assert engine.score([messages], [answer])[0] == pytest.approx(batched, abs=1e-4)
+    tok = engine.tokenizer
+    p = tok(render_prompt(tok, PROMPTS[1]), add_special_tokens=False)["input_ids"]
+    a = tok(own[1], add_special_tokens=False)["input_ids"]
+    with torch.no_grad():
+        logp = torch.log_softmax(engine.model(torch.tensor([p + a])).logits[0].float(), -1)
+    direct = torch.stack([logp[len(p) - 1 + k, t] for k, t in enumerate(a)]).mean().item()
+    assert own_scores[1] == pytest.approx(direct, abs=1e-4)
+    assert math.isnan(engine.score(PROMPTS[:1], [""])[0])
+    with pytest.raises(ValueError, match="one answer per prompt"):
+        engine.score(PROMPTS, own[:1])
+
+
+def test_malformed_prompt_is_rejected(engine):
+    with pytest.raises(ValueError, match="'content' must be a string"):
+        engine.generate([[{"role": "user", "content": None}]], SamplingParams(max_new_tokens=2))
+
+
+def test_adapter_changes_generations_and_merges_exactly(engine, varied_model_path, tmp_path):
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    torch.manual_seed(0)
+    peft_model = get_peft_model(AutoModelForCausalLM.from_pretrained(varied_model_path, dtype=torch.float32),
+                                LoraConfig(r=8, lora_alpha=16, target_modules=["q_proj", "v_proj"],
+                                           init_lora_weights=False, task_type="CAUSAL_LM"))
+    peft_model.save_pretrained(tmp_path / "adapter")
+    adapted = build_engine("transformers", varied_model_path, str(tmp_path / "adapter"))
+    params = SamplingParams(max_new_tokens=10)
+    base, with_adapter = engine.generate(PROMPTS, params), adapted.generate(PROMPTS, params)
+    assert [g[0].text for g in base] != [g[0].text for g in with_adapter]
+    # the merged weights behave like the unmerged peft model
+    enc = adapted.tokenizer([render_prompt(adapted.tokenizer, PROMPTS[1])], add_special_tokens=False,
+                            return_tensors="pt")
+    with torch.no_grad():
+        ref = peft_model.eval().generate(**enc, max_new_tokens=10, do_sample=False,
+                                         pad_token_id=adapted.tokenizer.pad_token_id)
+    assert with_adapter[1][0].text == adapted.tokenizer.decode(ref[0, enc["input_ids"].shape[1]:],
+                                                               skip_special_tokens=True).strip()
+
+
+class FlakyEngine:
+    """Fails any call that contains a prompt saying "boom", like an engine hitting one bad row."""
+
+    tokenizer = None
+
+    def generate(self, prompts, params):
+        if any("boom" in p[-1]["content"] for p in prompts):
+            raise RuntimeError("cannot generate for boom")
+        return [[Generation(p[-1]["content"].upper(), True, 1)] * params.n for p in prompts]
+
+
+def test_udf_isolates_the_failing_row_and_passes_columns(monkeypatch):
+    monkeypatch.setattr(generate_stage, "build_engine", lambda *a, **k: FlakyEngine())
+    udf = GenerateUDF("transformers", "unused", None, {"n": 2})
+    rows = [[{"role": "user", "content": "a"}], [{"role": "user", "content": "boom"}],
+            [{"role": "user", "content": None}], [{"role": "user", "content": "b", "name": None}]]
+    column = np.empty(len(rows), dtype=object)  # how Ray Data hands over list<struct>: arrays of dicts
+    column[:] = [np.array(r, dtype=object) for r in rows]
+    out = udf({"messages": column, "id": np.arange(4)})
+    assert out["generations"] == [["A", "A"], None, None, ["B", "B"]]
+    assert out["generations_finished"] == [[True, True], None, None, [True, True]]
+    assert out["__error__"][0] is None and out["__error__"][3] is None
+    assert out["__error__"][1] == "RuntimeError: cannot generate for boom"
+    assert out["__error__"][2].startswith("ValueError: message 0 (user): 'content' must be a string")
+    assert list(out["id"]) == [0, 1, 2, 3]
+    with pytest.raises(KeyError, match="needs the column 'messages'"):
+        udf({"prompt": column})
+
+    def dead(prompts, params):
+        raise MemoryError("engine gone")
+
+    monkeypatch.setattr(udf.engine, "generate", dead)
+    with pytest.raises(MemoryError):  # fatal errors are never turned into row errors
+        udf({"messages": column})
+
+
+def test_generate_dataset_keeps_every_row(ray_cluster, engine, varied_model_path):
+    import ray
+
+    rows = [{"id": i, "messages": PROMPTS[i % 3]} for i in range(6)]
+    rows[4]["messages"] = [{"role": "user", "content": None}]  # malformed
+    params = SamplingParams(n=2, max_new_tokens=4)
+    ds = generate_dataset(ray.data.from_items(rows), engine_kind="transformers", model_path=varied_model_path,
+                          adapter_path=None, sampling=params, batch_size=4).materialize()
+    out = sorted(ds.take_all(), key=lambda r: r["id"])
+    assert [r["id"] for r in out] == list(range(6))
+    assert str(ds.schema().types[ds.schema().names.index("messages")]).startswith("list<item: struct")
+    assert [m["content"] for m in out[1]["messages"]] == [m["content"] for m in PROMPTS[1]]
+    expected = engine.generate(PROMPTS, params)
+    for r in out:
+        if r["id"] == 4:
+            assert r["__error__"].startswith("ValueError:") and r["generations"] is None
+            continue
+        assert r["__error__"] is None
+        assert list(r["generations"]) == [g.text for g in expected[r["id"] % 3]]
+        assert len(r["generations_finished"]) == 2
+
+
+def test_vllm_missing_names_the_extra():
+    try:
+        import vllm  # noqa: F401
+    except ImportError:
+        from ksg_ray.engines.vllm_engine import VLLMEngine
+
+        with pytest.raises(ImportError, match=r"ksg-ray\[vllm\]"):
+            VLLMEngine("unused")
+    else:
+        pytest.skip("vllm is installed")
+
+
+
+
+def test_vllm_engine_contract(smollm2_path, smollm2_engine, tmp_path):
+    pytest.importorskip("vllm")
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    opts = dict(dtype="float32", max_model_len=1024, enforce_eager=True, gpu_memory_utilization=0.3)
+    engine = build_engine("vllm", smollm2_path, **opts)
+    assert isinstance(engine, Engine)
+    sampled = engine.generate(PROMPTS, SamplingParams(temperature=1.0, n=3, max_new_tokens=16, seed=1))
+    assert [len(g) for g in sampled] == [3, 3, 3]
+    greedy = engine.generate(PROMPTS, SamplingParams(n=2, max_new_tokens=32))
+    assert all(g[0] == g[1] for g in greedy)
+    assert engine.generate(PROMPTS, SamplingParams(n=2, max_new_tokens=32)) == greedy
+    for (gen,) in engine.generate(PROMPTS, SamplingParams(max_new_tokens=1)):
+        assert gen.num_tokens == 1 and not gen.finished
+    long = engine.generate(PROMPTS[2:], SamplingParams(max_new_tokens=256))[0][0]
+    assert long.finished == (long.num_tokens < 256)
+    own = [g[0].text for g in greedy]
+    scores = engine.score(PROMPTS, own)
+    assert all(o > n for o, n in zip(scores, engine.score(PROMPTS, ["zebra quantum marmalade"] * 3), strict=True))
+    reference = smollm2_engine.score(PROMPTS, own)
+    assert scores == pytest.approx(reference, abs=2e-2)
+    del engine
+
+    torch.manual_seed(0)
+    peft_model = get_peft_model(AutoModelForCausalLM.from_pretrained(smollm2_path, dtype=torch.float32),
+                                LoraConfig(r=8, lora_alpha=16, target_modules=["q_proj", "v_proj"],
+                                           init_lora_weights=False, task_type="CAUSAL_LM"))
+    peft_model.save_pretrained(tmp_path / "adapter")
+    adapted = build_engine("vllm", smollm2_path, str(tmp_path / "adapter"), **opts)
+    assert [g[0].text for g in adapted.generate(PROMPTS, SamplingParams(max_new_tokens=32))] != own

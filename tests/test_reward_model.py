@@ -1,0 +1,93 @@
+"""The reward model: record-level clipping across a record's pairs, Bradley–Terry loss, exact pooling."""
+
+from __future__ import annotations
+
+import warnings
+
+import pytest
+import torch
+from opacus.grad_sample import GradSampleModule
+from transformers import AutoTokenizer
+
+from ksg_ray.dp_config import LoraSection
+from ksg_ray.privacy.dp_sgd import DPSGD
+from ksg_ray.reward_model import (
+    PAIRS,
+    bradley_terry_loss,
+    build_lora_reward,
+    collate_reward,
+    reward_pad_id,
+    reward_scores,
+    tokenize_reward_example,
+)
+
+CLIP = 0.01
+QUESTIONS = [
+    ("My knee hurts after running, what should I do?",
+     ["Rest, ice and a gradual return; see a doctor if swelling persists.", "Knees are joints.", "Run more."]),
+    ("Should I pay off my car loan early?",
+     ["Compare the loan rate with what the money earns elsewhere.", "Loans are debts.", "Cars are nice."]),
+    ("Is a daily headache a concern?",
+     ["Yes if new or worsening; track triggers and see a physician.", "Headaches hurt.", "Drink coffee."]),
+]
+
+
+@pytest.fixture(scope="module")
+def setup(tiny_model_path):
+    warnings.filterwarnings("ignore", message="Full backward hook is firing")
+    tok = AutoTokenizer.from_pretrained(tiny_model_path)
+    model = build_lora_reward(torch.device("cpu"), model_path=tiny_model_path, lora=LoraSection(r=4), seed=0)
+    model = GradSampleModule(model, batch_first=True, loss_reduction="sum")  # Opacus hooks a model once
+    examples = [tokenize_reward_example(tok, q, answers, 96) for q, answers in QUESTIONS]
+    return tok, model, examples
+
+
+def _clipped_sum(model, examples, pad):
+    dp = DPSGD(model, max_grad_norm=CLIP, noise_multiplier=0.0, expected_batch_size=len(examples))
+    sums, _, n = dp.clipped_sum([collate_reward(examples, pad)], bradley_terry_loss)
+    assert n == len(examples)  # losses are per record, not per pair or per row
+    return torch.cat([s.flatten() for s in sums])
+
+
+def test_a_record_with_three_pairs_moves_the_clipped_sum_by_at_most_the_clip_norm(setup):
+    tok, model, examples = setup
+    pad = reward_pad_id(tok)
+    assert all(len(ex.pairs) == 3 and len(ex.rows) == 3 for ex in examples)
+    with_all = _clipped_sum(model, examples, pad)
+    without_last = _clipped_sum(model, examples[:-1], pad)
+    delta = float((with_all - without_last).norm())
+    assert 0 < delta <= CLIP * (1 + 1e-4)
+    # clipping per pair instead would let one record move the sum by up to 3·C: the unclipped record is larger
+    dp = DPSGD(model, max_grad_norm=1e6, noise_multiplier=0.0, expected_batch_size=1)
+    unclipped, _, _ = dp.clipped_sum([collate_reward(examples[-1:], pad)], bradley_terry_loss)
+    assert float(torch.cat([s.flatten() for s in unclipped]).norm()) > CLIP
+
+
+def test_pooling_reads_the_last_real_token_whatever_the_padding(setup):
+    tok, model, examples = setup
+    pad = reward_pad_id(tok)
+    assert pad != tok.eos_token_id
+    model.eval()
+    with torch.no_grad():
+        batched = reward_scores(model, collate_reward(examples, pad))
+        single = torch.cat([reward_scores(model, collate_reward([ex], pad)) for ex in examples])
+    torch.testing.assert_close(batched, single, rtol=1e-4, atol=1e-5)
+    model.train()
+
+
+def test_bradley_terry_loss_prefers_the_chosen_answer(setup):
+    tok, model, examples = setup
+    batch = collate_reward(examples, reward_pad_id(tok))
+    loss = bradley_terry_loss(model, batch)
+    assert loss.shape == (len(examples),)
+    r = reward_scores(model, batch).detach()
+    c, j = PAIRS[0]
+    expected0 = -torch.nn.functional.logsigmoid(
+        torch.tensor([r[c] - r[j], r[0] - r[1], r[1] - r[2]])).mean()
+    assert float(loss[0]) == pytest.approx(float(expected0), rel=1e-4)
+
+
+def test_identical_candidates_make_no_pair(tiny_model_path):
+    tok = AutoTokenizer.from_pretrained(tiny_model_path)
+    ex = tokenize_reward_example(tok, "q?", ["truth", "same", "same"], 64)
+    assert ex.pairs == [(0, 2), (0, 1)]
