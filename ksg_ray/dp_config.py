@@ -120,6 +120,10 @@ class EvalSection(StrictModel):
     limit: int = Field(48, gt=0)
 
 
+class RewardRunSection(RunSection):
+    name: str = Field("reward", description="run name inside output_dir (a rerun resumes it)")
+
+
 class DPRewardConfig(StrictModel):
     """`ksg dp-reward`: DP reward proxy (LoRA + scalar head, Bradley–Terry) on the same private records."""
 
@@ -129,6 +133,6 @@ class DPRewardConfig(StrictModel):
     privacy: PrivacySection = PrivacySection()
     train: TrainSection = TrainSection()
     scaling: ScalingSection = ScalingSection()
-    run: RunSection = RunSection(name="reward")
+    run: RewardRunSection = RewardRunSection()
     candidates: CandidatesSection = CandidatesSection()
     eval: EvalSection = EvalSection()

@@ -265,6 +265,7 @@ def fit_dp(task: DPTask, spec: DPRunSpec, *, num_workers: int, use_gpu: bool, cp
     run_dir = storage / name
     run_dir.mkdir(parents=True, exist_ok=True)
     numbers = {k: v for k, v in asdict(spec).items() if k not in ("noise_seed", "sampling_seed", "prior_history")}
+    numbers["mechanism"] = task.name  # a reward run must never resume a generator's checkpoint
     numbers_file = run_dir / "dp_run.json"
     if numbers_file.exists():
         before = json.loads(numbers_file.read_text())

@@ -58,12 +58,14 @@ class RewardExample:
     pairs: list[tuple[int, int]]
 
 
+def judge_chat_ids(tokenizer, question: str, answer: str, max_seq_len: int) -> list[int]:
+    text = tokenizer.apply_chat_template(reward_messages(question, answer), tokenize=False)
+    return tokenizer(text, add_special_tokens=False)["input_ids"][:max_seq_len]
+
+
 def tokenize_reward_example(tokenizer, question: str, answers: list[str], max_seq_len: int) -> RewardExample:
     """Candidates in `CANDIDATES` order; a pair whose two answers are the same text carries no preference."""
-    rows = []
-    for answer in answers:
-        text = tokenizer.apply_chat_template(reward_messages(question, answer), tokenize=False)
-        rows.append(tokenizer(text, add_special_tokens=False)["input_ids"][:max_seq_len])
+    rows = [judge_chat_ids(tokenizer, question, a, max_seq_len) for a in answers]
     pairs = [(c, r) for c, r in PAIRS if answers[c].strip() != answers[r].strip()]
     return RewardExample(rows=rows, pairs=pairs)
 
@@ -157,7 +159,7 @@ def score_texts(model, tokenizer, questions: list[str], answers: list[str], max_
     pad = reward_pad_id(tokenizer)
     out: list[float] = []
     for i in range(0, len(questions), batch_size):
-        exs = [tokenize_reward_example(tokenizer, q, [a], max_seq_len)
+        exs = [RewardExample(rows=[judge_chat_ids(tokenizer, q, a, max_seq_len)], pairs=[])
                for q, a in zip(questions[i:i + batch_size], answers[i:i + batch_size], strict=True)]
         batch = collate_reward(exs, pad)
         dev = next(model.parameters()).device
