@@ -30,12 +30,12 @@ NOT_DP_PROXY = "reward candidates from a non-DP proxy model trained on the priva
 
 
 def build_examples(cfg: DPRewardConfig, records, tokenizer, model_path: str, run_dir: Path, ledger):
-    """Three candidates per record (truth, DP generator, base) → one RewardExample per record."""
+    """Candidates per record in `CANDIDATES` order (truth, DP generator, base[, non-DP proxy]) → one example each."""
     from ksg_ray.reward_candidates import load_or_generate_candidates
     from ksg_ray.reward_model import tokenize_reward_example
 
     gen = dict(engine=cfg.candidates.engine, model_path=model_path, max_new_tokens=cfg.candidates.max_new_tokens,
-               batch_size=cfg.candidates.batch_size)
+               batch_size=cfg.candidates.batch_size, max_actors=cfg.candidates.max_actors)
     sources = {"base": gen | {"adapter_path": None},
                "dp_generator": gen | {"adapter_path": str(cfg.candidates.generator_bundle / "generator")}}
     if cfg.candidates.non_dp_proxy_adapter is not None:
@@ -45,6 +45,8 @@ def build_examples(cfg: DPRewardConfig, records, tokenizer, model_path: str, run
     examples, failed = [], []
     for i, r in enumerate(records):
         cands = [r.output, answers["dp_generator"][i], answers["base"][i]]
+        if "non_dp_proxy" in answers:
+            cands.append(answers["non_dp_proxy"][i])
         if any(c is None for c in cands):
             failed.append(r.source)
             cands = [c if c is not None else r.output for c in cands]  # a failed candidate makes no pair
@@ -132,7 +134,8 @@ def evaluate(cfg: DPRewardConfig, model_path: str, adapter_dir: Path) -> dict:
 
     held_out = load_records(cfg.eval.path, limit=cfg.eval.limit)
     base = generate_answers(held_out, engine=cfg.candidates.engine, model_path=model_path, adapter_path=None,
-                            max_new_tokens=cfg.candidates.max_new_tokens, batch_size=cfg.candidates.batch_size)
+                            max_new_tokens=cfg.candidates.max_new_tokens, batch_size=cfg.candidates.batch_size,
+                            max_actors=cfg.candidates.max_actors)
     keep = [i for i, a in enumerate(base) if a is not None]
     questions = [held_out[i].input for i in keep]
     truth, other = [held_out[i].output for i in keep], [base[i] for i in keep]

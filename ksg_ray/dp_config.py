@@ -111,6 +111,7 @@ class CandidatesSection(StrictModel):
     engine: Literal["transformers", "vllm", "auto"] = "transformers"
     max_new_tokens: int = Field(96, gt=0, description="greedy answer length of the base and DP models")
     batch_size: int = Field(8, gt=0, description="prompts per engine call")
+    max_actors: int = Field(2, gt=0, description="engine actors the Ray Data pool scales up to (each holds a model)")
     non_dp_proxy_adapter: Path | None = Field(
         None, description="NOT DP: answers of a non-private proxy trained on the records; marks the bundle not DP")
 

@@ -25,7 +25,7 @@ def question_messages(record: Record) -> list[dict[str, str]]:
 
 
 def generate_answers(records: list[Record], *, engine: str, model_path: str, adapter_path: str | None,
-                     max_new_tokens: int, batch_size: int) -> list[str | None]:
+                     max_new_tokens: int, batch_size: int, max_actors: int = 1) -> list[str | None]:
     """Greedy answers, one per record, in record order; None where the engine failed (reported, not dropped)."""
     import ray.data
 
@@ -35,7 +35,7 @@ def generate_answers(records: list[Record], *, engine: str, model_path: str, ada
     ds = ray.data.from_items([{"idx": i, "messages": question_messages(r)} for i, r in enumerate(records)])
     out = generate_dataset(ds, engine_kind=engine, model_path=model_path, adapter_path=adapter_path,
                            sampling=SamplingParams(temperature=0.0, max_new_tokens=max_new_tokens, n=1),
-                           batch_size=batch_size)
+                           batch_size=batch_size, min_actors=1, max_actors=max_actors)
     answers: list[str | None] = [None] * len(records)
     for row in out.select_columns(["idx", "generations", "__error__"]).iter_rows():
         if row["__error__"]:

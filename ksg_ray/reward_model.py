@@ -29,9 +29,10 @@ JUDGE_PROMPT = (
     "You are a data quality evaluator. Judge the quality of this conversation: is the assistant's answer "
     "accurate, helpful and specific to the user's question?"
 )
-# candidate order inside a record, and the preference pairs (chosen, rejected) between them
-CANDIDATES = ("truth", "dp_generator", "base")
-PAIRS = ((0, 2), (0, 1), (1, 2))
+# candidate order inside a record, and the preference pairs (chosen, rejected) between them; the non-DP proxy
+# (off by default, NOT DP) ranks between the truth and the base model, as in RewardDS
+CANDIDATES = ("truth", "dp_generator", "base", "non_dp_proxy")
+PAIRS = ((0, 2), (0, 1), (1, 2), (0, 3), (3, 2))
 
 
 def reward_messages(question: str, answer: str) -> list[dict[str, str]]:
@@ -66,7 +67,7 @@ def judge_chat_ids(tokenizer, question: str, answer: str, max_seq_len: int) -> l
 def tokenize_reward_example(tokenizer, question: str, answers: list[str], max_seq_len: int) -> RewardExample:
     """Candidates in `CANDIDATES` order; a pair whose two answers are the same text carries no preference."""
     rows = [judge_chat_ids(tokenizer, question, a, max_seq_len) for a in answers]
-    pairs = [(c, r) for c, r in PAIRS if answers[c].strip() != answers[r].strip()]
+    pairs = [(c, r) for c, r in PAIRS if max(c, r) < len(answers) and answers[c].strip() != answers[r].strip()]
     return RewardExample(rows=rows, pairs=pairs)
 
 

@@ -23,6 +23,8 @@ from ksg_ray.lora_model import build_lora_lm, lm_builder, lm_loss, load_adapter,
 from ksg_ray.privacy.dp_sgd import poisson_sample
 from ksg_ray.records import load_records
 
+pytestmark = pytest.mark.e2e  # real Ray clusters and trainings: the long tests, at their smallest settings
+
 N, Q, SIGMA, CLIP, NOISE_SEED, SAMPLING_SEED = 12, 0.5, 0.7, 0.05, 1234, 99
 LORA = LoraSection(r=4, alpha=8, target_modules=["q_proj", "v_proj"])
 

@@ -13,6 +13,8 @@ from ksg_ray.bundle import verify_bundle
 from ksg_ray.config import KsgConfigError
 from ksg_ray.jobs import dp_finetune
 
+pytestmark = pytest.mark.e2e  # real Ray clusters and trainings: the long tests, at their smallest settings
+
 SMALL = ["model.name=tiny-random", "data.limit=24", "data.max_seq_len=64", "train.expected_batch_size=4",
          "train.max_steps=6", "train.checkpoint_every=3", "scaling.num_workers=2", "privacy.delta=1e-3"]
 

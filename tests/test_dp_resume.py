@@ -18,6 +18,8 @@ from safetensors.torch import load_file
 from ksg_ray.jobs import dp_finetune
 from ksg_ray.privacy.accountant import epsilon_for
 
+pytestmark = pytest.mark.e2e  # real Ray clusters and trainings: the long tests, at their smallest settings
+
 STEPS = 5
 COMMON = ["model.name=tiny-random", "data.limit=16", "data.max_seq_len=48", "train.expected_batch_size=4",
           "train.epochs=2",

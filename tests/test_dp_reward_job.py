@@ -15,6 +15,8 @@ from ksg_ray.privacy.accountant import epsilon_for
 from ksg_ray.records import load_records, write_jsonl
 from ksg_ray.reward_model import score_texts
 
+pytestmark = pytest.mark.e2e  # real Ray clusters and trainings: the long tests, at their smallest settings
+
 TINY = ["model.name=tiny-random", "data.max_seq_len=96", "train.expected_batch_size=4", "train.max_steps=3",
         "scaling.num_workers=2", "privacy.delta=1e-3"]
 

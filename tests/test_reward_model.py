@@ -91,3 +91,29 @@ def test_identical_candidates_make_no_pair(tiny_model_path):
     tok = AutoTokenizer.from_pretrained(tiny_model_path)
     ex = tokenize_reward_example(tok, "q?", ["truth", "same", "same"], 64)
     assert ex.pairs == [(0, 2), (0, 1)]
+
+
+def test_non_dp_proxy_is_used_and_marks_the_ledger_not_dp(tmp_path, tiny_model_path):
+    """Off by default; when set, its answers join the pairs and the privacy report says "not DP"."""
+    import json
+
+    from ksg_ray.config import load_config
+    from ksg_ray.dp_config import DPRewardConfig
+    from ksg_ray.jobs.dp_reward import NOT_DP_PROXY, build_examples
+    from ksg_ray.privacy.ledger import open_ledger, privacy_report
+    from ksg_ray.records import load_records
+
+    records = load_records("demo", limit=2)
+    run_dir = tmp_path / "reward"
+    run_dir.mkdir()
+    cached = {"records": [r.source for r in records], "base": ["b1", "b2"], "dp_generator": ["d1", "d2"],
+              "non_dp_proxy": ["p1", "p2"]}
+    (run_dir / "candidates.json").write_text(json.dumps(cached))  # no generation needed
+    tok = AutoTokenizer.from_pretrained(tiny_model_path)
+    for proxy, rows, pairs, flagged in ((None, 3, 3, False), (tmp_path / "proxy", 4, 5, True)):
+        override = f"candidates.non_dp_proxy_adapter={proxy}" if proxy else "data.limit=2"
+        cfg = load_config(DPRewardConfig, None, [override])
+        ledger = open_ledger(tmp_path, "demo", 1e-5)
+        examples, _, failed = build_examples(cfg, records, tok, tiny_model_path, run_dir, ledger)
+        assert not failed and all(len(e.rows) == rows and len(e.pairs) == pairs for e in examples)
+        assert (NOT_DP_PROXY in privacy_report(ledger)["not_dp"]) is flagged

@@ -1,0 +1,37 @@
+"""Every YAML in configs/ validates against its job's typed config, and its header names a real entrypoint."""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+import pytest
+
+from ksg_ray.config import KsgConfigError, apply_overrides, load_config, parse_override
+from ksg_ray.dp_config import DPFinetuneConfig, DPRewardConfig
+
+ROOT = Path(__file__).resolve().parents[1]
+SCHEMAS = {"dp_finetune": DPFinetuneConfig, "dp_reward": DPRewardConfig}
+
+
+@pytest.mark.parametrize("path", sorted((ROOT / "configs").glob("*.yaml")), ids=lambda p: p.name)
+def test_config_validates_and_names_its_entrypoint(path):
+    schema = next(s for prefix, s in SCHEMAS.items() if path.name.startswith(prefix))
+    load_config(schema, path)
+    entry = re.search(r"python (jobs/\w+\.py) --config (configs/\S+\.yaml)", path.read_text())
+    assert entry, f"{path.name}: header lacks its `ray job submit ... -- python jobs/X.py --config ...` line"
+    assert (ROOT / entry.group(1)).is_file() and (ROOT / entry.group(2)) == path
+
+
+def test_overrides_parse_yaml_values_and_reject_bad_forms():
+    assert parse_override("train.epochs=2") == (["train", "epochs"], 2)
+    assert parse_override("privacy.target_epsilon=inf")[1] == float("inf")
+    assert apply_overrides({"a": {"b": 1}}, ["a.c=[x, y]"]) == {"a": {"b": 1, "c": ["x", "y"]}}
+    with pytest.raises(KsgConfigError, match="key=value"):
+        parse_override("train.epochs")
+
+
+def test_all_problems_are_reported_at_once():
+    with pytest.raises(KsgConfigError) as err:
+        load_config(DPFinetuneConfig, None, ["train.epochs=-1", "lora.r=0", "bogus=1"])
+    assert len(err.value.problems) == 3
