@@ -9,7 +9,6 @@ report) leaves this machine. A rerun with the same `run.output_dir`/`run.name` r
 
 from __future__ import annotations
 
-import argparse
 import logging
 import math
 import shutil
@@ -17,7 +16,7 @@ import sys
 from functools import partial
 from pathlib import Path
 
-from ksg_ray.config import load_config
+from ksg_ray.config import job_config
 from ksg_ray.dp_config import DPFinetuneConfig
 from ksg_ray.dp_trainer import DPTask, fit_dp, plan_dp_run
 from ksg_ray.privacy.accountant import Mechanism
@@ -42,12 +41,7 @@ def prepare(cfg: DPFinetuneConfig):
 
 
 def main(argv: list[str] | None = None) -> dict:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--config", default=None, help="YAML config (defaults: the embedded default)")
-    parser.add_argument("overrides", nargs="*", help="key=value overrides, e.g. train.epochs=2")
-    args = parser.parse_args(argv)
-    cfg = load_config(DPFinetuneConfig, args.config, args.overrides)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
+    cfg = job_config(DPFinetuneConfig, argv, __doc__.split("\n")[0])
 
     from ksg_ray.lora_model import lm_builder, lm_loss, load_adapter, save_adapter
 

@@ -11,7 +11,6 @@ join the generator in the transfer bundle.
 
 from __future__ import annotations
 
-import argparse
 import json
 import logging
 import shutil
@@ -19,7 +18,7 @@ import sys
 from functools import partial
 from pathlib import Path
 
-from ksg_ray.config import load_config
+from ksg_ray.config import job_config
 from ksg_ray.dp_config import DPRewardConfig
 from ksg_ray.dp_trainer import DPTask, fit_dp, plan_dp_run
 from ksg_ray.privacy.accountant import Mechanism
@@ -57,12 +56,7 @@ def build_examples(cfg: DPRewardConfig, records, tokenizer, model_path: str, run
 
 
 def main(argv: list[str] | None = None) -> dict:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--config", default=None, help="YAML config (defaults: the embedded default)")
-    parser.add_argument("overrides", nargs="*", help="key=value overrides, e.g. privacy.target_epsilon=inf")
-    args = parser.parse_args(argv)
-    cfg = load_config(DPRewardConfig, args.config, args.overrides)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
+    cfg = job_config(DPRewardConfig, argv, __doc__.split("\n")[0])
 
     from transformers import AutoTokenizer
 

@@ -13,7 +13,7 @@ from typing import Any, TypeVar
 import yaml
 from pydantic import BaseModel, ConfigDict, ValidationError
 
-__all__ = ["KsgConfigError", "StrictModel", "apply_overrides", "load_config", "parse_override"]
+__all__ = ["KsgConfigError", "StrictModel", "apply_overrides", "job_config", "load_config", "parse_override"]
 
 T = TypeVar("T", bound=BaseModel)
 
@@ -89,6 +89,20 @@ def load_config(model: type[T], path: str | Path | None = None, overrides: list[
     except ValidationError as e:
         problems = [f"{'.'.join(str(x) for x in err['loc']) or '<root>'}: {err['msg']}" for err in e.errors()]
         raise KsgConfigError(source, problems) from None
+
+
+def job_config(model: type[T], argv: list[str] | None, description: str) -> T:
+    """A recipe's command line: `[--config FILE] [key=value ...]`, validated into `model`."""
+    import argparse
+    import logging
+
+    parser = argparse.ArgumentParser(description=description)
+    parser.add_argument("--config", default=None, help="YAML config (defaults: the embedded default)")
+    parser.add_argument("overrides", nargs="*", help="key=value overrides, e.g. train.epochs=2")
+    args = parser.parse_args(argv)
+    cfg = load_config(model, args.config, args.overrides)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
+    return cfg
 
 
 def _deepcopy(data: dict[str, Any]) -> dict[str, Any]:

@@ -125,15 +125,9 @@ class RewardRunSection(RunSection):
     name: str = Field("reward", description="run name inside output_dir (a rerun resumes it)")
 
 
-class DPRewardConfig(StrictModel):
+class DPRewardConfig(DPFinetuneConfig):
     """`ksg dp-reward`: DP reward proxy (LoRA + scalar head, Bradley–Terry) on the same private records."""
 
-    model: ModelSection = ModelSection()
-    lora: LoraSection = LoraSection()
-    data: DataSection = DataSection()
-    privacy: PrivacySection = PrivacySection()
-    train: TrainSection = TrainSection()
-    scaling: ScalingSection = ScalingSection()
     run: RewardRunSection = RewardRunSection()
     candidates: CandidatesSection = CandidatesSection()
     eval: EvalSection = EvalSection()
