@@ -11,11 +11,11 @@ from __future__ import annotations
 
 import logging
 import math
-import shutil
 import sys
 from functools import partial
 from pathlib import Path
 
+from ksg_ray.bundle import publish_component
 from ksg_ray.config import job_config
 from ksg_ray.dp_config import DPFinetuneConfig
 from ksg_ray.dp_trainer import DPTask, fit_dp, plan_dp_run
@@ -37,7 +37,7 @@ def prepare(cfg: DPFinetuneConfig):
     records = load_records(cfg.data.path, limit=cfg.data.limit)
     tokenizer = AutoTokenizer.from_pretrained(model_path)
     examples, truncated = tokenize_records(tokenizer, records, cfg.data.max_seq_len)
-    return model_path, tokenizer, examples, truncated, partial(collate, pad_token_id=tokenizer.pad_token_id)
+    return model_path, examples, truncated, partial(collate, pad_token_id=tokenizer.pad_token_id)
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -45,7 +45,7 @@ def main(argv: list[str] | None = None) -> dict:
 
     from ksg_ray.lora_model import lm_builder, lm_loss, load_adapter, save_adapter
 
-    model_path, tokenizer, examples, truncated, collate_fn = prepare(cfg)
+    model_path, examples, truncated, collate_fn = prepare(cfg)
     n = len(examples)
     ledger = open_ledger(cfg.run.output_dir, cfg.data.path, cfg.privacy.delta)
     spec = plan_dp_run("generator", n, cfg.privacy, cfg.train, cfg.scaling, ledger)
@@ -61,29 +61,15 @@ def main(argv: list[str] | None = None) -> dict:
     ledger.record(Mechanism("generator", sigma, q, steps))
     ledger.save()
     report = privacy_report(ledger, records=n, truncated=truncated)
-    bundle = write_generator_bundle(ckpt / "model", cfg, model_path, report)
+    bundle = publish_component(cfg.run.bundle_dir, "generator", ckpt / "model", privacy=report,
+                               staging=Path(cfg.run.output_dir) / cfg.run.name / "generator_component",
+                               model_ref={"base_model": cfg.model.name, "tokenizer": cfg.model.name,
+                                          "kind": "causal-lm-lora"})
     summary = {"bundle": str(bundle), "epsilon": report["epsilon"], "epsilon_rdp": report["epsilon_rdp"],
                "noise_multiplier": sigma, "sample_rate": q, "steps": steps, "final_loss": metrics.get("loss"),
                "checkpoint": str(ckpt)}
     print(format_summary(ckpt, summary))
     return summary
-
-
-def write_generator_bundle(adapter_dir: Path, cfg: DPFinetuneConfig, model_path: str, report: dict) -> Path:
-    """Bundle = adapter + references to the public base model + the privacy report. No data, no metrics."""
-    import json
-
-    from ksg_ray.bundle import add_component, write_bundle
-
-    staging = Path(cfg.run.output_dir) / cfg.run.name / "generator_component"
-    shutil.rmtree(staging, ignore_errors=True)
-    shutil.copytree(adapter_dir, staging)
-    (staging / "model_ref.json").write_text(json.dumps(
-        {"base_model": cfg.model.name, "resolved_path": model_path, "tokenizer": cfg.model.name,
-         "kind": "causal-lm-lora"}, indent=2))
-    if (cfg.run.bundle_dir / "manifest.json").exists():  # keep a reward model trained earlier
-        return add_component(cfg.run.bundle_dir, "generator", staging, privacy=report)
-    return write_bundle(cfg.run.bundle_dir, {"generator": staging}, report, overwrite=True)
 
 
 def format_summary(ckpt: Path, summary: dict) -> str:

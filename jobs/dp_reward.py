@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import json
 import logging
-import shutil
 import sys
 from functools import partial
 from pathlib import Path
@@ -60,16 +59,11 @@ def main(argv: list[str] | None = None) -> dict:
 
     from transformers import AutoTokenizer
 
-    from ksg_ray.bundle import verify_bundle
+    from ksg_ray.bundle import publish_component, verify_bundle
+    from ksg_ray.lora_model import load_adapter, save_adapter
     from ksg_ray.models import resolve_model
     from ksg_ray.records import load_records
-    from ksg_ray.reward_model import (
-        bradley_terry_loss,
-        collate_reward,
-        load_reward_weights,
-        reward_builder,
-        reward_pad_id,
-    )
+    from ksg_ray.reward_model import bradley_terry_loss, collate_reward, reward_builder, reward_pad_id
 
     model_path = resolve_model(cfg.model.name)
     records = load_records(cfg.data.path, limit=cfg.data.limit)
@@ -82,7 +76,7 @@ def main(argv: list[str] | None = None) -> dict:
 
     task = DPTask(name="reward", build_model=reward_builder(model_path, cfg.lora, cfg.train.seed), examples=examples,
                   collate=partial(collate_reward, pad_token_id=reward_pad_id(tokenizer)), loss_fn=bradley_terry_loss,
-                  save=_save_reward, load=load_reward_weights)
+                  save=save_adapter, load=load_adapter)  # peft saves LoRA + the `score` head together
     ckpt, metrics = fit_dp(task, spec, num_workers=cfg.scaling.num_workers, use_gpu=cfg.scaling.use_gpu,
                            cpus_per_worker=cfg.scaling.cpus_per_worker, output_dir=cfg.run.output_dir,
                            name=cfg.run.name, max_failures=cfg.run.max_failures)
@@ -90,7 +84,10 @@ def main(argv: list[str] | None = None) -> dict:
     ledger.record(Mechanism("reward", spec.noise_multiplier, spec.sample_rate, spec.steps))
     ledger.save()
     report = privacy_report(ledger, records=len(records))
-    bundle = add_reward_to_bundle(ckpt / "model", cfg, report)
+    bundle = publish_component(cfg.candidates.generator_bundle, "reward", ckpt / "model", privacy=report,
+                               staging=run_dir / "reward_component",
+                               model_ref={"base_model": cfg.model.name, "tokenizer": cfg.model.name,
+                                          "kind": "reward-lora-seq-cls"})
     summary = {"bundle": str(bundle), "epsilon": report["epsilon"], "epsilon_rdp": report["epsilon_rdp"],
                "reward_noise_multiplier": spec.noise_multiplier, "steps": spec.steps, "not_dp": report["not_dp"],
                "probe_loss_start": metrics.get("probe_loss_start"), "probe_loss_end": metrics.get("probe_loss_end"),
@@ -101,30 +98,14 @@ def main(argv: list[str] | None = None) -> dict:
     return summary
 
 
-def _save_reward(model, out: Path) -> None:
-    from ksg_ray.lora_model import save_adapter
-
-    save_adapter(model, out)  # peft writes the LoRA weights and the `score` head (modules_to_save) together
-
-
-def add_reward_to_bundle(adapter_dir: Path, cfg: DPRewardConfig, report: dict) -> Path:
-    from ksg_ray.bundle import add_component
-
-    staging = Path(cfg.run.output_dir) / cfg.run.name / "reward_component"
-    shutil.rmtree(staging, ignore_errors=True)
-    shutil.copytree(adapter_dir, staging)
-    (staging / "model_ref.json").write_text(json.dumps(
-        {"base_model": cfg.model.name, "tokenizer": cfg.model.name, "kind": "reward-lora-seq-cls"}, indent=2))
-    return add_component(cfg.candidates.generator_bundle, "reward", staging, privacy=report)
-
-
 def evaluate(cfg: DPRewardConfig, model_path: str, adapter_dir: Path) -> dict:
     """Pairwise accuracy on held-out records: truth ranked above the base model's answer, before vs after."""
     import torch
 
+    from ksg_ray.lora_model import load_adapter
     from ksg_ray.records import load_records
     from ksg_ray.reward_candidates import generate_answers
-    from ksg_ray.reward_model import build_lora_reward, load_reward_weights, pairwise_accuracy
+    from ksg_ray.reward_model import build_lora_reward, pairwise_accuracy
 
     held_out = load_records(cfg.eval.path, limit=cfg.eval.limit)
     base = generate_answers(held_out, engine=cfg.candidates.engine, model_path=model_path, adapter_path=None,
@@ -135,7 +116,7 @@ def evaluate(cfg: DPRewardConfig, model_path: str, adapter_dir: Path) -> dict:
     truth, other = [held_out[i].output for i in keep], [base[i] for i in keep]
     model = build_lora_reward(torch.device("cpu"), model_path=model_path, lora=cfg.lora, seed=cfg.train.seed)
     before = pairwise_accuracy(model, model_path, questions, truth, other, cfg.data.max_seq_len)
-    load_reward_weights(model, adapter_dir)
+    load_adapter(model, adapter_dir)
     after = pairwise_accuracy(model, model_path, questions, truth, other, cfg.data.max_seq_len)
     print(f"pairwise accuracy (truth ≻ base) on {len(keep)} held-out records: untrained {before:.3f} → "
           f"trained {after:.3f} (ε={cfg.privacy.target_epsilon})")

@@ -32,8 +32,8 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-__all__ = ["BundleError", "add_bundle_args", "add_component", "dump_privacy", "load_privacy", "read_privacy",
-           "run_bundle", "verify_bundle", "write_bundle"]
+__all__ = ["BundleError", "add_bundle_args", "add_component", "dump_privacy", "load_privacy", "publish_component",
+           "read_privacy", "run_bundle", "verify_bundle", "write_bundle"]
 
 logger = logging.getLogger(__name__)
 
@@ -171,6 +171,18 @@ def add_component(bundle_dir: Path, name: str, source_dir: Path, *, privacy: dic
     comps = {c: bundle_dir / c for c in verify_bundle(bundle_dir)["components"] if c != name}
     privacy = read_privacy(bundle_dir) if privacy is None else privacy
     return write_bundle(bundle_dir, comps | {name: Path(source_dir)}, privacy, overwrite=True)
+
+
+def publish_component(bundle_dir: Path, name: str, adapter_dir: Path, model_ref: dict, privacy: dict,
+                      staging: Path) -> Path:
+    """Stage a trained adapter with its `model_ref.json` (public base-model references only) and put it in the
+    bundle: added to an existing bundle (its other components kept), or a new bundle written."""
+    shutil.rmtree(staging, ignore_errors=True)
+    shutil.copytree(adapter_dir, staging)
+    (staging / "model_ref.json").write_text(json.dumps(model_ref, indent=2))
+    if (Path(bundle_dir) / "manifest.json").exists():
+        return add_component(Path(bundle_dir), name, staging, privacy=privacy)
+    return write_bundle(Path(bundle_dir), {name: staging}, privacy, overwrite=True)
 
 
 def verify_bundle(bundle_dir: Path) -> dict:

@@ -16,7 +16,7 @@ from safetensors.torch import load_file
 from ksg_ray.dp_config import LoraSection
 from ksg_ray.privacy.dp_sgd import per_sample_lm_loss
 
-__all__ = ["build_lora_lm", "lm_builder", "lm_loss", "load_adapter", "save_adapter"]
+__all__ = ["build_lora_lm", "lm_builder", "lm_loss", "load_adapter", "save_adapter", "unwrap_peft"]
 
 
 def build_lora_lm(device: torch.device, *, model_path: str, lora: LoraSection, seed: int = 0) -> PeftModel:
@@ -42,14 +42,14 @@ def lm_loss(module: torch.nn.Module, batch: dict[str, torch.Tensor]) -> torch.Te
 
 def save_adapter(model: torch.nn.Module, out: Path) -> None:
     """peft's own format (adapter_model.safetensors + adapter_config.json): what a server loads with peft/vLLM."""
-    _peft(model).save_pretrained(str(out))
+    unwrap_peft(model).save_pretrained(str(out))
 
 
 def load_adapter(model: torch.nn.Module, src: Path) -> None:
-    set_peft_model_state_dict(_peft(model), load_file(str(Path(src) / "adapter_model.safetensors")))
+    set_peft_model_state_dict(unwrap_peft(model), load_file(str(Path(src) / "adapter_model.safetensors")))
 
 
-def _peft(model: torch.nn.Module) -> PeftModel:
+def unwrap_peft(model: torch.nn.Module) -> PeftModel:
     """Unwrap Opacus' GradSampleModule / DeepSpeed to the PeftModel."""
     while not isinstance(model, PeftModel):
         model = model._module if hasattr(model, "_module") else model.module

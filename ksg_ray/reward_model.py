@@ -16,8 +16,7 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-from peft import LoraConfig, PeftModel, get_peft_model, set_peft_model_state_dict
-from safetensors.torch import load_file
+from peft import LoraConfig, PeftModel, get_peft_model
 
 from ksg_ray.dp_config import LoraSection
 
@@ -134,12 +133,6 @@ def build_lora_reward(device: torch.device, *, model_path: str, lora: LoraSectio
 
 def reward_builder(model_path: str, lora: LoraSection, seed: int):
     return partial(build_lora_reward, model_path=model_path, lora=lora, seed=seed)
-
-
-def load_reward_weights(model: torch.nn.Module, src: Path) -> None:
-    from ksg_ray.lora_model import _peft
-
-    set_peft_model_state_dict(_peft(model), load_file(str(Path(src) / "adapter_model.safetensors")))
 
 
 def load_reward_model(component_dir: str | Path, model_path: str, device: str = "cpu"):

@@ -15,7 +15,7 @@ from dataclasses import dataclass
 from typing import Any, Protocol, runtime_checkable
 
 __all__ = ["ENGINE_KINDS", "Engine", "Generation", "SamplingParams", "build_engine", "check_messages",
-           "prompt_ids", "render_prompt"]
+           "prompt_ids", "render_prompt", "score_inputs"]
 
 ENGINE_KINDS = ("transformers", "vllm", "auto")
 
@@ -166,6 +166,18 @@ def render_prompt(tokenizer: Any, messages: list[dict]) -> str:
 def prompt_ids(tokenizer: Any, messages: list[dict]) -> list[int]:
     """Token ids of `render_prompt`; the template already holds any BOS, so none is added."""
     return tokenizer(render_prompt(tokenizer, messages), add_special_tokens=False)["input_ids"]
+
+
+def score_inputs(tokenizer: Any, prompts: list[list[dict]], answers: list[str]) -> list[tuple[list[int], list[int]]]:
+    """(prompt ids, answer ids) per pair, the shared input of every engine's `score`.
+
+    Raises:
+        ValueError: `prompts` and `answers` differ in length, or a prompt is malformed.
+    """
+    if len(prompts) != len(answers):
+        raise ValueError(f"score needs one answer per prompt, got {len(prompts)} prompts, {len(answers)} answers")
+    return [(prompt_ids(tokenizer, p), tokenizer(a, add_special_tokens=False)["input_ids"])
+            for p, a in zip(prompts, answers, strict=True)]
 
 
 def _cuda_available() -> bool:

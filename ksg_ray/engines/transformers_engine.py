@@ -13,7 +13,7 @@ from typing import Any
 
 import torch
 
-from ksg_ray.engines import Generation, SamplingParams, prompt_ids, render_prompt
+from ksg_ray.engines import Generation, SamplingParams, render_prompt, score_inputs
 
 __all__ = ["TransformersEngine"]
 
@@ -89,10 +89,7 @@ class TransformersEngine:
         Raises:
             ValueError: `prompts` and `answers` differ in length, or a prompt is malformed.
         """
-        if len(prompts) != len(answers):
-            raise ValueError(f"score needs one answer per prompt, got {len(prompts)} prompts, {len(answers)} answers")
-        pairs = [(prompt_ids(self.tokenizer, p), self.tokenizer(a, add_special_tokens=False)["input_ids"])
-                 for p, a in zip(prompts, answers, strict=True)]
+        pairs = score_inputs(self.tokenizer, prompts, answers)
         scores: list[float] = []
         for start in range(0, len(pairs), self.batch_size):
             scores.extend(self._score_chunk(pairs[start:start + self.batch_size]))

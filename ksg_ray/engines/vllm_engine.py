@@ -11,7 +11,7 @@ import logging
 from pathlib import Path
 from typing import Any
 
-from ksg_ray.engines import Generation, SamplingParams, check_messages, prompt_ids
+from ksg_ray.engines import Generation, SamplingParams, check_messages, score_inputs
 
 __all__ = ["VLLMEngine"]
 
@@ -75,10 +75,7 @@ class VLLMEngine:
         Raises:
             ValueError: `prompts` and `answers` differ in length, or a prompt is malformed.
         """
-        if len(prompts) != len(answers):
-            raise ValueError(f"score needs one answer per prompt, got {len(prompts)} prompts, {len(answers)} answers")
-        pairs = [(prompt_ids(self.tokenizer, p), self.tokenizer(a, add_special_tokens=False)["input_ids"])
-                 for p, a in zip(prompts, answers, strict=True)]
+        pairs = score_inputs(self.tokenizer, prompts, answers)
         # prompt_logprobs=0: the log-prob of each prompt token itself (no top-k alternatives); 1 token generated.
         sampling = self._vllm.SamplingParams(max_tokens=1, temperature=0.0, prompt_logprobs=0)
         outputs = self.llm.generate([{"prompt_token_ids": p + a} for p, a in pairs], sampling, use_tqdm=False,
