@@ -10,6 +10,7 @@ Anything else (a Hugging Face id or a local path) passes through unchanged.
 from __future__ import annotations
 
 import importlib.metadata
+import json
 import logging
 import os
 import shutil
@@ -18,7 +19,7 @@ from pathlib import Path
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["EMBEDDED_MODELS", "cache_root", "resolve_model", "smollm2_gguf_path"]
+__all__ = ["EMBEDDED_MODELS", "cache_root", "model_dir_engine_args", "resolve_model", "smollm2_gguf_path"]
 
 SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 EMBEDDED_MODELS = ("smollm2-135m", "tiny-random")
@@ -121,3 +122,24 @@ def _save_tiny_random(out: Path) -> None:
     torch.manual_seed(0)
     AutoModelForCausalLM.from_config(config).save_pretrained(out)
     tokenizer.save_pretrained(out)
+
+
+def model_dir_engine_args(model: str | Path) -> tuple[str, str | None]:
+    """(base model path, adapter path or None) for an engine, from a model folder or name.
+
+    A peft adapter folder (`adapter_config.json`) runs on its base (`base_model_name_or_path`, provisioned
+    like any name); a plain Hugging Face folder (`config.json`) is a full model; anything else is a model
+    name for `resolve_model`.
+
+    Raises:
+        ValueError: `model` is a folder with neither file.
+    """
+    path = Path(model)
+    if (path / "adapter_config.json").is_file():
+        base = json.loads((path / "adapter_config.json").read_text())["base_model_name_or_path"]
+        return resolve_model(base), str(path)
+    if (path / "config.json").is_file():
+        return str(path), None
+    if path.is_dir():
+        raise ValueError(f"{path}: neither a peft adapter (adapter_config.json) nor a model (config.json)")
+    return resolve_model(str(model)), None

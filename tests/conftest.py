@@ -37,3 +37,27 @@ def smollm2_tokenizer():
 
     gguf = smollm2_gguf_path()
     return AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
+
+
+TINY_DP = ["model.name=tiny-random", "data.max_seq_len=96", "train.expected_batch_size=4", "train.max_steps=3",
+           "scaling.num_workers=2", "privacy.delta=1e-3"]
+
+
+@pytest.fixture(scope="session")
+def client_bundle(ray_cluster, tmp_path_factory):
+    """A real client run on a tiny model: DP generator + DP reward on 20 private records, one bundle.
+
+    Returns (directory, private records file, dp-reward summary). Shared by the client-job tests and the
+    server-side tests, which must work with the private file gone.
+    """
+    from ksg_ray.jobs import dp_finetune, dp_reward
+    from ksg_ray.records import load_records, write_jsonl
+
+    tmp = tmp_path_factory.mktemp("client")
+    private = tmp / "private.jsonl"
+    write_jsonl(load_records("demo", limit=20), private)
+    common = TINY_DP + [f"data.path={private}", f"run.output_dir={tmp / 'runs'}"]
+    dp_finetune.main(common + [f"run.bundle_dir={tmp / 'bundle'}"])
+    summary = dp_reward.main(common + [f"candidates.generator_bundle={tmp / 'bundle'}", "candidates.max_new_tokens=8",
+                                       "privacy.total_epsilon_budget=40"])
+    return tmp, private, summary

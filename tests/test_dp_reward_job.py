@@ -10,31 +10,13 @@ import torch
 
 from ksg_ray.bundle import verify_bundle
 from ksg_ray.bundle_models import load_generator, load_reward
-from ksg_ray.jobs import dp_finetune, dp_reward
 from ksg_ray.privacy.accountant import epsilon_for
-from ksg_ray.records import load_records, write_jsonl
 from ksg_ray.reward_model import score_texts
 
 pytestmark = pytest.mark.e2e  # real Ray clusters and trainings: the long tests, at their smallest settings
 
-TINY = ["model.name=tiny-random", "data.max_seq_len=96", "train.expected_batch_size=4", "train.max_steps=3",
-        "scaling.num_workers=2", "privacy.delta=1e-3"]
-
-
-@pytest.fixture(scope="module")
-def trained(ray_cluster, tmp_path_factory):
-    tmp = tmp_path_factory.mktemp("reward")
-    private = tmp / "private.jsonl"
-    write_jsonl(load_records("demo", limit=20), private)
-    common = TINY + [f"data.path={private}", f"run.output_dir={tmp / 'runs'}"]
-    dp_finetune.main(common + [f"run.bundle_dir={tmp / 'bundle'}"])
-    summary = dp_reward.main(common + [f"candidates.generator_bundle={tmp / 'bundle'}", "candidates.max_new_tokens=8",
-                                       "privacy.total_epsilon_budget=40"])
-    return tmp, private, summary
-
-
-def test_bundle_holds_both_models_and_their_composed_epsilon(trained):
-    tmp, _, summary = trained
+def test_bundle_holds_both_models_and_their_composed_epsilon(client_bundle):
+    tmp, _, summary = client_bundle
     manifest = verify_bundle(tmp / "bundle")
     assert {"generator/adapter_model.safetensors", "reward/adapter_model.safetensors"} <= set(manifest["files"])
     privacy = json.loads((tmp / "bundle" / "privacy.json").read_text())
@@ -47,15 +29,15 @@ def test_bundle_holds_both_models_and_their_composed_epsilon(trained):
     assert summary["candidate_failures"] == 0
 
 
-def test_candidates_hold_three_answers_per_record(trained):
-    tmp, private, _ = trained
+def test_candidates_hold_three_answers_per_record(client_bundle):
+    tmp, private, _ = client_bundle
     cands = json.loads((tmp / "runs" / "reward" / "candidates.json").read_text())
     assert len(cands["base"]) == len(cands["dp_generator"]) == 20
     assert all(isinstance(a, str) for a in cands["base"] + cands["dp_generator"])
 
 
-def test_server_loads_both_models_from_the_bundle_without_the_data(trained):
-    tmp, private, _ = trained
+def test_server_loads_both_models_from_the_bundle_without_the_data(client_bundle):
+    tmp, private, _ = client_bundle
     private.rename(tmp / "moved-away.jsonl")  # the server never has the client's data
     try:
         gen, tok = load_generator(tmp / "bundle")

@@ -4,21 +4,28 @@ Each actor of an actor pool loads its engine once; batches then stream through i
 fails is kept and reported in `__error__` ("Type: message") with null outputs, so one bad prompt costs one row,
 not the job, and the schema stays the same for every row. Errors that mean the engine itself is gone (out of
 memory, vLLM's EngineDeadError) are re-raised: every later row would fail too.
+
+Stages chain: a row that already carries an `__error__` from an earlier stage, or whose prompt is None (an
+earlier stage decided it needs no work, e.g. a query the judge rejected), passes through untouched with null
+outputs. The helpers at the bottom (`run_with_fallback`, `passthrough`, `incoming_errors`) are shared by every
+stage UDF in `ksg_ray.synth`.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import logging
-from collections.abc import Mapping
+import os
+from collections.abc import Callable, Mapping
 from typing import Any
 
 import numpy as np
 import ray
 
-from ksg_ray.engines import Generation, SamplingParams, build_engine, check_messages
+from ksg_ray.engines import SamplingParams, build_engine, check_messages
 
-__all__ = ["ERROR_COLUMN", "GenerateUDF", "generate_dataset"]
+__all__ = ["ERROR_COLUMN", "GenerateUDF", "generate_dataset", "incoming_errors", "passthrough", "to_messages",
+           "is_missing", "plain", "run_with_fallback"]
 
 logger = logging.getLogger(__name__)
 
@@ -52,7 +59,7 @@ class GenerateUDF:
         self.messages_column = messages_column
         self.output_column = output_column
         self.engine = build_engine(engine_kind, model_path, adapter_path, **(engine_kwargs or {}))
-        self.fatal_errors = FATAL_ERRORS + tuple(getattr(self.engine, "fatal_errors", ()))
+        self.fatal_errors = tuple(getattr(self.engine, "fatal_errors", ()))
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, Any]:
         """Generate for one batch; see the class docstring for the columns.
@@ -63,38 +70,27 @@ class GenerateUDF:
         if self.messages_column not in batch:
             raise KeyError(f"GenerateUDF needs the column {self.messages_column!r} (a list of chat messages per "
                            f"row); the batch has {sorted(batch)}. Set messages_column to the right one.")
+        errors = incoming_errors(batch)
         prompts: list[list[dict] | None] = []
-        errors: list[str | None] = []
-        for raw in batch[self.messages_column]:
-            try:
-                prompts.append(check_messages(_to_messages(raw)))
-                errors.append(None)
-            except ValueError as e:  # malformed rows are known without running the model
-                prompts.append(None)
-                errors.append(_describe(e))
-        results: list[list[Generation] | None] = [None] * len(prompts)
-        todo = [i for i, p in enumerate(prompts) if p is not None]
-        try:
-            batch_results = self.engine.generate([prompts[i] for i in todo], self.params) if todo else []
-            for i, gens in zip(todo, batch_results, strict=True):
-                results[i] = gens
-        except self.fatal_errors:
-            raise
-        except Exception as e:  # one bad row fails the whole call: retry row by row to find it
-            logger.warning("batch of %d failed (%s); retrying row by row", len(todo), _describe(e))
-            for i in todo:
+        for i, raw in enumerate(batch[self.messages_column]):
+            prompt = None
+            if errors[i] is None and not is_missing(raw):
                 try:
-                    results[i] = self.engine.generate([prompts[i]], self.params)[0]
-                except self.fatal_errors:
-                    raise
-                except Exception as row_error:
-                    errors[i] = _describe(row_error)
-        # Nested columns arrive as object arrays of numpy arrays, which Ray cannot turn back into Arrow lists
-        # (it would pickle them): hand them back as plain Python so the schema survives the stage.
-        out = {k: col if isinstance(col, np.ndarray) and col.dtype != object else [_plain(v) for v in col]
-               for k, col in batch.items()}
-        out[self.output_column] = [None if r is None else [g.text for g in r] for r in results]
-        out[f"{self.output_column}_finished"] = [None if r is None else [g.finished for g in r] for r in results]
+                    prompt = check_messages(to_messages(raw))
+                except ValueError as e:  # malformed rows are known without running the model
+                    errors[i] = describe(e)
+            prompts.append(prompt)
+        todo = [i for i, p in enumerate(prompts) if p is not None]
+        results, row_errors = run_with_fallback(lambda idx: self.engine.generate([prompts[i] for i in idx],
+                                                                                 self.params),
+                                                todo, self.fatal_errors)
+        for i, e in row_errors.items():
+            errors[i] = e
+        out = passthrough(batch)
+        out[self.output_column] = [None if (r := results.get(i)) is None else [g.text for g in r]
+                                   for i in range(len(prompts))]
+        out[f"{self.output_column}_finished"] = [None if (r := results.get(i)) is None else [g.finished for g in r]
+                                                 for i in range(len(prompts))]
         out[ERROR_COLUMN] = errors
         return out
 
@@ -144,30 +140,94 @@ def generate_dataset(ds: ray.data.Dataset, *, engine_kind: str, model_path: str,
     )
 
 
-def _to_messages(raw: Any) -> Any:
+def is_missing(value: Any) -> bool:
+    """None, or the float NaN that Ray Data hands back for a column whose every value in a block was None."""
+    return value is None or (isinstance(value, float | np.floating) and np.isnan(value))
+
+
+def incoming_errors(batch: Mapping[str, Any]) -> list[str | None]:
+    """The `__error__` of every row so far (all None for a batch that has not been through a stage)."""
+    n = len(next(iter(batch.values()))) if batch else 0
+    return [None if is_missing(e) else str(e) for e in batch[ERROR_COLUMN]] if ERROR_COLUMN in batch else [None] * n
+
+
+def run_with_fallback(fn: Callable[[list[int]], list[Any]], todo: list[int],
+                      fatal_errors: tuple[type[BaseException], ...]) -> tuple[dict[int, Any], dict[int, str]]:
+    """`fn(todo)` for the whole batch; if it fails, row by row, so only the bad rows are lost.
+
+    Returns:
+        ({row index: result}, {row index: "Type: message"}); together they cover `todo`.
+
+    Raises:
+        Any of `fatal_errors` (plus MemoryError), outside a Ray actor: the engine itself is gone, every later
+        row would fail too. Inside a Ray actor the process exits instead (see `_engine_gone`).
+    """
+    fatal = FATAL_ERRORS + tuple(fatal_errors)
+    if not todo:
+        return {}, {}
+    try:
+        return dict(zip(todo, fn(todo), strict=True)), {}
+    except fatal as e:
+        _engine_gone(e)
+    except Exception as e:  # one bad row fails the whole call: retry row by row to find it
+        logger.warning("batch of %d failed (%s); retrying row by row", len(todo), describe(e))
+    results, errors = {}, {}
+    for i in todo:
+        try:
+            results[i] = fn([i])[0]
+        except fatal as e:
+            _engine_gone(e)
+        except Exception as row_error:
+            errors[i] = describe(row_error)
+    return results, errors
+
+
+def _engine_gone(e: BaseException) -> None:
+    """A dead engine: in a Ray Data actor, exit the process so Ray restarts the actor (a fresh engine) and
+    retries the batch there — re-raising would retry on this same broken actor forever (ray#60145). Elsewhere
+    re-raise."""
+    if ray.is_initialized() and ray.get_runtime_context().get_actor_id() is not None:
+        logger.error("engine is gone (%s): exiting so Ray restarts this actor", describe(e))
+        os._exit(1)
+    raise e
+
+
+def passthrough(batch: Mapping[str, Any]) -> dict[str, Any]:
+    """The batch's columns as a new dict, nested values as plain Python.
+
+    Nested columns arrive as object arrays of numpy arrays, which Ray cannot turn back into Arrow lists (it
+    would pickle them): they are handed back as plain Python so the schema survives the stage.
+    """
+    return {k: col if isinstance(col, np.ndarray) and col.dtype != object else [plain(v) for v in col]
+            for k, col in batch.items()}
+
+
+def to_messages(raw: Any) -> Any:
     """Plain Python messages from what Ray Data hands over (numpy object arrays of dicts).
 
     Arrow stores a column of message lists as list<struct>, so every message gets every key seen in the
     column; keys that are None only because another row had them are dropped (role and content are kept,
     so that a missing one is reported).
     """
-    raw = _plain(raw)
+    raw = plain(raw)
     if not isinstance(raw, list):
         return raw
     return [{k: v for k, v in m.items() if v is not None or k in ("role", "content")}
             if isinstance(m, Mapping) else m for m in raw]
 
 
-def _plain(value: Any) -> Any:
+def plain(value: Any) -> Any:
     """Numpy arrays, scalars and the dicts holding them, recursively as lists, Python scalars and dicts."""
     if isinstance(value, np.ndarray):
-        return value.tolist() if value.dtype != object else [_plain(v) for v in value]
+        return value.tolist() if value.dtype != object else [plain(v) for v in value]
     if isinstance(value, Mapping):
-        return {k: _plain(v) for k, v in value.items()}
+        return {k: plain(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [plain(v) for v in value]
     if isinstance(value, np.generic):
         return value.item()
     return value
 
 
-def _describe(e: BaseException) -> str:
+def describe(e: BaseException) -> str:
     return f"{type(e).__name__}: {e}"

@@ -1,0 +1,223 @@
+"""The synthesis pipeline: its pure parts (ranking, pool rule, stores, dedup, PII, query parsing), its stage
+UDFs driven with dict batches, and the whole job on a real client bundle over a local Ray cluster — with the
+client's private file gone, a rerun that adds nothing, and a stage actor killed mid-run."""
+
+from __future__ import annotations
+
+import json
+import threading
+import time
+
+import numpy as np
+import psutil
+import pytest
+
+from ksg_ray.config import KsgConfigError, load_config
+from ksg_ray.synth.config import SynthConfig
+from ksg_ray.synth.dedup import near_duplicates, similar_to_any
+from ksg_ray.synth.pii import PIIScrubber
+from ksg_ray.synth.prompts import parse_query, query_messages
+from ksg_ray.synth.reward_filter import average_ranks, best_rewrite, combined_ranks, keep_top, positive_negative
+from ksg_ray.synth.store import JsonlStore
+
+# --- pure parts ------------------------------------------------------------------------------------------
+
+
+def test_ranks_share_ties_and_combine_reward_with_perplexity():
+    assert average_ranks([0.1, 0.9, 0.9, 0.5], higher_is_better=True) == [4, 1.5, 1.5, 3]
+    # candidate 0: best reward, worst perplexity; candidate 2: second on both
+    rewards, logprobs = [3.0, 1.0, 2.0], [-4.0, -1.0, -2.0]
+    assert combined_ranks(rewards, logprobs, alpha=1.0) == [1, 3, 2]
+    assert combined_ranks(rewards, logprobs, alpha=0.0) == [3, 1, 2]
+    assert combined_ranks(rewards, logprobs, alpha=0.5) == [2, 2, 2]
+    assert positive_negative(rewards, logprobs, alpha=0.5) == (0, 1)  # tie on rank: higher reward first
+    assert positive_negative([1.0, 2.0], [None, -1.0], alpha=0.5) == (1, 0)  # no log-prob ranks last
+    with pytest.raises(ValueError, match="at least one"):
+        positive_negative([], [], 0.5)
+
+
+def test_keep_top_fraction_and_the_refinement_pool_rule():
+    rewards = {f"q{i}": float(i) for i in range(16)}
+    assert keep_top(rewards, 0.125) == ["q15", "q14"]
+    assert keep_top({"a": 1.0}, 0.125) == ["a"]  # never empty
+    assert best_rewrite([0.1, 0.7, 0.9], [True, True, False], pool_min=0.5) == 1  # unfinished never kept
+    assert best_rewrite([0.1, 0.4], [True, True], pool_min=0.5) is None
+
+
+def test_store_refuses_duplicates_and_survives_a_cut_line(tmp_path):
+    path = tmp_path / "s.jsonl"
+    with JsonlStore(path) as store:
+        assert store.append({"id": "a", "x": 1}) and store.append({"id": "b", "x": 2})
+        assert not store.append({"id": "a", "x": 3}) and store.refused == 1
+    with path.open("a") as f:
+        f.write('{"id": "c", "x"')  # the process died mid-line
+    store = JsonlStore(path)
+    assert set(store.rows) == {"a", "b"} and store.rows["a"]["x"] == 1
+    assert store.append({"id": "c", "x": 4})
+    store.close()
+    assert [json.loads(line)["id"] for line in path.read_text().splitlines()] == ["a", "b", "c"]
+    path.write_text('{"id": "a"}\nnot json\n')
+    with pytest.raises(ValueError, match=r"s\.jsonl:2: not valid JSON"):
+        JsonlStore(path)
+
+
+@pytest.mark.parametrize("method", ["tfidf", "rouge_l", "embedding"])
+def test_near_duplicates_keep_the_first_of_each_group(method):
+    texts = ["How do I lower my blood pressure without medicine?",
+             "how do i lower my blood pressure without medicine",  # exact after normalising
+             "How can I lower my blood pressure without any medicine?",
+             "What are the tax rules for a Roth IRA withdrawal?"]
+    dropped = near_duplicates(texts, method, threshold=0.6)
+    assert dropped[1] == 0 and dropped.get(2) == 0 and 3 not in dropped and 0 not in dropped
+
+
+def test_seed_similarity_flags_copies_only():
+    sims = similar_to_any(["What is the difference between a cold and the flu?", "How do bonds pay interest?"],
+                          ["What is the difference between a cold and the flu?"], "tfidf", 0.52)
+    assert sims[0] == pytest.approx(1.0) and sims[1] is None
+
+
+def test_pii_scrub_redacts_and_counts():
+    scrub = PIIScrubber(SynthConfig().dedup.pii_patterns)
+    text, n = scrub("Mail jane.doe@example.com or call 555-123-4567; SSN 123-45-6789. Dose 500 mg.")
+    assert n == 3 and "example.com" not in text and "[REDACTED:email]" in text and "500 mg" in text
+    assert scrub.counts == {"email": 1, "phone": 1, "ssn": 1, "credit_card": 0, "iban": 0}
+
+
+def test_query_parsing_keeps_the_question_and_rejects_markup_and_fragments():
+    assert parse_query('Question: "Is a fever of 38.5 dangerous for a child?"\n\nYes, if...', 3) == (
+        "Is a fever of 38.5 dangerous for a child?", None)
+    assert parse_query("Here's a new medical question: How does a doctor find a virus? I hope it helps.", 3) == (
+        "How does a doctor find a virus?", None)
+    assert parse_query('I think so. A question: "Are there risks of eating garlic?', 3)[0] == (
+        "Are there risks of eating garlic?")
+    assert parse_query("My knee hurts when I run, what should I do", 3) == (None, "not a question (no '?')")
+    assert parse_query("My knee hurts when I run, what should I do", 3, require_question=False)[1] is None
+    assert parse_query("Example question 3: copied?", 3) == (None, "copies prompt markup")
+    assert parse_query("assistant: hi there friend?", 3)[1] == "copies prompt markup"
+    assert parse_query("Why?", 3) == (None, "too short")
+    assert parse_query("  ", 1, require_question=False) == (None, "empty")
+
+
+def test_prompts_are_deterministic_and_use_only_public_seeds():
+    domain = SynthConfig().domain.model_copy(update={"seed_questions": ["Seed one here?", "Seed two here?",
+                                                                         "Seed three here?"]})
+    a, b = query_messages(domain, 4, 2, seed=0), query_messages(domain, 4, 2, seed=0)
+    assert a == b and sum(s in a[1]["content"] for s in domain.seed_questions) == 2
+    seedless = query_messages(domain.model_copy(update={"seed_questions": []}), 0, 2, seed=0)
+    assert "Example" not in seedless[1]["content"]
+
+
+def test_synth_config_has_no_place_for_private_data():
+    with pytest.raises(KsgConfigError, match="data"):
+        load_config(SynthConfig, overrides=["data.path=../shared/data/medical/train.jsonl"])
+    with pytest.raises(KsgConfigError, match="max_actors"):
+        load_config(SynthConfig, overrides=["engine.min_actors=2", "engine.max_actors=1"])
+
+
+# --- stage UDFs on dict batches (no cluster) ---------------------------------------------------------------
+
+
+def test_judge_udf_gives_a_probability_and_skips_rows_without_work(tiny_model_path):
+    from ksg_ray.synth.judge_stage import JudgeUDF
+    from ksg_ray.synth.prompts import judge_messages
+
+    udf = JudgeUDF("transformers", tiny_model_path, min_yes_probability=0.5)
+    domain = SynthConfig().domain
+    batch = {"judge_messages": np.array([judge_messages(domain, "Is it a cold?"), None,
+                                         judge_messages(domain, "Is it the flu?")], dtype=object),
+             "__error__": np.array([None, None, "RuntimeError: earlier stage"], dtype=object)}
+    out = udf(batch)
+    p = out["judge_yes_probability"]
+    assert 0 < p[0] < 1 and p[1] is None and p[2] is None
+    assert out["judge_pass"][0] == (p[0] >= 0.5) and out["__error__"][2] == "RuntimeError: earlier stage"
+
+
+# --- the whole job on a real client bundle ----------------------------------------------------------------
+
+TINY_SYNTH = ["professional.model=tiny-random", "queries.num_prompts=6", "queries.per_prompt=3",
+              "queries.max_new_tokens=12", "queries.min_words=1", "queries.require_finished=false",
+              "queries.require_question=false",
+              "professional.min_yes_probability=0.3", "answers.n=2", "answers.max_new_tokens=8",
+              "answers.require_finished=false", "scoring.keep_fraction=0.5", "refine.rounds=1", "refine.n=2",
+              "refine.critique_max_new_tokens=8", "refine.max_new_tokens=8", "engine.batch_size=2"]
+
+
+def _synth(bundle, out, *extra):
+    from ksg_ray.jobs import synthesize
+
+    return synthesize.main(TINY_SYNTH + [f"bundle={bundle}", f"run.output_dir={out}", *extra])
+
+
+@pytest.mark.e2e
+def test_synthesis_runs_from_the_bundle_alone_and_a_rerun_adds_nothing(client_bundle, tmp_path):
+    tmp, private, _ = client_bundle
+    private.rename(tmp / "moved-away.jsonl")  # the server never has the client's data
+    try:
+        summary = _synth(tmp / "bundle", tmp_path)
+    finally:
+        (tmp / "moved-away.jsonl").rename(private)
+    funnel = dict(summary["funnel"])
+    assert funnel["prompts"] == 6 and funnel["query samples generated"] == 18
+    counts = [c for name, c in summary["funnel"] if name != "PII redactions"]
+    assert counts[1:5] == sorted(counts[1:5], reverse=True)  # each filter only removes
+    assert summary["failed_rows"] == 0 and summary["duplicates_refused"] == 0
+    rejected = [json.loads(line) for line in (tmp_path / "rejected.jsonl").read_text().splitlines()]
+    assert funnel["unique well-formed queries"] + sum(1 for r in rejected if "sample" in r and "id" not in r) == 18
+    rows = [json.loads(line) for line in (tmp_path / "synthetic.jsonl").read_text().splitlines()]
+    assert len(rows) == funnel["written"] >= 1
+    assert {"instruction", "input", "output", "id", "round", "stage", "reward", "perplexity", "answer_model",
+            "generator_model", "reward_model"} <= set(rows[0])
+    assert len({r["id"] for r in rows}) == len(rows)
+    import pyarrow.parquet as pq
+
+    assert pq.read_table(tmp_path / "synthetic.parquet").num_rows == len(rows)
+    from ksg_ray.records import load_records
+
+    assert len(load_records(tmp_path / "synthetic.jsonl")) == len(rows)  # trainable as is
+    assert json.loads((tmp_path / "funnel.json").read_text())["funnel"] == [list(x) for x in summary["funnel"]]
+
+    stores = {p.name: p.read_text() for p in tmp_path.glob("*.jsonl") if p.name not in ("rejected.jsonl",)}
+    again = _synth(tmp / "bundle", tmp_path)
+    assert again["funnel"] == summary["funnel"] and again["duplicates_refused"] == 0
+    assert {p.name: p.read_text() for p in tmp_path.glob("*.jsonl") if p.name != "rejected.jsonl"} == stores
+
+
+def _kill_first(pattern: str, ready, stop: threading.Event, killed: list) -> None:
+    """SIGKILL the first Ray actor process whose command line holds `pattern`, once `ready()` holds."""
+    while not stop.is_set() and not killed:
+        if ready():
+            for proc in psutil.process_iter(["pid", "cmdline"]):
+                if pattern in " ".join(proc.info["cmdline"] or []):
+                    proc.kill()
+                    killed.append(proc.info["pid"])
+                    return
+        time.sleep(0.05)
+
+
+@pytest.mark.e2e
+def test_killing_a_stage_actor_mid_run_loses_and_duplicates_nothing(client_bundle, tmp_path):
+    tmp, _, _ = client_bundle
+    scored = tmp_path / "scored.jsonl"
+    stop, killed = threading.Event(), []
+    watcher = threading.Thread(target=_kill_first, args=("ScoreUDF", lambda: scored.exists() and
+                                                         scored.stat().st_size > 0, stop, killed), daemon=True)
+    watcher.start()
+    extra = ["queries.num_prompts=10", "refine.rounds=0"]
+    try:
+        summary = _synth(tmp / "bundle", tmp_path, *extra)
+    except Exception as e:  # Ray Data gave up on the stage: the rerun below must finish the job
+        summary = None
+        print(f"run died after the kill ({type(e).__name__}); resuming")
+    finally:
+        stop.set()
+        watcher.join()
+    assert killed, "the ScoreUDF actor was never seen running"
+    if summary is None or summary["failed_rows"]:
+        summary = _synth(tmp / "bundle", tmp_path, *extra)
+    raw = [json.loads(line)["prompt_id"] for line in (tmp_path / "queries_raw.jsonl").read_text().splitlines()]
+    assert sorted(raw) == [f"p{i:05d}" for i in range(10)]
+    queried = dict(summary["funnel"])["not copies of a seed (tfidf < 0.52)"]
+    answered = [json.loads(line)["id"] for line in scored.read_text().splitlines()]
+    assert len(answered) == len(set(answered)) == queried  # every query exactly once
+    assert summary["failed_rows"] == 0 and summary["duplicates_refused"] == 0
