@@ -135,7 +135,7 @@ def test_judge_udf_gives_a_probability_and_skips_rows_without_work(tiny_model_pa
 
 # --- the whole job on a real client bundle ----------------------------------------------------------------
 
-TINY_SYNTH = ["professional.model=tiny-random", "queries.num_prompts=6", "queries.per_prompt=3",
+TINY_SYNTH = ["professional.model=tiny-random", "queries.num_prompts=4", "queries.per_prompt=2",
               "queries.max_new_tokens=12", "queries.min_words=1", "queries.require_finished=false",
               "queries.require_question=false",
               "professional.min_yes_probability=0.3", "answers.n=2", "answers.max_new_tokens=8",
@@ -158,12 +158,12 @@ def test_synthesis_runs_from_the_bundle_alone_and_a_rerun_adds_nothing(client_bu
     finally:
         (tmp / "moved-away.jsonl").rename(private)
     funnel = dict(summary["funnel"])
-    assert funnel["prompts"] == 6 and funnel["query samples generated"] == 18
+    assert funnel["prompts"] == 4 and funnel["query samples generated"] == 8
     counts = [c for name, c in summary["funnel"] if name != "PII redactions"]
     assert counts[1:5] == sorted(counts[1:5], reverse=True)  # each filter only removes
     assert summary["failed_rows"] == 0 and summary["duplicates_refused"] == 0
     rejected = [json.loads(line) for line in (tmp_path / "rejected.jsonl").read_text().splitlines()]
-    assert funnel["unique well-formed queries"] + sum(1 for r in rejected if "sample" in r and "id" not in r) == 18
+    assert funnel["unique well-formed queries"] + sum(1 for r in rejected if "sample" in r and "id" not in r) == 8
     rows = [json.loads(line) for line in (tmp_path / "synthetic.jsonl").read_text().splitlines()]
     assert len(rows) == funnel["written"] >= 1
     assert {"instruction", "input", "output", "id", "round", "stage", "reward", "perplexity", "answer_model",
@@ -181,6 +181,8 @@ def test_synthesis_runs_from_the_bundle_alone_and_a_rerun_adds_nothing(client_bu
     again = _synth(tmp / "bundle", tmp_path)
     assert again["funnel"] == summary["funnel"] and again["duplicates_refused"] == 0
     assert {p.name: p.read_text() for p in tmp_path.glob("*.jsonl") if p.name != "rejected.jsonl"} == stores
+    with pytest.raises(ValueError, match=r"other settings \(answers changed\)"):
+        _synth(tmp / "bundle", tmp_path, "answers.n=3")
 
 
 def _kill_first(pattern: str, ready, stop: threading.Event, killed: list) -> None:

@@ -57,7 +57,8 @@ class QueriesSection(StrictModel):
     similarity_method: SimilarityMethod = Field("tfidf", description="similarity to the seeds (baseline filters)")
     max_seed_similarity: float = Field(
         0.52, gt=0, le=1, description="a query this similar to a seed is a copy, rejected (KnowledgeSG: TF-IDF 0.52)")
-    seed: int = Field(0, description="sampling seed (reruns regenerate nothing: finished work is kept)")
+    seed: int = Field(0, description="picks each prompt's seed questions (sampling itself is unseeded; reruns "
+                                     "regenerate nothing: finished work is kept)")
 
 
 class ProfessionalSection(StrictModel):

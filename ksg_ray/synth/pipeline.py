@@ -83,6 +83,7 @@ def run_synthesis(cfg: SynthConfig) -> dict[str, Any]:
     out = Path(cfg.run.output_dir)
     out.mkdir(parents=True, exist_ok=True)
     models = SynthModels.from_config(cfg)
+    _check_same_run(cfg, out)
     errors = JsonlStore(out / "errors.jsonl", key="error_id")
     started = time.perf_counter()
     funnel: list[tuple[str, int]] = []
@@ -122,6 +123,27 @@ def run_synthesis(cfg: SynthConfig) -> dict[str, Any]:
     return summary
 
 
+def _check_same_run(cfg: SynthConfig, out: Path) -> None:
+    """Refuse to resume stored work made under other settings: it would mix two experiments in one dataset.
+
+    The settings that shape stored model work are fingerprinted with the bundle's manifest; what only changes
+    the derived output (`dedup`, `run`, the engine), the number of refinement rounds and the rewriter (the
+    pipeline passes a new target each round) may change between runs.
+    """
+    settings = cfg.model_dump(mode="json", exclude={"run": True, "dedup": True, "engine": True, "bundle": True,
+                                                    "refine": {"rounds", "rewriter"}})
+    settings["bundle_manifest"] = hashlib.sha256((cfg.bundle / "manifest.json").read_bytes()).hexdigest()
+    path = out / "synth_run.json"
+    if path.exists():
+        stored = json.loads(path.read_text())
+        if stored != settings:
+            changed = sorted(k for k in settings.keys() | stored.keys() if settings.get(k) != stored.get(k))
+            raise ValueError(f"{out}: holds work made with other settings ({', '.join(changed)} changed); use a new "
+                             f"run.output_dir, or delete {out} to start over")
+    else:
+        path.write_text(json.dumps(settings, indent=2))
+
+
 # --- the streams -----------------------------------------------------------------------------------------
 
 def _run_queries(cfg: SynthConfig, models: SynthModels, out: Path, errors: JsonlStore) -> JsonlStore:
@@ -131,8 +153,9 @@ def _run_queries(cfg: SynthConfig, models: SynthModels, out: Path, errors: Jsonl
             for i in range(cfg.queries.num_prompts) if f"p{i:05d}" not in store]
     if todo:
         q = cfg.queries
+        # no fixed sampling seed: transformers would reseed every batch alike and repeat samples across batches
         sampling = SamplingParams(temperature=q.temperature, top_p=q.top_p, max_new_tokens=q.max_new_tokens,
-                                  n=q.per_prompt, seed=q.seed)
+                                  n=q.per_prompt)
         ds = _stage(ray.data.from_items(todo), GenerateUDF, cfg.engine, model=models.generator, sampling=sampling,
                     messages_column="messages", output_column="samples")
         _drain(ds, "queries", len(todo), cfg, store, errors, key="prompt_id",
@@ -154,12 +177,12 @@ def _run_answers(cfg: SynthConfig, models: SynthModels, out: Path, errors: Jsonl
                         min_yes_probability=cfg.professional.min_yes_probability)
             ds = ds.map_batches(_skip_rejected, num_cpus=LIGHT_TASK_CPUS)
         a = cfg.answers
-        sampling = SamplingParams(temperature=a.temperature, top_p=a.top_p, max_new_tokens=a.max_new_tokens, n=a.n,
-                                  seed=cfg.queries.seed)
+        sampling = SamplingParams(temperature=a.temperature, top_p=a.top_p, max_new_tokens=a.max_new_tokens, n=a.n)
         for source in a.sources:
             ds = _stage(ds, GenerateUDF, cfg.engine, model=getattr(models, source), sampling=sampling,
                         messages_column="answer_messages", output_column=f"answers_{source}")
-        ds = ds.map_batches(_merge_candidates, fn_kwargs=dict(sources=a.sources), num_cpus=LIGHT_TASK_CPUS)
+        ds = ds.map_batches(_merge_candidates, fn_kwargs=dict(sources=a.sources, require_finished=a.require_finished),
+                            num_cpus=LIGHT_TASK_CPUS)
         ds = _stage(ds, ScoreUDF, cfg.engine, bundle_dir=str(cfg.bundle), candidates_column="candidates",
                     prompt_column="answer_messages")
         keep = ("id", "query", "judge_yes_probability", "judge_pass", "candidates", "candidates_source",
@@ -190,10 +213,11 @@ def _run_refine_round(cfg: SynthConfig, models: SynthModels, out: Path, errors: 
         ds = ds.map_batches(_rewrite_prompts, fn_kwargs=dict(domain=cfg.domain.model_dump()),
                             num_cpus=LIGHT_TASK_CPUS)
         rewrite = SamplingParams(temperature=rf.temperature, top_p=rf.top_p, max_new_tokens=rf.max_new_tokens,
-                                 n=rf.n, seed=cfg.queries.seed + r)
+                                 n=rf.n)
         ds = _stage(ds, GenerateUDF, cfg.engine, model=models.rewriter, sampling=rewrite,
                     messages_column="rewrite_messages", output_column="answers_rewriter")
-        ds = ds.map_batches(_merge_candidates, fn_kwargs=dict(sources=["rewriter"]), num_cpus=LIGHT_TASK_CPUS)
+        ds = ds.map_batches(_merge_candidates, num_cpus=LIGHT_TASK_CPUS,
+                            fn_kwargs=dict(sources=["rewriter"], require_finished=cfg.answers.require_finished))
         ds = _stage(ds, ScoreUDF, cfg.engine, bundle_dir=str(cfg.bundle), candidates_column="candidates",
                     prompt_column="answer_messages")
         keep = ("id", "critique", "candidates", "candidates_finished", "candidates_reward", "candidates_logprob",
@@ -252,8 +276,9 @@ def _skip_rejected(batch: dict) -> dict:
     return out
 
 
-def _merge_candidates(batch: dict, sources: list[str]) -> dict:
-    """All sources' answers of a row as one candidate list (finished ones only; the rest are counted)."""
+def _merge_candidates(batch: dict, sources: list[str], require_finished: bool) -> dict:
+    """All sources' answers of a row as one candidate list; empty ones (and, if required, unfinished ones) are
+    left out and counted in `unfinished_dropped`."""
     out = passthrough(batch)
     n = len(next(iter(out.values())))
     texts, origins, finished, dropped = [[] for _ in range(n)], [[] for _ in range(n)], [[] for _ in range(n)], [0] * n
@@ -263,7 +288,7 @@ def _merge_candidates(batch: dict, sources: list[str]) -> dict:
             if is_missing(answers):  # skipped (judge said no) or failed (its error travels on)
                 continue
             for text, done in zip(answers, flags, strict=True):
-                if not done or not text.strip():
+                if not text.strip() or (require_finished and not done):
                     dropped[i] += 1
                     continue
                 texts[i].append(text)
@@ -342,10 +367,12 @@ def _candidates_by_query(cfg: SynthConfig, scored: dict[str, dict], queries: dic
 
 
 def _candidate_list(row: dict, round_: int) -> list[dict]:
-    sources = row.get("candidates_source") or ["rewriter"] * len(row["candidates"] or [])
-    return [{"text": t, "source": s, "reward": r, "logprob": lp, "round": round_}
-            for t, s, r, lp in zip(row["candidates"] or [], sources, row["candidates_reward"] or [],
-                                   row["candidates_logprob"] or [], strict=True)]
+    texts = row["candidates"] or []
+    sources = row.get("candidates_source") or ["rewriter"] * len(texts)
+    finished = row.get("candidates_finished") or [True] * len(texts)
+    return [{"text": t, "source": s, "finished": f, "reward": r, "logprob": lp, "round": round_}
+            for t, s, f, r, lp in zip(texts, sources, finished, row["candidates_reward"] or [],
+                                      row["candidates_logprob"] or [], strict=True)]
 
 
 def _reward_guided_filter(cfg: SynthConfig, candidates: dict[str, list[dict]], models: SynthModels,
@@ -371,7 +398,8 @@ def _update_pool(cfg: SynthConfig, r: int, refined: dict[str, dict], candidates:
             continue
         new = _candidate_list(refined[qid], round_=r)
         rewrites += len(new)
-        best = best_rewrite([c["reward"] for c in new], [True] * len(new), pool_min)
+        usable = [c["finished"] or not cfg.answers.require_finished for c in new]
+        best = best_rewrite([c["reward"] for c in new], usable, pool_min)
         if best is not None:
             pool.append(_pool_row(qid, new[best], r, "refine", models))
             kept += 1

@@ -49,7 +49,10 @@ class ScoreUDF:
     def __init__(self, bundle_dir: str, engine_kind: str, candidates_column: str = "candidates",
                  prompt_column: str = "answer_messages", engine_kwargs: dict | None = None,
                  reward_batch_size: int = 16) -> None:
-        self.reward_model, self.reward_tokenizer = load_reward(bundle_dir)
+        import torch
+
+        self.reward_model, self.reward_tokenizer = load_reward(bundle_dir,
+                                                               "cuda" if torch.cuda.is_available() else "cpu")
         self.engine = build_engine(engine_kind, component_base(bundle_dir, "generator"),
                                    str(Path(bundle_dir) / "generator"), **(engine_kwargs or {}))
         self.fatal_errors = tuple(getattr(self.engine, "fatal_errors", ()))
