@@ -11,7 +11,6 @@ This module runs on the client: it is the only place that sees private examples.
 
 from __future__ import annotations
 
-import contextlib
 import json
 import logging
 import math
@@ -29,6 +28,9 @@ import torch.distributed as dist
 
 from ksg_ray.privacy.accountant import Mechanism, epsilon_for
 from ksg_ray.privacy.dp_sgd import DPSGD, poisson_sample
+from ksg_ray.ray_train import deepspeed_initialize, run_torch_trainer
+from ksg_ray.ray_train import gathered_params as _full_params
+from ksg_ray.ray_train import to_device as _to_device
 
 logger = logging.getLogger(__name__)
 
@@ -98,19 +100,6 @@ def _max_over_ranks(value: int, world: int) -> int:
     return int(t)
 
 
-def _to_device(batch: dict[str, torch.Tensor], device: torch.device) -> dict[str, torch.Tensor]:
-    return {k: v.to(device) for k, v in batch.items()}
-
-
-def _full_params(engine, params: list[torch.nn.Parameter]):
-    """ZeRO-3 partitions even the trainable tensors: gather them where code reads them outside forward."""
-    if engine is not None and engine.zero_optimization_stage() == 3:
-        import deepspeed
-
-        return deepspeed.zero.GatheredParameters(params, modifier_rank=None)
-    return contextlib.nullcontext()
-
-
 def _deepspeed_config(spec: DPRunSpec, world_size: int) -> dict:
     return {
         "train_micro_batch_size_per_gpu": 1,  # batches are Poisson-sized; the engine only sees the surrogate
@@ -145,12 +134,7 @@ def dp_worker_loop(config: dict) -> None:
         optimizer = torch.optim.AdamW(dp.params, lr=spec.lr, weight_decay=spec.weight_decay)
     engine = None
     if spec.strategy == "deepspeed":
-        try:
-            import deepspeed
-        except ImportError as e:
-            raise ImportError("strategy=deepspeed needs the deepspeed extra: pip install 'ksg-ray[deepspeed]'") from e
-        engine, optimizer, _, _ = deepspeed.initialize(
-            model=dp.module, optimizer=optimizer, config=_deepspeed_config(spec, world))
+        engine, optimizer, _ = deepspeed_initialize(dp.module, optimizer, _deepspeed_config(spec, world))
 
     state: dict[str, Any] = {"step": 0, "losses": [], "sampling_seed": spec.sampling_seed}
     checkpoint = ray.train.get_checkpoint()
@@ -258,9 +242,6 @@ def fit_dp(task: DPTask, spec: DPRunSpec, *, num_workers: int, use_gpu: bool, cp
     beside it and a rerun with different numbers is refused: resuming under another σ or q would make the
     checkpoint's accountant history wrong.
     """
-    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
-    from ray.train.torch import TorchConfig, TorchTrainer
-
     storage = Path(os.path.abspath(output_dir))
     run_dir = storage / name
     run_dir.mkdir(parents=True, exist_ok=True)
@@ -278,17 +259,9 @@ def fit_dp(task: DPTask, spec: DPRunSpec, *, num_workers: int, use_gpu: bool, cp
     else:
         numbers_file.write_text(json.dumps(numbers, indent=2))
 
-    trainer = TorchTrainer(
-        dp_worker_loop,
-        train_loop_config={"task": task, "spec": spec},
-        scaling_config=ScalingConfig(num_workers=num_workers, use_gpu=use_gpu,
-                                     resources_per_worker={"CPU": cpus_per_worker}),
-        torch_config=TorchConfig(backend="nccl" if use_gpu else "gloo"),
-        run_config=RunConfig(name=name, storage_path=str(storage),
-                             failure_config=FailureConfig(max_failures=max_failures),
-                             checkpoint_config=CheckpointConfig(num_to_keep=2)),
-    )
-    result = trainer.fit()
+    result = run_torch_trainer(dp_worker_loop, {"task": task, "spec": spec}, num_workers=num_workers,
+                               use_gpu=use_gpu, cpus_per_worker=cpus_per_worker, storage=storage, name=name,
+                               max_failures=max_failures)
     if result.checkpoint is None:
         raise RuntimeError(f"DP training {name} finished without a checkpoint: {result.error}")
     return Path(result.checkpoint.path), dict(result.metrics or {})
