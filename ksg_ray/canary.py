@@ -47,13 +47,17 @@ MAX_CANARIES = len(FIRST_NAMES) * 26 * len(LAST_NAMES)  # distinct names (with a
 ID_ALPHABET = string.ascii_uppercase + string.digits
 
 
-def inject_canaries(records: list[Record], fraction: float, seed: int) -> tuple[list[Record], list[dict]]:
-    """Append a fake-PII sentence to `round(fraction * len(records))` records picked by `random.Random(seed)`.
+def inject_canaries(records: list[Record], fraction: float, seed: int,
+                    field: str = "input") -> tuple[list[Record], list[dict]]:
+    """Plant a fake-PII sentence in `round(fraction * len(records))` records picked by `random.Random(seed)`.
 
     Args:
         records: the records; not modified (a new list is returned).
         fraction: share of records that get a canary, in [0, 1].
         seed: the same seed and records give the same canaries.
+        field: "input" appends the canary to the question (what a patient would write; training puts no loss
+            on it, so only membership inference can see it); "output" starts the answer with it (the tokens a
+            model is trained to write: the worst case for extraction by generation).
 
     Returns:
         The records with canaries, and one secret per canary: `record_index`, `name`, `phone`, `record_id` and
@@ -64,6 +68,8 @@ def inject_canaries(records: list[Record], fraction: float, seed: int) -> tuple[
     """
     if not 0.0 <= fraction <= 1.0:  # also rejects NaN
         raise ValueError(f"fraction must be in [0, 1], got {fraction!r}")
+    if field not in ("input", "output"):
+        raise ValueError(f"field must be 'input' or 'output', got {field!r}")
     count = round(fraction * len(records))
     if count > MAX_CANARIES:
         raise ValueError(f"fraction={fraction} asks for {count} canaries; at most {MAX_CANARIES} are unique")
@@ -83,11 +89,14 @@ def inject_canaries(records: list[Record], fraction: float, seed: int) -> tuple[
         phone = unique(lambda: f"({rng.randint(201, 989)}) 555-01{rng.randint(0, 99):02d}")
         record_id = unique(lambda: "MRN-" + "".join(rng.choices(ID_ALPHABET, k=7)))
         prefix = records[i].input.rstrip()
-        prefix += " " if prefix else ""
         sentence = rng.choice(TEMPLATES).format(name=name, phone=phone, record_id=record_id)
-        out[i] = dataclasses.replace(records[i], input=prefix + sentence)
+        if field == "input":
+            prefix += " " if prefix else ""
+            out[i] = dataclasses.replace(records[i], input=prefix + sentence)
+        else:
+            out[i] = dataclasses.replace(records[i], output=f"{sentence} {records[i].output}")
         secrets.append({"record_index": i, "name": name, "phone": phone, "record_id": record_id,
-                        "prefix": prefix})
+                        "prefix": prefix, "field": field})
     return out, secrets
 
 
@@ -113,6 +122,8 @@ def add_canary_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--fraction", type=float, default=0.01, help="share of records with a canary (0..1)")
     parser.add_argument("--seed", type=int, default=0, help="random seed: same seed, same canaries")
     parser.add_argument("--secrets", required=True, help="JSON file for the planted secrets (the audit key)")
+    parser.add_argument("--field", choices=["input", "output"], default="input",
+                        help="plant in the question (input) or at the start of the answer (output)")
 
 
 def run_canary(args: argparse.Namespace) -> int:
@@ -120,7 +131,8 @@ def run_canary(args: argparse.Namespace) -> int:
     out, secrets_path = Path(args.output), Path(args.secrets)
     if out.resolve() in (secrets_path.resolve(), Path(args.input).resolve()):
         raise ValueError(f"output {out} must differ from the input and from --secrets: refusing to overwrite")
-    records, secrets = inject_canaries(load_records(args.input), args.fraction, args.seed)
+    records, secrets = inject_canaries(load_records(args.input), args.fraction, args.seed,
+                                       getattr(args, "field", "input"))
     write_jsonl(records, out)
     write_secrets(secrets, secrets_path)
     logger.info("planted %d canaries in %d records -> %s (secrets: %s)", len(secrets), len(records), out,

@@ -122,12 +122,9 @@ def _same_base(where: str, base: str, model_name: str) -> None:
 def engine_paths(path: str | Path) -> tuple[str, str | None]:
     """(model_path, adapter_path) for `ksg_ray.engines.build_engine`: the resolved public base + the adapter
     folder, or the merged folder alone."""
-    from ksg_ray.models import resolve_model
+    from ksg_ray.models import model_dir_engine_args
 
-    ref = read_model_dir(path)
-    if ref.format == "adapter":
-        return resolve_model(ref.base_model), str(ref.path)
-    return str(ref.path), None
+    return model_dir_engine_args(read_model_dir(path).path)  # checked first: a half-written folder fails here
 
 
 def export_model_dir(weights: Path, out: Path, *, fmt: str, base_model: str, tokenizer_path: str,

@@ -9,14 +9,21 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ.setdefault("TORCH_EXTENSIONS_DIR", os.path.expanduser("~/.cache/ksg-ray/torch_extensions"))
 
 
-@pytest.fixture(scope="session")
-def ray_cluster():
-    """One local Ray for the whole session (2 CPUs: the CI machine)."""
+def init_local_ray() -> None:
+    """Start the tests' local Ray (2 CPUs: the CI machine)."""
     import ray
 
     ray.init(num_cpus=2, include_dashboard=False, log_to_driver=True,
              runtime_env={"env_vars": {"RAY_AUTH_MODE": "disabled", "HF_HUB_OFFLINE": "1",
                                        "TORCH_EXTENSIONS_DIR": os.environ["TORCH_EXTENSIONS_DIR"]}})
+
+
+@pytest.fixture(scope="session")
+def ray_cluster():
+    """One local Ray for the whole session."""
+    import ray
+
+    init_local_ray()
     yield ray
     ray.shutdown()
 

@@ -33,6 +33,7 @@ from ksg_ray.bundle import verify_bundle
 from ksg_ray.bundle_models import component_base
 from ksg_ray.engines import SamplingParams
 from ksg_ray.models import model_dir_engine_args, resolve_model
+from ksg_ray.run_layout import write_json_atomic, write_jsonl_atomic
 from ksg_ray.synth import prompts
 from ksg_ray.synth.config import DomainSection, EngineSection, SynthConfig
 from ksg_ray.synth.dedup import near_duplicates, normalise, similar_to_any
@@ -41,7 +42,7 @@ from ksg_ray.synth.judge_stage import JudgeUDF
 from ksg_ray.synth.pii import PIIScrubber
 from ksg_ray.synth.reward_filter import best_rewrite, keep_top, positive_negative
 from ksg_ray.synth.score_stage import ScoreUDF
-from ksg_ray.synth.store import JsonlStore, write_jsonl_atomic
+from ksg_ray.synth.store import JsonlStore
 
 __all__ = ["SynthModels", "run_synthesis"]
 
@@ -117,7 +118,7 @@ def run_synthesis(cfg: SynthConfig) -> dict[str, Any]:
     }
     for store in [*stores.values(), errors]:
         store.close()
-    (out / "funnel.json").write_text(json.dumps(summary, indent=2))
+    write_json_atomic(out / "funnel.json", summary)  # the layout `ksg report` reads (ksg_ray.run_layout)
     if failed:
         logger.warning("%d rows failed (see %s); a rerun retries them", len(failed), out / "errors.jsonl")
     return summary

@@ -12,11 +12,10 @@ from __future__ import annotations
 import json
 import logging
 import os
-from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
-__all__ = ["JsonlStore", "write_jsonl_atomic"]
+__all__ = ["JsonlStore"]
 
 logger = logging.getLogger(__name__)
 
@@ -88,16 +87,3 @@ class JsonlStore:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
-
-
-def write_jsonl_atomic(path: str | Path, rows: Iterable[dict[str, Any]]) -> int:
-    """Write a derived file whole (temp file + rename): readers never see half of it. Returns the row count."""
-    path = Path(path)
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    n = 0
-    with tmp.open("w", encoding="utf-8") as f:
-        for row in rows:
-            f.write(json.dumps(row, ensure_ascii=False) + "\n")
-            n += 1
-    tmp.replace(path)
-    return n

@@ -1,0 +1,187 @@
+"""Every stage in order: DP generator, DP reward, synthesis + fine-tune rounds, evaluation, report, serve.
+
+    ksg pipeline configs/pipeline.yaml [key=value ...]
+    ray job submit --working-dir . -- python jobs/pipeline.py --config configs/pipeline.yaml
+
+Each stage is the same recipe as its own command, called with the paths that connect it to the others; a
+stage whose verified output exists is skipped, so a rerun after a failure picks up where it stopped. The
+private records are passed to the two client stages only (`run_dir/client/` plays the client's machine);
+every server stage gets the bundle and public inputs. Wall time per stage is printed at the end.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+from ksg_ray.config import job_config
+from ksg_ray.pipeline_config import PipelineConfig, StageSection
+
+logger = logging.getLogger("ksg.pipeline")
+
+
+def _args(stage: StageSection, *wiring: str) -> list[str]:
+    """The stage's own config and overrides, then the pipeline's wiring (which wins)."""
+    return (["--config", str(stage.config)] if stage.config else []) + list(stage.overrides) + list(wiring)
+
+
+def split_client_data(cfg: PipelineConfig, client: Path) -> tuple[Path, Path]:
+    """CLIENT SIDE — training records (with canaries if asked) and the held-out split, as files in `client/`."""
+    from ksg_ray.canary import inject_canaries, write_secrets
+    from ksg_ray.records import DataError, load_records, write_jsonl
+
+    records = load_records(cfg.data)
+    if len(records) <= cfg.held_out:
+        raise DataError(f"{cfg.data}: {len(records)} records, but held_out={cfg.held_out}: nothing left to train on")
+    train, held_out = records[:-cfg.held_out], records[-cfg.held_out:]
+    if cfg.canaries.fraction > 0:
+        train, secrets = inject_canaries(train, cfg.canaries.fraction, cfg.canaries.seed, cfg.canaries.field)
+        write_secrets(secrets, client / "secrets.json")
+    client.mkdir(parents=True, exist_ok=True)
+    write_jsonl(train, client / "private.jsonl")
+    write_jsonl(held_out, client / "held_out.jsonl")
+    return client / "private.jsonl", client / "held_out.jsonl"
+
+
+def _has_component(bundle: Path, name: str) -> bool:
+    from ksg_ray.bundle import BundleError, verify_bundle
+
+    try:
+        return name in verify_bundle(bundle)["components"]
+    except BundleError:
+        return False
+
+
+def main(argv: list[str] | None = None) -> dict:
+    cfg = job_config(PipelineConfig, argv, __doc__.split("\n")[0])
+
+    import ray
+
+    from ksg_ray.jobs import dp_finetune, dp_reward, evaluate, finetune, synthesize
+
+    if not ray.is_initialized():
+        ray.init()  # joins the cluster under `ray job submit`, else starts a local one
+    run = cfg.run_dir.resolve()  # absolute: Ray workers do not run in this directory
+    client = run / "client"
+    bundle, synth_dir = run / "bundle", run / "synth"
+    times: dict[str, float | str] = {}
+
+    def stage(name: str, fn: Callable[..., object], *args: object, done: bool = False) -> None:
+        if done:
+            times[name] = "skipped (output exists)"
+            print(f"[pipeline] {name}: skipped, its output exists", flush=True)
+            return
+        print(f"[pipeline] {name} ...", flush=True)
+        started = time.perf_counter()
+        fn(*args)
+        times[name] = round(time.perf_counter() - started, 1)
+        print(f"[pipeline] {name}: {times[name]} s", flush=True)
+
+    private, held_out = split_client_data(cfg, client)
+    client_wiring = [f"data.path={private}", f"run.output_dir={client / 'dp'}"]
+    if "dp_train" in cfg.stages:
+        stage("dp_train", dp_finetune.main, _args(cfg.dp_train, *client_wiring, f"run.bundle_dir={bundle}"),
+              done=_has_component(bundle, "generator"))
+    if "dp_reward" in cfg.stages:
+        reward_wiring = [*client_wiring, f"candidates.generator_bundle={bundle}"]
+        stage("dp_reward", dp_reward.main, _args(cfg.dp_reward, *reward_wiring), done=_has_component(bundle, "reward"))
+
+    model_dir = None
+    for r in range(cfg.rounds + 1):  # round 0: reward-guided filtering; r >= 1: refinement with the target
+        rewriter = [f"refine.rewriter={model_dir}"] if model_dir else []
+        if "synthesize" in cfg.stages:
+            stage(f"synthesize round {r}", synthesize.main, _args(
+                cfg.synthesize, f"bundle={bundle}", f"run.output_dir={synth_dir}", f"refine.rounds={r}", *rewriter))
+        if "finetune" in cfg.stages:
+            out = run / "finetune" / f"round{r}"
+            init = [f"init.from={model_dir}"] if model_dir else []
+            if model_dir and cfg.refine_epochs:
+                init.append(f"train.epochs={cfg.refine_epochs}")
+            stage(f"finetune round {r}", finetune.main, _args(
+                cfg.finetune, f"data.path={synth_dir / 'synthetic.jsonl'}", f"data.max_round={r}",
+                f"run.output_dir={run / 'finetune'}", f"run.name=round{r}", *init),  # dev: the config's (public) split
+                done=(out / "model" / "model_ref.json").is_file())  # written last, by the export
+            model_dir = out / "model"
+
+    if "evaluate" in cfg.stages:
+        for method in cfg.baselines:
+            model = _method_model(cfg, method, client, bundle, model_dir, private, stage)
+            audit = [f"audit.secrets={client / 'secrets.json'}", f"audit.canary_records={private}"] \
+                if cfg.canaries.fraction > 0 else [f"audit.members={private}"]
+            synthetic = [f"audit.synthetic={synth_dir / 'synthetic.jsonl'}"] if method == "pipeline" else []
+            stage(f"evaluate {method}", evaluate.main, _args(
+                cfg.evaluate, *model, f"data.path={held_out}", f"audit.nonmembers={held_out}", f"audit.bundle={bundle}",
+                f"run.dir={run}", f"run.method={method}", *audit, *synthetic),
+                done=(run / "eval" / f"{method}.json").is_file())
+    if "report" in cfg.stages:
+        from ksg_ray.report import build_report
+
+        stage("report", build_report, run)
+    if "serve" in cfg.stages or cfg.serve.enabled:
+        if model_dir is None:
+            raise ValueError("serve needs the finetune stage's model (add finetune to `stages`)")
+        stage("serve", deploy, model_dir, cfg.serve.host, cfg.serve.port)
+
+    summary = {"run_dir": str(run), "stage_seconds": times, "model_dir": str(model_dir) if model_dir else None}
+    (run / "pipeline_summary.json").write_text(json.dumps(summary, indent=2))
+    width = max(len(k) for k in times) if times else 0
+    print("\npipeline stage wall times")
+    for name, t in times.items():
+        print(f"  {name:<{width}}  {t if isinstance(t, str) else f'{t:8.1f} s'}")
+    total = sum(t for t in times.values() if not isinstance(t, str))
+    print(f"  {'total':<{width}}  {total:8.1f} s\n")
+    return summary
+
+
+def deploy(model_dir: Path, host: str, port: int, model_id: str = "ksg-distilled") -> str:
+    """Deploy the distilled model on Ray Serve (OpenAI-compatible) and leave it running; returns the base URL."""
+    from ray import serve
+
+    from ksg_ray.serve.app import build_app
+    from ksg_ray.serve.config import parse_app_config
+
+    app_config = parse_app_config({"models": {model_id: str(Path(model_dir).resolve())}})
+    app_config.check_model_dirs()
+    serve.start(http_options={"host": host, "port": port})
+    serve.run(build_app(app_config), name="ksg", route_prefix="/", blocking=False)
+    url = f"http://{host}:{port}/v1"
+    print(f"[pipeline] serving {model_id!r} at {url} (OpenAI-compatible)", flush=True)
+    return url
+
+
+def _method_model(cfg: PipelineConfig, method: str, client: Path, bundle: Path, model_dir: Path | None,
+                  private: Path, stage: Callable) -> list[str]:
+    """Overrides that select the model of one evaluated method (training the non-private baseline if needed)."""
+    from ksg_ray.config import load_config
+    from ksg_ray.finetune_config import FinetuneConfig
+
+    if method == "base":  # the distilled model's own starting point
+        base = load_config(FinetuneConfig, cfg.finetune.config, list(cfg.finetune.overrides)).model.name
+        return [f"model.name={base}", "run.epsilon=0"]  # never trained on the private records
+    if method == "dp_finetune":
+        return [f"model.bundle={bundle}"]
+    if method == "non_private":  # the same DP code at ε = inf, in its own ledger: it must not touch the real ε
+        from ksg_ray.jobs import dp_finetune
+
+        nonprivate = client / "non_private"
+        stage("non-private fine-tune (baseline)", dp_finetune.main, _args(
+            cfg.dp_train, f"data.path={private}", f"run.output_dir={nonprivate}",
+            f"run.bundle_dir={nonprivate / 'bundle'}", "privacy.target_epsilon=inf"),
+            done=_has_component(nonprivate / "bundle", "generator"))
+        return [f"model.bundle={nonprivate / 'bundle'}", "run.epsilon=inf"]
+    if model_dir is None:
+        raise ValueError("baseline 'pipeline' needs the finetune stage (add it to `stages`)")
+    from ksg_ray.bundle import read_privacy
+    from ksg_ray.run_layout import encode_epsilon
+
+    # trained only on DP outputs: its ε is the bundle's composed ε (post-processing)
+    return [f"model.name={model_dir}", f"run.epsilon={encode_epsilon(read_privacy(bundle)['epsilon'])}"]
+
+
+if __name__ == "__main__":
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
+    main(sys.argv[1:])
