@@ -10,6 +10,12 @@ import sys
 STAGES = {
     "dp-train": ("ksg_ray.jobs.dp_finetune", "client", "DP LoRA fine-tuning of the generator; writes the bundle"),
     "dp-reward": ("ksg_ray.jobs.dp_reward", "client", "DP reward model on the same records; joins the bundle"),
+    "finetune": ("ksg_ray.jobs.finetune", "server", "fine-tune the target on the synthetic data; exports the model"),
+    "synthesize": ("ksg_ray.jobs.synthesize", "server", "bundle -> synthetic dataset on Ray Data (filter, distil, "
+                   "reward filtering, refinement)"),
+    "pipeline": ("ksg_ray.jobs.pipeline", "both", "every stage in order (client stages, synthesis, fine-tune, eval, "
+                 "report, serve); skips finished ones"),
+    "eval": ("ksg_ray.jobs.evaluate", "auditor", "utility metrics + privacy audit of one model -> RUN/eval/M.json"),
 }
 
 
@@ -26,6 +32,12 @@ def main(argv: list[str] | None = None) -> int:
 
     add_bundle_args(sub)
     add_canary_args(sub.add_parser("canary", help="[client] inject fake-PII canaries into records for audits"))
+    from ksg_ray.report import add_report_args
+
+    add_report_args(sub.add_parser("report", help="Markdown report + plots from a run directory (eval/, synth/)"))
+    from ksg_ray.serve.launch import add_serve_args
+
+    add_serve_args(sub.add_parser("serve", help="[server] OpenAI-compatible API of a model dir on Ray Serve"))
     p = sub.add_parser("models", help="provision an embedded model into the cache and print its directory")
     p.add_argument("name", nargs="?", default="smollm2-135m")
 
@@ -44,6 +56,14 @@ def main(argv: list[str] | None = None) -> int:
         from ksg_ray.canary import run_canary
 
         return run_canary(args) or 0
+    if args.command == "report":
+        from ksg_ray.report import run_report
+
+        return run_report(args)
+    if args.command == "serve":
+        from ksg_ray.serve.launch import run_serve
+
+        return run_serve(args)
     if args.command == "models":
         from ksg_ray.models import resolve_model
 

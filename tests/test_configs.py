@@ -9,9 +9,14 @@ import pytest
 
 from ksg_ray.config import KsgConfigError, apply_overrides, load_config, parse_override
 from ksg_ray.dp_config import DPFinetuneConfig, DPRewardConfig
+from ksg_ray.eval_config import EvalConfig
+from ksg_ray.finetune_config import FinetuneConfig
+from ksg_ray.pipeline_config import PipelineConfig
+from ksg_ray.synth.config import SynthConfig
 
 ROOT = Path(__file__).resolve().parents[1]
-SCHEMAS = {"dp_finetune": DPFinetuneConfig, "dp_reward": DPRewardConfig}
+SCHEMAS = {"dp_finetune": DPFinetuneConfig, "dp_reward": DPRewardConfig, "synthesize": SynthConfig,
+           "pipeline": PipelineConfig, "finetune": FinetuneConfig, "evaluate": EvalConfig}
 
 
 @pytest.mark.parametrize("path", sorted((ROOT / "configs").glob("*.yaml")), ids=lambda p: p.name)
