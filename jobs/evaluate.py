@@ -57,6 +57,8 @@ def audit_inputs(cfg: EvalConfig, layout: RunLayout, heldout: str) -> dict[str, 
         raise ValueError(f"{len(both)} record(s) are both members ({members_src}) and non-members "
                          f"({a.nonmembers or heldout}): membership inference needs disjoint sets")
     synthetic = a.synthetic or (layout.synthetic if layout.synthetic.is_file() else None)
+    if not a.scan_synthetic:
+        synthetic = None
     bundle = a.bundle or cfg.model.bundle or (layout.bundle_dir if layout.privacy.is_file() else None)
     return {"secrets": secrets, "canary_records": canary_records, "members": members, "nonmembers": nonmembers,
             "members_source": members_src, "synthetic": synthetic, "bundle": bundle}

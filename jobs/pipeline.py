@@ -13,13 +13,14 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
 
 from ksg_ray.config import job_config
-from ksg_ray.pipeline_config import PipelineConfig, StageSection
+from ksg_ray.pipeline_config import SYNTH_VARIANTS, PipelineConfig, StageSection
 
 logger = logging.getLogger("ksg.pipeline")
 
@@ -70,14 +71,14 @@ def main(argv: list[str] | None = None) -> dict:
     bundle, synth_dir = run / "bundle", run / "synth"
     times: dict[str, float | str] = {}
 
-    def stage(name: str, fn: Callable[..., object], *args: object, done: bool = False) -> None:
+    def stage(name: str, fn: Callable[..., object], *args: object, done: bool = False, **kwargs: object) -> None:
         if done:
             times[name] = "skipped (output exists)"
             print(f"[pipeline] {name}: skipped, its output exists", flush=True)
             return
         print(f"[pipeline] {name} ...", flush=True)
         started = time.perf_counter()
-        fn(*args)
+        fn(*args, **kwargs)
         times[name] = round(time.perf_counter() - started, 1)
         print(f"[pipeline] {name}: {times[name]} s", flush=True)
 
@@ -90,37 +91,54 @@ def main(argv: list[str] | None = None) -> dict:
         reward_wiring = [*client_wiring, f"candidates.generator_bundle={bundle}"]
         stage("dp_reward", dp_reward.main, _args(cfg.dp_reward, *reward_wiring), done=_has_component(bundle, "reward"))
 
-    model_dir = None
-    for r in range(cfg.rounds + 1):  # round 0: reward-guided filtering; r >= 1: refinement with the target
-        rewriter = [f"refine.rewriter={model_dir}"] if model_dir else []
-        if "synthesize" in cfg.stages:
-            stage(f"synthesize round {r}", synthesize.main, _args(
-                cfg.synthesize, f"bundle={bundle}", f"run.output_dir={synth_dir}", f"refine.rounds={r}", *rewriter))
-        if "finetune" in cfg.stages:
-            out = run / "finetune" / f"round{r}"
-            init = [f"init.from={model_dir}"] if model_dir else []
-            if model_dir and cfg.refine_epochs:
-                init.append(f"train.epochs={cfg.refine_epochs}")
-            stage(f"finetune round {r}", finetune.main, _args(
-                cfg.finetune, f"data.path={synth_dir / 'synthetic.jsonl'}", f"data.max_round={r}",
-                f"run.output_dir={run / 'finetune'}", f"run.name=round{r}", *init),  # dev: the config's (public) split
-                done=(out / "model" / "model_ref.json").is_file())  # written last, by the export
-            model_dir = out / "model"
+    def distill(synth_dir: Path, finetune_dir: Path, rounds: int, variant: list[str], label: str = "") -> Path | None:
+        """Synthesis + fine-tune rounds; round 0: reward-guided filtering, r >= 1: refinement with the target."""
+        model_dir = None
+        for r in range(rounds + 1):
+            rewriter = [f"refine.rewriter={model_dir}"] if model_dir else []
+            if "synthesize" in cfg.stages:
+                stage(f"synthesize{label} round {r}", synthesize.main, _args(
+                    cfg.synthesize, *variant, f"bundle={bundle}", f"run.output_dir={synth_dir}", f"refine.rounds={r}",
+                    *rewriter))
+            if "finetune" in cfg.stages:
+                out = finetune_dir / f"round{r}"
+                init = [f"init.from={model_dir}"] if model_dir else []
+                if model_dir and cfg.refine_epochs:
+                    init.append(f"train.epochs={cfg.refine_epochs}")
+                stage(f"finetune{label} round {r}", finetune.main, _args(
+                    cfg.finetune, f"data.path={synth_dir / 'synthetic.jsonl'}", f"data.max_round={r}",
+                    f"run.output_dir={finetune_dir}", f"run.name=round{r}", *init),  # dev: the config's public split
+                    done=(out / "model" / "model_ref.json").is_file())  # written last, by the export
+                model_dir = out / "model"
+        return model_dir
+
+    model_dir = distill(synth_dir, run / "finetune", cfg.rounds, [])
+    models: dict[str, Path | None] = {"pipeline": model_dir}
+    for name in (b for b in cfg.baselines if b in SYNTH_VARIANTS):  # the papers' synthesis baselines
+        variant = SYNTH_VARIANTS[name]
+        rounds = cfg.rounds if name == "rewardds" else 0  # the others have no refinement
+        models[name] = distill(run / "variants" / name / "synth", run / "variants" / name / "finetune", rounds,
+                               variant, label=f" [{name}]")
 
     if "evaluate" in cfg.stages:
-        for method in cfg.baselines:
-            model = _method_model(cfg, method, client, bundle, model_dir, private, stage)
+        methods = [(m, None) for m in cfg.baselines] + [(f"dp_finetune@{e:g}", e) for e in cfg.epsilon_grid]
+        for method, grid_epsilon in methods:
+            model = _method_model(cfg, method, client, bundle, models, private, stage, grid_epsilon)
             audit = [f"audit.secrets={client / 'secrets.json'}", f"audit.canary_records={private}"] \
                 if cfg.canaries.fraction > 0 else [f"audit.members={private}"]
-            synthetic = [f"audit.synthetic={synth_dir / 'synthetic.jsonl'}"] if method == "pipeline" else []
+            if method in SYNTH_VARIANTS or method == "pipeline":  # trained on a synthetic set: scan it too
+                variant_dir = synth_dir if method == "pipeline" else run / "variants" / method / "synth"
+                synthetic = [f"audit.synthetic={variant_dir / 'synthetic.jsonl'}", f"audit.bundle={bundle}"]
+            else:  # the privacy report is the model's own bundle's (base: the run's, for reference)
+                synthetic = ["audit.scan_synthetic=false"]
             stage(f"evaluate {method}", evaluate.main, _args(
-                cfg.evaluate, *model, f"data.path={held_out}", f"audit.nonmembers={held_out}", f"audit.bundle={bundle}",
+                cfg.evaluate, *model, f"data.path={held_out}", f"audit.nonmembers={held_out}",
                 f"run.dir={run}", f"run.method={method}", *audit, *synthetic),
                 done=(run / "eval" / f"{method}.json").is_file())
     if "report" in cfg.stages:
         from ksg_ray.report import build_report
 
-        stage("report", build_report, run)
+        stage("report", build_report, run, epsilon_grid=_report_grid(cfg, bundle))
     if "serve" in cfg.stages or cfg.serve.enabled:
         if model_dir is None:
             raise ValueError("serve needs the finetune stage's model (add finetune to `stages`)")
@@ -153,33 +171,45 @@ def deploy(model_dir: Path, host: str, port: int, model_id: str = "ksg-distilled
     return url
 
 
-def _method_model(cfg: PipelineConfig, method: str, client: Path, bundle: Path, model_dir: Path | None,
-                  private: Path, stage: Callable) -> list[str]:
-    """Overrides that select the model of one evaluated method (training the non-private baseline if needed)."""
+def _method_model(cfg: PipelineConfig, method: str, client: Path, bundle: Path, models: dict[str, Path | None],
+                  private: Path, stage: Callable, grid_epsilon: float | None = None) -> list[str]:
+    """Overrides that select the model of one evaluated method (training a client-side baseline if needed)."""
+    from ksg_ray.bundle import read_privacy
     from ksg_ray.config import load_config
     from ksg_ray.finetune_config import FinetuneConfig
+    from ksg_ray.run_layout import encode_epsilon
 
     if method == "base":  # the distilled model's own starting point
         base = load_config(FinetuneConfig, cfg.finetune.config, list(cfg.finetune.overrides)).model.name
         return [f"model.name={base}", "run.epsilon=0"]  # never trained on the private records
     if method == "dp_finetune":
-        return [f"model.bundle={bundle}"]
-    if method == "non_private":  # the same DP code at ε = inf, in its own ledger: it must not touch the real ε
+        return [f"model.bundle={bundle}", "run.family=dp_finetune"]
+    if method == "non_private" or grid_epsilon is not None:
+        # CLIENT SIDE: the same DP code at another ε (inf = non-private), in its own ledger and bundle: it must
+        # not touch the real run's ε. Grid points join dp_finetune's line in the privacy-utility plot.
         from ksg_ray.jobs import dp_finetune
 
-        nonprivate = client / "non_private"
-        stage("non-private fine-tune (baseline)", dp_finetune.main, _args(
-            cfg.dp_train, f"data.path={private}", f"run.output_dir={nonprivate}",
-            f"run.bundle_dir={nonprivate / 'bundle'}", "privacy.target_epsilon=inf"),
-            done=_has_component(nonprivate / "bundle", "generator"))
-        return [f"model.bundle={nonprivate / 'bundle'}", "run.epsilon=inf"]
-    if model_dir is None:
-        raise ValueError("baseline 'pipeline' needs the finetune stage (add it to `stages`)")
-    from ksg_ray.bundle import read_privacy
-    from ksg_ray.run_layout import encode_epsilon
-
+        epsilon = math.inf if grid_epsilon is None else grid_epsilon
+        out = client / ("non_private" if grid_epsilon is None else f"dp_eps{grid_epsilon:g}")
+        stage(f"{method} fine-tune (baseline)", dp_finetune.main, _args(
+            cfg.dp_train, f"data.path={private}", f"run.output_dir={out}", f"run.bundle_dir={out / 'bundle'}",
+            f"privacy.target_epsilon={encode_epsilon(epsilon)}"),
+            done=_has_component(out / "bundle", "generator"))
+        family = [] if grid_epsilon is None else ["run.family=dp_finetune"]
+        return [f"model.bundle={out / 'bundle'}", f"run.epsilon={encode_epsilon(epsilon)}", *family]
+    if models.get(method) is None:
+        raise ValueError(f"baseline {method!r} needs the synthesize and finetune stages (add them to `stages`)")
     # trained only on DP outputs: its ε is the bundle's composed ε (post-processing)
-    return [f"model.name={model_dir}", f"run.epsilon={encode_epsilon(read_privacy(bundle)['epsilon'])}"]
+    return [f"model.name={models[method]}", f"run.epsilon={encode_epsilon(read_privacy(bundle)['epsilon'])}"]
+
+
+def _report_grid(cfg: PipelineConfig, bundle: Path) -> list[float] | None:
+    """The report's ε axis: the configured grid plus every ε the run has (None without a grid: every ε found)."""
+    if not cfg.epsilon_grid:
+        return None
+    from ksg_ray.bundle import read_privacy
+
+    return sorted({*cfg.epsilon_grid, read_privacy(bundle)["epsilon"], 0.0, math.inf})
 
 
 if __name__ == "__main__":

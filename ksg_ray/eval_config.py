@@ -60,6 +60,8 @@ class AuditSection(StrictModel):
                                                          "the targeted prompts are cut from them")
     synthetic: Path | None = Field(None, description="synthetic dataset to search for secrets (None = "
                                                      "<run.dir>/synth/synthetic.jsonl when it exists)")
+    scan_synthetic: bool = Field(True, description="search a synthetic dataset for secrets; false for a method not "
+                                                   "trained on one (its canary rate (synthetic) is then null)")
     members: str | None = Field(None, description="records the model was trained on, for membership inference "
                                                   "(None = canary_records)")
     nonmembers: str | None = Field(None, description="records it never saw, same distribution (None = the "

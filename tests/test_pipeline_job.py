@@ -90,3 +90,67 @@ def test_pipeline_submitted_as_a_ray_job_serves_a_model_the_openai_client_can_as
     reply = client.chat.completions.create(model="ksg-distilled", max_tokens=8,
                                            messages=[{"role": "user", "content": "Is a mild fever dangerous?"}])
     assert reply.choices[0].finish_reason in ("stop", "length") and reply.usage.completion_tokens >= 1
+
+
+def test_each_baseline_gets_its_own_synthesis_finetune_and_evaluation(ray_cluster, tmp_path, monkeypatch):
+    """The wiring of the baselines, with every stage recorded instead of run (the stages have their own tests)."""
+    import math
+
+    from ksg_ray.bundle import dump_privacy
+    from ksg_ray.jobs import dp_finetune, dp_reward, evaluate, finetune, pipeline, synthesize
+    from ksg_ray.pipeline_config import SYNTH_VARIANTS
+
+    calls: list[tuple[str, list[str]]] = []
+
+    def recorder(name: str):
+        return lambda argv: calls.append((name, argv))
+
+    for module in (dp_finetune, dp_reward, synthesize, finetune, evaluate):
+        monkeypatch.setattr(module, "main", recorder(module.__name__.rsplit(".", 1)[-1]))
+    run = tmp_path / "run"
+    (run / "bundle").mkdir(parents=True)
+    (run / "bundle" / "privacy.json").write_text(dump_privacy({"epsilon": 10.5, "delta": 1e-5, "not_dp": [],
+                                                               "mechanisms": []}))
+    pipeline.main([f"run_dir={run}", "held_out=4", "canaries.fraction=0.5", "rounds=1",
+                   "stages=[synthesize, finetune, evaluate]", "epsilon_grid=[4]",
+                   "baselines=[base, non_private, dp_finetune, dp_synthetic, knowledgesg, rewardds, pipeline]"])
+
+    def arg(argv: list[str], key: str) -> str | None:
+        values = [a.split("=", 1)[1] for a in argv if a.startswith(key + "=")]
+        return values[-1] if values else None  # the last one wins, as in the config loader
+
+    synth = [(arg(a, "run.output_dir"), arg(a, "refine.rounds"), arg(a, "refine.rewriter"), a)
+             for name, a in calls if name == "synthesize"]
+    pipe, variants = str(run / "synth"), run / "variants"
+    assert [(s[0], s[1], s[2]) for s in synth] == [
+        (pipe, "0", None), (pipe, "1", str(run / "finetune" / "round0" / "model")),
+        (str(variants / "dp_synthetic" / "synth"), "0", None), (str(variants / "knowledgesg" / "synth"), "0", None),
+        (str(variants / "rewardds" / "synth"), "0", None),
+        (str(variants / "rewardds" / "synth"), "1", str(variants / "rewardds" / "finetune" / "round0" / "model"))]
+    for out, _, _, argv in synth[2:]:
+        assert all(o in argv for o in SYNTH_VARIANTS[out.split("/")[-2]])
+    tuned = [arg(a, "data.path") for name, a in calls if name == "finetune"]
+    assert tuned == [f"{pipe}/synthetic.jsonl"] * 2 + [f"{variants}/{v}/synth/synthetic.jsonl"
+                                                       for v in ("dp_synthetic", "knowledgesg", "rewardds", "rewardds")]
+
+    evals = {arg(a, "run.method"): a for name, a in calls if name == "evaluate"}
+    assert list(evals) == ["base", "non_private", "dp_finetune", "dp_synthetic", "knowledgesg", "rewardds",
+                           "pipeline", "dp_finetune@4"]
+    assert arg(evals["pipeline"], "model.name") == str(run / "finetune" / "round1" / "model")
+    assert arg(evals["rewardds"], "model.name") == str(variants / "rewardds" / "finetune" / "round1" / "model")
+    assert arg(evals["knowledgesg"], "model.name") == str(variants / "knowledgesg" / "finetune" / "round0" / "model")
+    for method in ("dp_synthetic", "knowledgesg", "rewardds", "pipeline"):  # post-processing of the bundle
+        assert arg(evals[method], "run.epsilon") == "10.5" and arg(evals[method], "audit.bundle") == str(run / "bundle")
+        assert arg(evals[method], "audit.synthetic").endswith("synth/synthetic.jsonl")
+    assert arg(evals["knowledgesg"], "audit.synthetic") == f"{variants}/knowledgesg/synth/synthetic.jsonl"
+    for method in ("base", "non_private", "dp_finetune", "dp_finetune@4"):  # not trained on a synthetic set
+        assert arg(evals[method], "audit.scan_synthetic") == "false"
+    assert arg(evals["base"], "run.epsilon") == "0" and arg(evals["non_private"], "run.epsilon") == "inf"
+    assert arg(evals["dp_finetune@4"], "model.bundle") == str(run / "client" / "dp_eps4" / "bundle")
+    assert arg(evals["dp_finetune@4"], "run.family") == arg(evals["dp_finetune"], "run.family") == "dp_finetune"
+    client_trainings = [(arg(a, "run.output_dir"), arg(a, "privacy.target_epsilon"))
+                        for name, a in calls if name == "dp_finetune"]
+    assert client_trainings == [(str(run / "client" / "non_private"), "inf"), (str(run / "client" / "dp_eps4"), "4.0")]
+    assert all(arg(a, "data.path") == str(run / "client" / "private.jsonl") for _, a in calls if _ == "dp_finetune")
+    summary = json.loads((run / "pipeline_summary.json").read_text())
+    assert math.isfinite(sum(t for t in summary["stage_seconds"].values() if not isinstance(t, str)))
