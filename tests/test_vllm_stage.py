@@ -9,7 +9,6 @@ import json
 import re
 
 import pytest
-import torch
 
 from ksg_ray.engines import SamplingParams
 from ksg_ray.engines.transformers_engine import TransformersEngine
@@ -25,28 +24,6 @@ PROMPTS = [
     [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "2+2?"}],
 ]
 VLLM_OPTS = dict(dtype="float32", max_model_len=1024)
-
-
-@pytest.fixture(scope="module")
-def smollm2_path() -> str:
-    from ksg_ray.models import resolve_model
-
-    return resolve_model("smollm2-135m")
-
-
-@pytest.fixture(scope="module")
-def smollm2_adapter(smollm2_path, tmp_path_factory) -> str:
-    """A random (non-zero) LoRA on SmolLM2, as a client would send it."""
-    from peft import LoraConfig, get_peft_model
-    from transformers import AutoModelForCausalLM
-
-    torch.manual_seed(0)
-    peft_model = get_peft_model(AutoModelForCausalLM.from_pretrained(smollm2_path, dtype=torch.float32),
-                                LoraConfig(r=8, lora_alpha=16, target_modules=["q_proj", "v_proj"],
-                                           init_lora_weights=False, task_type="CAUSAL_LM"))
-    out = tmp_path_factory.mktemp("smollm2-lora")
-    peft_model.save_pretrained(out)
-    return str(out)
 
 
 def test_generate_dataset_on_vllm_with_adapter_keeps_every_row(ray_cluster, smollm2_path, smollm2_adapter):
