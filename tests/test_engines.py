@@ -6,6 +6,7 @@ every prompt token.
 """
 
 import math
+import threading
 
 import numpy as np
 import pytest
@@ -13,7 +14,7 @@ import torch
 from conftest import save_random_lora, save_varied_model
 
 from ksg_ray.chat_format import build_messages, prompt_text
-from ksg_ray.engines import Engine, Generation, SamplingParams, build_engine, render_prompt
+from ksg_ray.engines import Engine, Generation, SamplingParams, build_engine, encode, prompt_ids, render_prompt
 from ksg_ray.engines.transformers_engine import TransformersEngine
 from ksg_ray.records import Record
 from ksg_ray.synth import generate_stage
@@ -140,6 +141,37 @@ def test_score_is_exact_and_batch_invariant(engine):
     assert math.isnan(engine.score(PROMPTS[:1], [""])[0])
     with pytest.raises(ValueError, match="one answer per prompt"):
         engine.score(PROMPTS, own[:1])
+
+
+def test_tokenising_from_many_threads_at_once_is_safe(engine):
+    """Serve tokenises padded batches and single prompts on several threads; the tokenizer's padding state is
+    shared, so without `encode`'s lock a padded batch comes back ragged (a ValueError, seen as 500s in CI)."""
+    texts = ["a short one", "a much longer prompt with many more words in it than the others", "mid length"]
+    messages = [{"role": "user", "content": "hello"}]
+    want_ids = prompt_ids(engine.tokenizer, messages)
+    errors: list[str] = []
+
+    def padded() -> None:
+        for _ in range(400):
+            try:
+                enc = encode(engine.tokenizer, texts, padding=True, return_tensors="pt")
+                assert enc["input_ids"].shape[0] == 3 and enc["attention_mask"][:, -1].all()
+            except Exception as e:
+                errors.append(repr(e)[:200])
+
+    def single() -> None:
+        for _ in range(400):
+            try:
+                assert prompt_ids(engine.tokenizer, messages) == want_ids
+            except Exception as e:
+                errors.append(repr(e)[:200])
+
+    threads = [threading.Thread(target=f) for f in (padded, single, padded, single)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert errors == [], errors[:3]
 
 
 def test_malformed_prompt_is_rejected(engine):

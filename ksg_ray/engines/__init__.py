@@ -10,12 +10,13 @@ format it learned.
 from __future__ import annotations
 
 import importlib.util
+import threading
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, Protocol, runtime_checkable
 
 __all__ = ["ENGINE_KINDS", "Engine", "Generation", "SamplingParams", "build_engine", "check_messages",
-           "prompt_ids", "render_prompt", "score_inputs"]
+           "encode", "prompt_ids", "render_prompt", "score_inputs"]
 
 ENGINE_KINDS = ("transformers", "vllm", "auto")
 
@@ -163,9 +164,21 @@ def render_prompt(tokenizer: Any, messages: list[dict]) -> str:
     return tokenizer.apply_chat_template(check_messages(messages), add_generation_prompt=True, tokenize=False)
 
 
+# A fast tokenizer keeps its padding setting in shared Rust state that every call rewrites: a padded batch
+# encoded while another thread encodes one unpadded prompt comes back ragged ("Unable to create tensor").
+# Serve tokenises on several threads at once (batched generation, streams, prompt-length checks).
+_ENCODE_LOCK = threading.Lock()
+
+
+def encode(tokenizer: Any, texts: str | list[str], **kwargs: Any) -> Any:
+    """`tokenizer(texts, add_special_tokens=False, **kwargs)`, safe to call from several threads at once."""
+    with _ENCODE_LOCK:
+        return tokenizer(texts, add_special_tokens=False, **kwargs)
+
+
 def prompt_ids(tokenizer: Any, messages: list[dict]) -> list[int]:
     """Token ids of `render_prompt`; the template already holds any BOS, so none is added."""
-    return tokenizer(render_prompt(tokenizer, messages), add_special_tokens=False)["input_ids"]
+    return encode(tokenizer, render_prompt(tokenizer, messages))["input_ids"]
 
 
 def score_inputs(tokenizer: Any, prompts: list[list[dict]], answers: list[str]) -> list[tuple[list[int], list[int]]]:
@@ -176,7 +189,7 @@ def score_inputs(tokenizer: Any, prompts: list[list[dict]], answers: list[str]) 
     """
     if len(prompts) != len(answers):
         raise ValueError(f"score needs one answer per prompt, got {len(prompts)} prompts, {len(answers)} answers")
-    return [(prompt_ids(tokenizer, p), tokenizer(a, add_special_tokens=False)["input_ids"])
+    return [(prompt_ids(tokenizer, p), encode(tokenizer, a)["input_ids"])
             for p, a in zip(prompts, answers, strict=True)]
 
 

@@ -16,7 +16,7 @@ from typing import Any
 
 import torch
 
-from ksg_ray.engines import Generation, SamplingParams, render_prompt, score_inputs
+from ksg_ray.engines import Generation, SamplingParams, encode, render_prompt, score_inputs
 
 __all__ = ["TransformersEngine"]
 
@@ -76,8 +76,8 @@ class TransformersEngine:
         kwargs = self._generation_kwargs(params, n_model)
         results: list[list[Generation]] = []
         for start in range(0, len(texts), self.batch_size):
-            enc = self.tokenizer(texts[start:start + self.batch_size], padding=True, add_special_tokens=False,
-                                 return_tensors="pt").to(self.device)
+            enc = encode(self.tokenizer, texts[start:start + self.batch_size], padding=True,
+                         return_tensors="pt").to(self.device)
             out = self.model.generate(**enc, **kwargs)
             new = out[:, enc["input_ids"].shape[1]:].tolist()  # left padding: new tokens start at one column
             for i in range(0, len(new), n_model):
@@ -109,7 +109,7 @@ class TransformersEngine:
         if params.n != 1:
             raise ValueError(f"stream generates one answer, got n={params.n}")
         text = render_prompt(self.tokenizer, messages)
-        enc = self.tokenizer([text], add_special_tokens=False, return_tensors="pt").to(self.device)
+        enc = encode(self.tokenizer, [text], return_tensors="pt").to(self.device)
         streamer = TextIteratorStreamer(self.tokenizer, skip_prompt=True, skip_special_tokens=True)
         cancelled = threading.Event()
 
