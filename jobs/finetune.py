@@ -102,12 +102,15 @@ def main(argv: list[str] | None = None) -> dict:
 
 
 def format_summary(s: dict) -> str:
-    epochs = ", ".join(f"{i}: loss {loss:.3f} / ROUGE-L {r:.3f}"
+    def fmt(r: float | None) -> str:
+        return "n/a" if r is None else f"{r:.4f}"
+
+    epochs = ", ".join(f"{i}: loss {loss:.3f} / ROUGE-L {fmt(r)}"
                        for i, (loss, r) in enumerate(zip(s["epoch_train_loss"], s["dev_rouge_l"], strict=True), 1))
     return "\n".join([
         f"model       {s['model_dir']} ({s['export']}, base {s['base_model']}, mode {s['mode']})",
         f"data        {s['rows']} rows (per round {s['rows_per_round']}), {s['steps']} steps, init {s['init']}",
-        f"dev         ROUGE-L {s['dev_rouge_l_start']:.4f} before → best {s['best_dev_rouge_l']:.4f} at epoch "
+        f"dev         ROUGE-L {fmt(s['dev_rouge_l_start'])} before → best {fmt(s['best_dev_rouge_l'])} at epoch "
         f"{s['best_epoch']} ({s['dev']['records']} records, {s['dev']['source']})",
         f"epochs      {epochs}",
         f"loss        answer tokens of a fixed probe of training rows {s['probe_loss_start']:.4f} before → "

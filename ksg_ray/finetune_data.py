@@ -8,13 +8,16 @@ beside them here, with the same file:line errors.
 
 The dev set is public: a held-out file (`dev.path`), or else round-0 queries (`dev.holdout_fraction` of them, at
 most `dev.limit`) removed from training with every row that asks them (refinement rewrites answers, never
-queries, so a held-out query would otherwise come back in a later round's rows).
+queries, so a held-out query would otherwise come back in a later round's rows). A data set of one distinct
+query (a strict reward filter on a tiny funnel) has nothing to hold out: it trains with NO dev set, the last
+epoch is exported, and `dev_source` says so in the summary.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import random
 from collections import Counter
 from dataclasses import dataclass
@@ -22,7 +25,11 @@ from pathlib import Path
 
 from ksg_ray.records import DataError, Record, load_records
 
-__all__ = ["FinetuneData", "load_finetune_data", "read_rounds"]
+__all__ = ["NO_DEV", "FinetuneData", "load_finetune_data", "read_rounds"]
+
+logger = logging.getLogger(__name__)
+
+NO_DEV = "none: one distinct query, nothing to hold out; the last epoch is exported, not selected on a dev set"
 
 
 @dataclass
@@ -33,7 +40,7 @@ class FinetuneData:
         train: training records (round <= max_round, dev queries removed).
         dev: dev records (prompt = instruction + input, reference = output).
         rounds_per_row: count of training rows per round.
-        dev_source: where the dev records came from ("file" or "held out of PATH").
+        dev_source: where the dev records came from (the file, "held out of PATH", or `NO_DEV`).
         fingerprint: sha256 over train and dev texts; a resumed run must see the same data.
     """
 
@@ -92,15 +99,14 @@ def load_finetune_data(path: str, *, max_round: int | None, dev_path: str | None
         path: the synthetic data set (anything `load_records` reads).
         max_round: keep rows with round <= this; None keeps every row.
         dev_path: public held-out records; None holds out round-0 queries instead: `holdout_fraction` of them
-            (at least one), at most `dev_limit`.
+            (at least one), at most `dev_limit`; none when there is a single distinct query (`NO_DEV`).
         dev_limit: dev records used.
         holdout_fraction: see `dev_path`.
         limit: train on the first `limit` rows only (after the round filter and the hold-out).
         seed: picks the held-out queries.
 
     Raises:
-        DataError: a bad row (file and line named), no row left after the round filter, or a single distinct
-            query (nothing to hold out for dev and still train).
+        DataError: a bad row (file and line named), or no row left after the round filter.
     """
     records = load_records(path)
     rounds = read_rounds(path, len(records))
@@ -114,17 +120,18 @@ def load_finetune_data(path: str, *, max_round: int | None, dev_path: str | None
         pool = sorted({r.input for r, k in keep if k == 0})
         if len(pool) < 2:  # a tiny round-0 pool: hold out a query of a later round rather than the whole pool
             pool = sorted({r.input for r, _ in keep})
-        if len(pool) < 2:
-            raise DataError(f"{path}: {len(pool)} distinct queries: none can be held out for dev and still train; "
-                            "give dev.path")
-        held = set(random.Random(seed).sample(pool, min(dev_limit, max(1, int(holdout_fraction * len(pool))))))
+        if len(pool) < 2:  # a funnel that kept one query: train on it, select nothing, and say so everywhere
+            logger.warning("%s: %d distinct query: none can be held out for dev and still train; NO dev set, the "
+                           "last epoch is exported (give dev.path to select an epoch)", path, len(pool))
+        held = set(random.Random(seed).sample(pool, min(dev_limit, max(1, int(holdout_fraction * len(pool)))))) \
+            if len(pool) >= 2 else set()
         first: dict[str, Record] = {}  # the reference answer: the query's first round-0 row (else its first row)
         for r, _ in sorted(keep, key=lambda rk: rk[1] != 0):
             if r.input in held:
                 first.setdefault(r.input, r)
         dev = [first[q] for q in sorted(held)]
         keep = [(r, k) for r, k in keep if r.input not in held]
-        dev_source = f"held out of {path}"
+        dev_source = f"held out of {path}" if held else NO_DEV
     keep = keep[:limit]
     train = [r for r, _ in keep]
     digest = hashlib.sha256()

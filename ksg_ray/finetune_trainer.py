@@ -10,7 +10,8 @@ After every epoch the dev set is answered greedily (shared out over the ranks, R
 all-reduce), the answer-token loss of a fixed probe of training records is measured (it moves with the model
 only, unlike batch losses), and a checkpoint is reported with the score; Ray keeps the best-scoring checkpoint
 and the latest one (`CheckpointConfig(num_to_keep=1, checkpoint_score_attribute=SCORE_KEY)`). Mid-epoch
-checkpoints, every `checkpoint_every` steps, score -1 (below any ROUGE-L) and exist only to resume. A
+checkpoints, every `checkpoint_every` steps, score -1 (below any ROUGE-L) and exist only to resume. With no dev
+set (`finetune_data.NO_DEV`) an epoch scores its number, so the last epoch is kept and exported. A
 checkpoint holds the trainable weights in export form (`model/`: a peft adapter, or full HF weights), the
 optimizer (`optimizer.pt`, or DeepSpeed's own shards under `deepspeed/`) and `finetune_state.json` (position,
 losses, scores, best epoch), so a killed run resumes at the step after its last checkpoint with the same data
@@ -112,8 +113,15 @@ def micro_batches(batch: list[int], rank: int, world: int, micro: int, accum: in
 
 def best_epoch(epochs: list[dict[str, Any]]) -> dict[str, Any]:
     """The epoch record with the highest `dev_rouge_l`; ties go to the later epoch, as Ray's checkpoint retention
-    breaks them (so the checkpoint of the chosen epoch is the one Ray keeps)."""
+    breaks them (so the checkpoint of the chosen epoch is the one Ray keeps). Without a dev set (scores None)
+    the last epoch."""
+    if any(e["dev_rouge_l"] is None for e in epochs):
+        return epochs[-1]
     return max(reversed(epochs), key=lambda e: e["dev_rouge_l"])
+
+
+def _fmt(score: float | None) -> str:
+    return "n/a (no dev set)" if score is None else f"{score:.4f}"
 
 
 def _lr_lambda(spec: FinetuneSpec):
@@ -194,7 +202,9 @@ def finetune_worker_loop(config: dict) -> None:
     autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=spec.bf16 and engine is None)
     synced = engine is not None and engine.zero_optimization_stage() == 3 and world > 1
 
-    def evaluate() -> tuple[float, list[str]]:
+    def evaluate() -> tuple[float | None, list[str]]:
+        if not task.dev_prompts:
+            return None, []
         with autocast:
             return dev_rouge_l(model, tokenizer, task.dev_prompts, task.dev_references, rank=rank, world=world,
                                max_new_tokens=spec.dev_max_new_tokens, batch_size=spec.dev_batch_size,
@@ -214,8 +224,8 @@ def finetune_worker_loop(config: dict) -> None:
     if state["dev_rouge_l_start"] is None:
         state["probe_loss_start"] = probe_loss()
         state["dev_rouge_l_start"], _ = evaluate()
-        ray.train.report({"epoch": 0, "dev_rouge_l": state["dev_rouge_l_start"],
-                          "probe_loss": state["probe_loss_start"]})
+        ray.train.report({"epoch": 0, "probe_loss": state["probe_loss_start"]}
+                         | ({} if state["dev_rouge_l_start"] is None else {"dev_rouge_l": state["dev_rouge_l_start"]}))
 
     n = len(task.examples)
     for epoch in range(state["epoch"], spec.epochs):
@@ -244,11 +254,13 @@ def finetune_worker_loop(config: dict) -> None:
         state["best"] = {k: v for k, v in best_epoch(state["epochs"]).items() if k != "dev_samples"}
         state["epoch"], state["step_in_epoch"] = epoch + 1, 0
         if rank == 0:
-            logger.info("epoch %d/%d: train loss %.4f, probe loss %.4f, dev ROUGE-L %.4f%s", epoch + 1, spec.epochs,
-                        record["train_loss"], record["probe_loss"], score,
+            logger.info("epoch %d/%d: train loss %.4f, probe loss %.4f, dev ROUGE-L %s%s", epoch + 1, spec.epochs,
+                        record["train_loss"], record["probe_loss"], _fmt(score),
                         " (best)" if state["best"]["epoch"] == epoch + 1 else "")
+        # Without a dev set the epoch number is the score, so Ray keeps the last epoch's checkpoint.
         _report_checkpoint({"epoch": epoch + 1, "step": state["global_step"], "train_loss": record["train_loss"],
-                            "probe_loss": record["probe_loss"], "dev_rouge_l": score, SCORE_KEY: score}, state, task,
+                            "probe_loss": record["probe_loss"], "dev_rouge_l": score,
+                            SCORE_KEY: float(epoch + 1) if score is None else score}, state, task,
                            model, optimizer, scheduler, engine, rank, name)
         if state["global_step"] >= spec.total_steps:
             break
@@ -306,7 +318,8 @@ def _report_checkpoint(metrics, state, task, model, optimizer, scheduler, engine
                 torch.save({"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict()},
                            d / "optimizer.pt")
             (d / STATE_FILE).write_text(json.dumps(state, indent=1))
-        ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(tmp), checkpoint_dir_name=name)
+        ray.train.report({k: v for k, v in metrics.items() if v is not None},
+                         checkpoint=ray.train.Checkpoint.from_directory(tmp), checkpoint_dir_name=name)
 
 
 @torch.no_grad()
@@ -446,8 +459,8 @@ def fit_finetune(task: FinetuneTask, spec: FinetuneSpec, *, num_workers: int, us
     best = Path(result.checkpoint.path).parent / state["best"]["checkpoint"]
     if not (best / "model").is_dir():
         raise RuntimeError(f"the best epoch's checkpoint {best} is gone (Ray keeps it by {SCORE_KEY})")
-    logger.info("fine-tuning %s: %d steps, best epoch %d (dev ROUGE-L %.4f), %.1fs", name, state["global_step"],
-                state["best"]["epoch"], state["best"]["dev_rouge_l"], time.time() - start)
+    logger.info("fine-tuning %s: %d steps, best epoch %d (dev ROUGE-L %s), %.1fs", name, state["global_step"],
+                state["best"]["epoch"], _fmt(state["best"]["dev_rouge_l"]), time.time() - start)
     return best, state
 
 

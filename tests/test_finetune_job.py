@@ -19,6 +19,7 @@ from ksg_ray.chat_format import IGNORE_INDEX, build_messages, collate, tokenize_
 from ksg_ray.config import KsgConfigError
 from ksg_ray.dp_config import LoraSection
 from ksg_ray.engines import SamplingParams, build_engine
+from ksg_ray.finetune_data import NO_DEV
 from ksg_ray.finetune_model_dir import engine_paths, read_model_dir
 from ksg_ray.finetune_trainer import best_epoch, build_finetune_model, check_run_identity, micro_batches
 from ksg_ray.jobs import finetune
@@ -211,6 +212,26 @@ def test_deepspeed_zero3_full_finetune_on_cpu(ray_cluster, synthetic, tmp_path):
     assert adapter is None
     assert build_engine("transformers", model_path).generate([[{"role": "user", "content": "Hi"}]],
                                                              SamplingParams(max_new_tokens=4))
+
+
+@pytest.mark.e2e
+def test_one_query_trains_without_dev_and_exports_the_last_epoch(ray_cluster, tmp_path):
+    """A strict reward filter on a tiny funnel can keep a single query: nothing can be held out, so the run
+    trains on it with no dev set, exports the last epoch, and its summary says so."""
+    rows = [{"round": 0, "instruction": "Answer the patient.", "input": "Is a fever of 38 C dangerous?",
+             "output": f"Usually not; rest and drink water. Note {i}."} for i in range(4)]
+    path = tmp_path / "synthetic.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    s = finetune.main(SMALL + [f"data.path={path}", "train.epochs=2", "train.expected_batch_size=4",
+                               "scaling.num_workers=1", f"run.output_dir={tmp_path}", "export=adapter"])
+    assert s["dev"] == {"source": NO_DEV, "records": 0} and s["rows"] == 4
+    assert s["dev_rouge_l"] == [None, None] and s["best_epoch"] == 2 and s["best_dev_rouge_l"] is None
+    assert s["checkpoint"].endswith("checkpoint_epoch002_step0000002")
+    assert "n/a" in finetune.format_summary(s)
+    assert best_epoch([{"epoch": 1, "dev_rouge_l": None}, {"epoch": 2, "dev_rouge_l": None}])["epoch"] == 2
+    model_path, adapter = engine_paths(tmp_path / "round0" / "model")
+    assert adapter is not None and build_engine("transformers", model_path, adapter).generate(
+        [[{"role": "user", "content": "Hi"}]], SamplingParams(max_new_tokens=2))
 
 
 def test_rounds_select_the_pool_and_held_out_queries_leave_every_round(synthetic):

@@ -120,6 +120,9 @@ class EngineSection(StrictModel):
     max_actors: int = Field(1, gt=0, description="actors a stage pool autoscales up to")
     num_cpus: float = Field(0.5, gt=0, description="CPUs per actor (0.5 lets the 3 streaming stages share 2 cores)")
     num_gpus: float = Field(0, ge=0, description="GPUs per actor (1 for vLLM on a GPU node)")
+    threads: int | None = Field(None, gt=0, description=(
+        "CPU threads per actor (OMP_NUM_THREADS); None = Ray's floor(num_cpus), at least 1. A small run's stages "
+        "take turns, so on a laptop 2 lets each use both cores while their CPU shares stay fractional"))
     engine_kwargs: dict = Field({}, description="extra engine options (vLLM: gpu_memory_utilization, ...)")
 
     @model_validator(mode="after")

@@ -240,9 +240,11 @@ def _stage(ds: ray.data.Dataset, udf: type, engine: EngineSection, model: tuple[
             ctor["adapter_path"] = model[1]
     if sampling is not None:
         ctor["sampling"] = dataclasses.asdict(sampling)
+    # Ray sets OMP_NUM_THREADS (torch's thread count) to floor(num_cpus) >= 1 unless the worker's env sets it.
+    remote_args = {"runtime_env": {"env_vars": {"OMP_NUM_THREADS": str(engine.threads)}}} if engine.threads else {}
     return ds.map_batches(udf, fn_constructor_kwargs=ctor, batch_size=engine.batch_size,
                           compute=ray.data.ActorPoolStrategy(min_size=engine.min_actors, max_size=engine.max_actors),
-                          num_cpus=engine.num_cpus, num_gpus=engine.num_gpus)
+                          num_cpus=engine.num_cpus, num_gpus=engine.num_gpus, **remote_args)
 
 
 def _drain(ds: ray.data.Dataset, phase: str, total: int, cfg: SynthConfig, store: JsonlStore, errors: JsonlStore,
