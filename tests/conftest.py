@@ -1,4 +1,7 @@
+import json
 import os
+import shutil
+from pathlib import Path
 
 import pytest
 
@@ -100,16 +103,25 @@ def client_bundle(ray_cluster, tmp_path_factory):
     """A real client run on a tiny model: DP generator + DP reward on 20 private records, one bundle.
 
     Returns (directory, private records file, dp-reward summary). Shared by the client-job tests and the
-    server-side tests, which must work with the private file gone.
+    server-side tests, which must work with the private file gone. With `KSG_TEST_CLIENT_BUNDLE=DIR` (CI) the
+    run is made once into DIR and a later pytest session reuses it: the vLLM tests run in their own
+    environment after the main suite, and this fixture is two minutes of DP training.
     """
     from ksg_ray.jobs import dp_finetune, dp_reward
     from ksg_ray.records import load_records, write_jsonl
 
-    tmp = tmp_path_factory.mktemp("client")
-    private = tmp / "private.jsonl"
+    shared = os.environ.get("KSG_TEST_CLIENT_BUNDLE")
+    tmp = Path(shared) if shared else tmp_path_factory.mktemp("client")
+    private, done = tmp / "private.jsonl", tmp / "client_bundle_summary.json"
+    if shared and done.is_file():
+        return tmp, private, json.loads(done.read_text())
+    if shared and tmp.exists():
+        shutil.rmtree(tmp)  # a session that died half-way: start over
+    tmp.mkdir(parents=True, exist_ok=True)
     write_jsonl(load_records("demo", limit=20), private)
     common = TINY_DP + [f"data.path={private}", f"run.output_dir={tmp / 'runs'}"]
     dp_finetune.main(common + [f"run.bundle_dir={tmp / 'bundle'}"])
     summary = dp_reward.main(common + [f"candidates.generator_bundle={tmp / 'bundle'}", "candidates.max_new_tokens=8",
                                        "privacy.total_epsilon_budget=40"])
+    done.write_text(json.dumps(summary))
     return tmp, private, summary

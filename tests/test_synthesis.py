@@ -135,6 +135,32 @@ def test_judge_udf_gives_a_probability_and_skips_rows_without_work(tiny_model_pa
 
 # --- the whole job on a real client bundle ----------------------------------------------------------------
 
+def test_stage_actors_use_the_configured_threads(ray_cluster):
+    """Ray gives an actor floor(num_cpus) >= 1 threads; `engine.threads` lets a 0.5-CPU actor use both cores."""
+    import ray
+
+    from ksg_ray.synth.config import EngineSection
+    from ksg_ray.synth.pipeline import _stage
+
+    class TorchThreads:  # defined here so Ray pickles it by value (workers cannot import this test module)
+        """Reports the torch thread count of the actor it runs in (the engine arguments are ignored)."""
+
+        def __init__(self, **_: object) -> None:
+            import torch
+
+            self.threads = torch.get_num_threads()
+
+        def __call__(self, batch: dict) -> dict:
+            return {"threads": np.full(len(batch["id"]), self.threads)}
+
+    def threads(**engine) -> set[int]:
+        ds = _stage(ray.data.range(4), TorchThreads, EngineSection(num_cpus=0.5, **engine))
+        return {int(t) for t in ds.to_pandas()["threads"]}
+
+    assert threads() == {1}
+    assert threads(threads=2) == {2}
+
+
 TINY_SYNTH = ["professional.model=tiny-random", "queries.num_prompts=4", "queries.per_prompt=2",
               "queries.max_new_tokens=12", "queries.min_words=1", "queries.require_finished=false",
               "queries.require_question=false",
