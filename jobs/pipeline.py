@@ -92,7 +92,11 @@ def main(argv: list[str] | None = None) -> dict:
         stage("dp_reward", dp_reward.main, _args(cfg.dp_reward, *reward_wiring), done=_has_component(bundle, "reward"))
 
     def distill(synth_dir: Path, finetune_dir: Path, rounds: int, variant: list[str], label: str = "") -> Path | None:
-        """Synthesis + fine-tune rounds; round 0: reward-guided filtering, r >= 1: refinement with the target."""
+        """Synthesis + fine-tune rounds; round 0: reward-guided filtering, r >= 1: refinement with the target.
+
+        A baseline variant whose synthesis wrote no row is not trained (None), and the summary says why; the
+        pipeline's own synthesis writing nothing is an error (`ksg finetune` names the empty file).
+        """
         model_dir = None
         for r in range(rounds + 1):
             rewriter = [f"refine.rewriter={model_dir}"] if model_dir else []
@@ -100,6 +104,11 @@ def main(argv: list[str] | None = None) -> dict:
                 stage(f"synthesize{label} round {r}", synthesize.main, _args(
                     cfg.synthesize, *variant, f"bundle={bundle}", f"run.output_dir={synth_dir}", f"refine.rounds={r}",
                     *rewriter))
+            if label and "finetune" in cfg.stages and _rows(synth_dir / "synthetic.jsonl", r) == 0:
+                times[f"finetune{label} round {r}"] = "NOT RUN: its synthesis wrote no row (baseline not trained)"
+                print(f"[pipeline] finetune{label} round {r}: NOT RUN, {synth_dir / 'synthetic.jsonl'} has no row "
+                      f"of round <= {r}; this baseline is not evaluated", flush=True)
+                return None
             if "finetune" in cfg.stages:
                 out = finetune_dir / f"round{r}"
                 init = [f"init.from={model_dir}"] if model_dir else []
@@ -123,6 +132,9 @@ def main(argv: list[str] | None = None) -> dict:
     if "evaluate" in cfg.stages:
         methods = [(m, None) for m in cfg.baselines] + [(f"dp_finetune@{e:g}", e) for e in cfg.epsilon_grid]
         for method, grid_epsilon in methods:
+            if method in SYNTH_VARIANTS and models.get(method) is None and "finetune" in cfg.stages:
+                times[f"evaluate {method}"] = "NOT RUN: its synthesis wrote no row, so no model was trained"
+                continue
             model = _method_model(cfg, method, client, bundle, models, private, stage, grid_epsilon)
             audit = [f"audit.secrets={client / 'secrets.json'}", f"audit.canary_records={private}"] \
                 if cfg.canaries.fraction > 0 else [f"audit.members={private}"]
@@ -138,7 +150,9 @@ def main(argv: list[str] | None = None) -> dict:
     if "report" in cfg.stages:
         from ksg_ray.report import build_report
 
-        stage("report", build_report, run, epsilon_grid=_report_grid(cfg, bundle))
+        not_run = {k.removeprefix("evaluate "): v for k, v in times.items()
+                   if k.startswith("evaluate ") and isinstance(v, str) and v.startswith("NOT RUN")}
+        stage("report", build_report, run, epsilon_grid=_report_grid(cfg, bundle), not_evaluated=not_run)
     if "serve" in cfg.stages or cfg.serve.enabled:
         if model_dir is None:
             raise ValueError("serve needs the finetune stage's model (add finetune to `stages`)")
@@ -201,6 +215,14 @@ def _method_model(cfg: PipelineConfig, method: str, client: Path, bundle: Path, 
         raise ValueError(f"baseline {method!r} needs the synthesize and finetune stages (add them to `stages`)")
     # trained only on DP outputs: its ε is the bundle's composed ε (post-processing)
     return [f"model.name={models[method]}", f"run.epsilon={encode_epsilon(read_privacy(bundle)['epsilon'])}"]
+
+
+def _rows(path: Path, max_round: int) -> int:
+    """Rows of a synthesis output with round <= `max_round` (0 when the file is missing)."""
+    if not path.is_file():
+        return 0
+    rows = (json.loads(line) for line in path.read_text().splitlines() if line.strip())
+    return sum(1 for row in rows if row.get("round", 0) <= max_round)
 
 
 def _report_grid(cfg: PipelineConfig, bundle: Path) -> list[float] | None:

@@ -38,7 +38,7 @@ METRIC_LABELS = {"rouge1": "ROUGE-1", "rouge2": "ROUGE-2", "rougeL": "ROUGE-L", 
 
 
 def build_report(run_dir: str | Path, *, epsilon_grid: Sequence[float] | None = None, utility_metric: str = "rougeL",
-                 out_dir: str | Path | None = None) -> Path:
+                 out_dir: str | Path | None = None, not_evaluated: dict[str, str] | None = None) -> Path:
     """Write the report of a run directory and return the Markdown file's path.
 
     Args:
@@ -47,6 +47,7 @@ def build_report(run_dir: str | Path, *, epsilon_grid: Sequence[float] | None = 
             Grid points without a result, and results off the grid, are listed in the report.
         utility_metric: the metric on the plot's utility axis (one of `run_layout.METRIC_KEYS`).
         out_dir: where to write (None = `<run>/report`).
+        not_evaluated: method -> why it has no result (listed under the table, so a missing row is explained).
 
     Returns:
         The path of `report.md`.
@@ -68,6 +69,8 @@ def build_report(run_dir: str | Path, *, epsilon_grid: Sequence[float] | None = 
     md = [f"# ksg-ray report: `{layout.root}`", "",
           f"Generated {datetime.now(UTC).isoformat(timespec='seconds')} from the files of the run directory.", ""]
     md += _methods_section(results, layout)
+    if not_evaluated:
+        md += ["Not evaluated:", "", *(f"- `{m}`: {why}" for m, why in not_evaluated.items()), ""]
     md += _privacy_section(privacy, layout)
     md += ["## Privacy–utility", ""]
     if results:

@@ -102,8 +102,20 @@ def test_each_baseline_gets_its_own_synthesis_finetune_and_evaluation(ray_cluste
 
     calls: list[tuple[str, list[str]]] = []
 
+    def arg(argv: list[str], key: str) -> str | None:
+        values = [a.split("=", 1)[1] for a in argv if a.startswith(key + "=")]
+        return values[-1] if values else None  # the last one wins, as in the config loader
+
+    empty_synthesis: set[str] = set()  # output dirs whose synthesis writes no row
+
     def recorder(name: str):
-        return lambda argv: calls.append((name, argv))
+        def record(argv: list[str]) -> None:
+            calls.append((name, argv))
+            if name == "synthesize":  # a synthesis output for the fine-tune stage to find
+                out = Path(arg(argv, "run.output_dir"))
+                out.mkdir(parents=True, exist_ok=True)
+                (out / "synthetic.jsonl").write_text("" if str(out) in empty_synthesis else '{"round": 0}\n')
+        return record
 
     for module in (dp_finetune, dp_reward, synthesize, finetune, evaluate):
         monkeypatch.setattr(module, "main", recorder(module.__name__.rsplit(".", 1)[-1]))
@@ -114,10 +126,6 @@ def test_each_baseline_gets_its_own_synthesis_finetune_and_evaluation(ray_cluste
     pipeline.main([f"run_dir={run}", "held_out=4", "canaries.fraction=0.5", "rounds=1",
                    "stages=[synthesize, finetune, evaluate]", "epsilon_grid=[4]",
                    "baselines=[base, non_private, dp_finetune, dp_synthetic, knowledgesg, rewardds, pipeline]"])
-
-    def arg(argv: list[str], key: str) -> str | None:
-        values = [a.split("=", 1)[1] for a in argv if a.startswith(key + "=")]
-        return values[-1] if values else None  # the last one wins, as in the config loader
 
     synth = [(arg(a, "run.output_dir"), arg(a, "refine.rounds"), arg(a, "refine.rewriter"), a)
              for name, a in calls if name == "synthesize"]
@@ -154,3 +162,16 @@ def test_each_baseline_gets_its_own_synthesis_finetune_and_evaluation(ray_cluste
     assert all(arg(a, "data.path") == str(run / "client" / "private.jsonl") for _, a in calls if _ == "dp_finetune")
     summary = json.loads((run / "pipeline_summary.json").read_text())
     assert math.isfinite(sum(t for t in summary["stage_seconds"].values() if not isinstance(t, str)))
+
+    # a baseline whose synthesis wrote no row is neither fine-tuned nor evaluated, and the report says why
+    calls.clear()
+    other = tmp_path / "other"
+    empty_synthesis.add(str(other / "variants" / "rewardds" / "synth"))
+    (other / "bundle").mkdir(parents=True)
+    (other / "bundle" / "privacy.json").write_text((run / "bundle" / "privacy.json").read_text())
+    summary = pipeline.main([f"run_dir={other}", "held_out=4", "canaries.fraction=0.5", "rounds=1",
+                             "stages=[synthesize, finetune, evaluate, report]", "baselines=[base, rewardds]"])
+    assert [arg(a, "run.output_dir") for name, a in calls if name == "finetune"] == [str(other / "finetune")] * 2
+    assert [arg(a, "run.method") for name, a in calls if name == "evaluate"] == ["base"]
+    assert summary["stage_seconds"]["finetune [rewardds] round 0"].startswith("NOT RUN")
+    assert "`rewardds`: NOT RUN" in (other / "report" / "report.md").read_text()
