@@ -102,7 +102,8 @@ TINY_DP = ["model.name=tiny-random", "data.max_seq_len=96", "train.expected_batc
 def client_bundle(ray_cluster, tmp_path_factory):
     """A real client run on a tiny model: DP generator + DP reward on 20 private records, one bundle.
 
-    Returns (directory, private records file, dp-reward summary). Shared by the client-job tests and the
+    Returns (directory, private records file, dp-reward summary); the dp-train summary is in
+    `generator_summary.json` there. Shared by the client-job tests and the
     server-side tests, which must work with the private file gone. With `KSG_TEST_CLIENT_BUNDLE=DIR` (CI) the
     run is made once into DIR and a later pytest session reuses it: the vLLM tests run in their own
     environment after the main suite, and this fixture is two minutes of DP training.
@@ -120,7 +121,8 @@ def client_bundle(ray_cluster, tmp_path_factory):
     tmp.mkdir(parents=True, exist_ok=True)
     write_jsonl(load_records("demo", limit=20), private)
     common = TINY_DP + [f"data.path={private}", f"run.output_dir={tmp / 'runs'}"]
-    dp_finetune.main(common + [f"run.bundle_dir={tmp / 'bundle'}"])
+    generator = dp_finetune.main(common + [f"run.bundle_dir={tmp / 'bundle'}"])
+    (tmp / "generator_summary.json").write_text(json.dumps(generator))
     summary = dp_reward.main(common + [f"candidates.generator_bundle={tmp / 'bundle'}", "candidates.max_new_tokens=8",
                                        "privacy.total_epsilon_budget=40"])
     done.write_text(json.dumps(summary))

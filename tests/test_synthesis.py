@@ -5,6 +5,7 @@ client's private file gone, a rerun that adds nothing, and a stage actor killed 
 from __future__ import annotations
 
 import json
+import re
 import threading
 import time
 
@@ -169,6 +170,19 @@ TINY_SYNTH = ["professional.model=tiny-random", "queries.num_prompts=4", "querie
               "refine.critique_max_new_tokens=8", "refine.max_new_tokens=8", "engine.batch_size=2"]
 
 
+# The funnel's stages under TINY_SYNTH, names without their measured values ("... (reward >= pool min -0.3)"):
+# the transformers run below must show them, and so must the vLLM run in test_vllm_stage (the same funnel shape).
+TINY_FUNNEL = ["prompts", "query samples generated", "unique well-formed queries",
+               "not copies of a seed (tfidf < 0.52)", "passed the professional filter", "finished answer candidates",
+               "queries with a scored candidate", "kept by reward-guided filtering (top 0.5)",
+               "refine round 1: finished rewrites", "refine round 1: rewrites kept", "pool after round 1",
+               "after duplicate removal (tfidf < 0.9)", "PII redactions", "written"]
+
+
+def funnel_stages(summary: dict) -> list[str]:
+    return [re.sub(r" \(reward >= .*\)$", "", name) for name, _ in summary["funnel"]]
+
+
 def _synth(bundle, out, *extra):
     from ksg_ray.jobs import synthesize
 
@@ -184,6 +198,7 @@ def test_synthesis_runs_from_the_bundle_alone_and_a_rerun_adds_nothing(client_bu
     finally:
         (tmp / "moved-away.jsonl").rename(private)
     funnel = dict(summary["funnel"])
+    assert funnel_stages(summary) == TINY_FUNNEL
     assert funnel["prompts"] == 4 and funnel["query samples generated"] == 8
     counts = [c for name, c in summary["funnel"] if name != "PII redactions"]
     assert counts[1:5] == sorted(counts[1:5], reverse=True)  # each filter only removes

@@ -6,7 +6,6 @@ cluster, with the client's LoRA adapter, and that no row is lost.
 """
 
 import json
-import re
 
 import pytest
 
@@ -78,26 +77,23 @@ def test_ray_data_llm_processor_on_cpu(ray_cluster, smollm2_path, smollm2_adapte
 
 @pytest.mark.e2e
 def test_synthesis_on_vllm_has_the_funnel_of_the_transformers_engine(client_bundle, tmp_path):
-    """The whole synthesis job on one client bundle, once per engine: every stage (queries, judge, answers,
-    scores, refinement) runs on vLLM with the bundle's LoRA, and the funnel has the same stages and shape."""
-    from test_synthesis import TINY_SYNTH
+    """The whole synthesis job on the client bundle with every stage (queries, judge, answers, scores,
+    refinement) on vLLM with the bundle's LoRA: its funnel has the stages, in order, that test_synthesis sees
+    from the transformers engine on the same settings (TINY_FUNNEL), and the same shape."""
+    from test_synthesis import TINY_FUNNEL, TINY_SYNTH, funnel_stages
 
     from ksg_ray.jobs import synthesize
 
     tmp, _, _ = client_bundle
     vllm_kwargs = "engine.engine_kwargs={dtype: float32, max_model_len: 512, kv_cache_memory_bytes: 67108864}"
-    runs = {kind: synthesize.main(TINY_SYNTH + [f"bundle={tmp / 'bundle'}", f"run.output_dir={tmp_path / kind}",
-                                                f"engine.kind={kind}", *([vllm_kwargs] if kind == "vllm" else [])])
-            for kind in ("transformers", "vllm")}
-    # the same stages in the same order (names without their measured values, e.g. "(reward >= pool min -0.3)")
-    stages = {kind: [re.sub(r" \(.*\)$", "", name) for name, _ in s["funnel"]] for kind, s in runs.items()}
-    assert stages["vllm"] == stages["transformers"] and len(stages["vllm"]) >= 10
-    for kind, summary in runs.items():
-        funnel = dict(summary["funnel"])
-        assert json.loads((tmp_path / kind / "funnel.json").read_text())["engine"] == kind
-        assert funnel["prompts"] == 4 and funnel["query samples generated"] == 8
-        counts = [c for name, c in summary["funnel"] if name != "PII redactions"]
-        assert counts[1:5] == sorted(counts[1:5], reverse=True), (kind, summary["funnel"])  # filters only remove
-        assert funnel["written"] >= 1 and summary["failed_rows"] == 0, (kind, summary)
-        rows = [json.loads(line) for line in (tmp_path / kind / "synthetic.jsonl").read_text().splitlines()]
-        assert len(rows) == funnel["written"] and all(r["perplexity"] is not None for r in rows)
+    summary = synthesize.main(TINY_SYNTH + [f"bundle={tmp / 'bundle'}", f"run.output_dir={tmp_path}",
+                                            "engine.kind=vllm", vllm_kwargs])
+    assert funnel_stages(summary) == TINY_FUNNEL
+    funnel = dict(summary["funnel"])
+    assert json.loads((tmp_path / "funnel.json").read_text())["engine"] == "vllm"
+    assert funnel["prompts"] == 4 and funnel["query samples generated"] == 8
+    counts = [c for name, c in summary["funnel"] if name != "PII redactions"]
+    assert counts[1:5] == sorted(counts[1:5], reverse=True), summary["funnel"]  # filters only remove
+    assert funnel["written"] >= 1 and summary["failed_rows"] == 0, summary
+    rows = [json.loads(line) for line in (tmp_path / "synthetic.jsonl").read_text().splitlines()]
+    assert len(rows) == funnel["written"] and all(r["perplexity"] is not None for r in rows)
