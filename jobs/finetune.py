@@ -102,8 +102,7 @@ def main(argv: list[str] | None = None) -> dict:
 
 
 def format_summary(s: dict) -> str:
-    def fmt(r: float | None) -> str:
-        return "n/a" if r is None else f"{r:.4f}"
+    from ksg_ray.finetune_data import format_dev_score as fmt
 
     epochs = ", ".join(f"{i}: loss {loss:.3f} / ROUGE-L {fmt(r)}"
                        for i, (loss, r) in enumerate(zip(s["epoch_train_loss"], s["dev_rouge_l"], strict=True), 1))

@@ -25,11 +25,16 @@ from pathlib import Path
 
 from ksg_ray.records import DataError, Record, load_records
 
-__all__ = ["NO_DEV", "FinetuneData", "load_finetune_data", "read_rounds"]
+__all__ = ["NO_DEV", "FinetuneData", "format_dev_score", "load_finetune_data", "read_rounds"]
 
 logger = logging.getLogger(__name__)
 
 NO_DEV = "none: one distinct query, nothing to hold out; the last epoch is exported, not selected on a dev set"
+
+
+def format_dev_score(score: float | None) -> str:
+    """A dev ROUGE-L for logs and summaries; None is a run without a dev set (`NO_DEV`)."""
+    return "n/a (no dev set)" if score is None else f"{score:.4f}"
 
 
 @dataclass
@@ -123,8 +128,9 @@ def load_finetune_data(path: str, *, max_round: int | None, dev_path: str | None
         if len(pool) < 2:  # a funnel that kept one query: train on it, select nothing, and say so everywhere
             logger.warning("%s: %d distinct query: none can be held out for dev and still train; NO dev set, the "
                            "last epoch is exported (give dev.path to select an epoch)", path, len(pool))
-        held = set(random.Random(seed).sample(pool, min(dev_limit, max(1, int(holdout_fraction * len(pool)))))) \
-            if len(pool) >= 2 else set()
+            held: set[str] = set()
+        else:
+            held = set(random.Random(seed).sample(pool, min(dev_limit, max(1, int(holdout_fraction * len(pool))))))
         first: dict[str, Record] = {}  # the reference answer: the query's first round-0 row (else its first row)
         for r, _ in sorted(keep, key=lambda rk: rk[1] != 0):
             if r.input in held:

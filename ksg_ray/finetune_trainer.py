@@ -34,6 +34,7 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
+from ksg_ray.finetune_data import format_dev_score
 from ksg_ray.ray_train import deepspeed_initialize, gathered_params, run_torch_trainer, to_device
 
 logger = logging.getLogger(__name__)
@@ -118,10 +119,6 @@ def best_epoch(epochs: list[dict[str, Any]]) -> dict[str, Any]:
     if any(e["dev_rouge_l"] is None for e in epochs):
         return epochs[-1]
     return max(reversed(epochs), key=lambda e: e["dev_rouge_l"])
-
-
-def _fmt(score: float | None) -> str:
-    return "n/a (no dev set)" if score is None else f"{score:.4f}"
 
 
 def _lr_lambda(spec: FinetuneSpec):
@@ -224,8 +221,8 @@ def finetune_worker_loop(config: dict) -> None:
     if state["dev_rouge_l_start"] is None:
         state["probe_loss_start"] = probe_loss()
         state["dev_rouge_l_start"], _ = evaluate()
-        ray.train.report({"epoch": 0, "probe_loss": state["probe_loss_start"]}
-                         | ({} if state["dev_rouge_l_start"] is None else {"dev_rouge_l": state["dev_rouge_l_start"]}))
+        ray.train.report(_known({"epoch": 0, "dev_rouge_l": state["dev_rouge_l_start"],
+                                 "probe_loss": state["probe_loss_start"]}))
 
     n = len(task.examples)
     for epoch in range(state["epoch"], spec.epochs):
@@ -255,7 +252,7 @@ def finetune_worker_loop(config: dict) -> None:
         state["epoch"], state["step_in_epoch"] = epoch + 1, 0
         if rank == 0:
             logger.info("epoch %d/%d: train loss %.4f, probe loss %.4f, dev ROUGE-L %s%s", epoch + 1, spec.epochs,
-                        record["train_loss"], record["probe_loss"], _fmt(score),
+                        record["train_loss"], record["probe_loss"], format_dev_score(score),
                         " (best)" if state["best"]["epoch"] == epoch + 1 else "")
         # Without a dev set the epoch number is the score, so Ray keeps the last epoch's checkpoint.
         _report_checkpoint({"epoch": epoch + 1, "step": state["global_step"], "train_loss": record["train_loss"],
@@ -300,6 +297,11 @@ def _train_step(task, spec, batch, rank, world, accum, train_module, engine, opt
     return float(total[0]) / len(batch)
 
 
+def _known(metrics: dict[str, Any]) -> dict[str, Any]:
+    """The metrics Ray can record: a run without a dev set has no ROUGE-L (None)."""
+    return {k: v for k, v in metrics.items() if v is not None}
+
+
 def _report_checkpoint(metrics, state, task, model, optimizer, scheduler, engine, rank, name=None) -> None:
     """Every rank reports a checkpoint (Ray merges the directories); file names never collide across ranks."""
     import ray.train
@@ -318,8 +320,8 @@ def _report_checkpoint(metrics, state, task, model, optimizer, scheduler, engine
                 torch.save({"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict()},
                            d / "optimizer.pt")
             (d / STATE_FILE).write_text(json.dumps(state, indent=1))
-        ray.train.report({k: v for k, v in metrics.items() if v is not None},
-                         checkpoint=ray.train.Checkpoint.from_directory(tmp), checkpoint_dir_name=name)
+        ray.train.report(_known(metrics), checkpoint=ray.train.Checkpoint.from_directory(tmp),
+                         checkpoint_dir_name=name)
 
 
 @torch.no_grad()
@@ -460,7 +462,7 @@ def fit_finetune(task: FinetuneTask, spec: FinetuneSpec, *, num_workers: int, us
     if not (best / "model").is_dir():
         raise RuntimeError(f"the best epoch's checkpoint {best} is gone (Ray keeps it by {SCORE_KEY})")
     logger.info("fine-tuning %s: %d steps, best epoch %d (dev ROUGE-L %s), %.1fs", name, state["global_step"],
-                state["best"]["epoch"], _fmt(state["best"]["dev_rouge_l"]), time.time() - start)
+                state["best"]["epoch"], format_dev_score(state["best"]["dev_rouge_l"]), time.time() - start)
     return best, state
 
 
