@@ -19,10 +19,10 @@ import warnings
 def run_mode(mode: str, model_name: str, batch: int, seq: int, steps: int) -> dict:
     import torch
 
-    from ksg_ray.dp_config import LoraSection
-    from ksg_ray.lora_model import build_lora_lm, lm_loss
-    from ksg_ray.models import resolve_model
-    from ksg_ray.privacy.dp_sgd import DPSGD
+    from ksg_ray.client.privacy.dp_sgd import DPSGD
+    from ksg_ray.common.hub import resolve_model
+    from ksg_ray.common.lora import build_lora_lm, lm_loss
+    from ksg_ray.common.sections import LoraSection
 
     warnings.filterwarnings("ignore")
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")

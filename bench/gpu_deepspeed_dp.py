@@ -45,9 +45,9 @@ def equality(sigma=0.8, clip=0.05, seed=7) -> float:
     from opacus.grad_sample import GradSampleModule
     from opacus.optimizers import DPOptimizer
 
-    from ksg_ray.dp_trainer import DPRunSpec, _deepspeed_config, _full_params
-    from ksg_ray.lora_model import lm_loss
-    from ksg_ray.privacy.dp_sgd import DPSGD
+    from ksg_ray.client.dp_trainer import DPRunSpec, _deepspeed_config, _full_params
+    from ksg_ray.client.privacy.dp_sgd import DPSGD
+    from ksg_ray.common.lora import lm_loss
 
     batch = _batch(6, 64)
     ref = _model(256, 2)
@@ -75,8 +75,8 @@ def equality(sigma=0.8, clip=0.05, seed=7) -> float:
 
 
 def timing(hidden=1024, layers=16, b=8, seq=256, steps=5) -> dict:
-    from ksg_ray.lora_model import lm_loss
-    from ksg_ray.privacy.dp_sgd import DPSGD
+    from ksg_ray.client.privacy.dp_sgd import DPSGD
+    from ksg_ray.common.lora import lm_loss
 
     res = {}
     for mode in ("plain", "dp"):

@@ -41,9 +41,9 @@ def main() -> None:
     import torch
     from ray import serve
 
+    from ksg_ray.common.hub import resolve_model
     from ksg_ray.engines import SamplingParams
     from ksg_ray.engines.transformers_engine import TransformersEngine
-    from ksg_ray.models import resolve_model
     from ksg_ray.serve.app import build_app
 
     torch.set_num_threads(1)

@@ -34,9 +34,9 @@ def main() -> None:
     import ray
     import torch
 
+    from ksg_ray.common.hub import resolve_model
     from ksg_ray.engines import SamplingParams, build_engine
-    from ksg_ray.models import resolve_model
-    from ksg_ray.synth.generate_stage import generate_dataset
+    from ksg_ray.engines.stage import generate_dataset
 
     model = resolve_model("smollm2-135m")
     prompts = [[{"role": "user", "content": f"Give me health tip number {i} in one sentence."}]

@@ -22,8 +22,8 @@ RESULT = "BENCH-RESULT "
 
 
 def run_engine(kind: str, model_name: str, batch: int, tokens: int, rounds: int) -> dict:
+    from ksg_ray.common.hub import resolve_model
     from ksg_ray.engines import SamplingParams, build_engine
-    from ksg_ray.models import resolve_model
 
     kw = {"batch_size": batch} if kind == "transformers" else {"dtype": "float32", "max_model_len": 1024}
     t0 = time.perf_counter()

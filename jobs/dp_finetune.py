@@ -16,11 +16,11 @@ from functools import partial
 from pathlib import Path
 
 from ksg_ray.bundle import publish_component
-from ksg_ray.config import job_config
-from ksg_ray.dp_config import DPFinetuneConfig
-from ksg_ray.dp_trainer import DPTask, fit_dp, plan_dp_run
-from ksg_ray.privacy.accountant import Mechanism
-from ksg_ray.privacy.ledger import open_ledger, privacy_report
+from ksg_ray.client.config import DPFinetuneConfig
+from ksg_ray.client.dp_trainer import DPTask, fit_dp, plan_dp_run
+from ksg_ray.client.privacy.accountant import Mechanism
+from ksg_ray.client.privacy.ledger import open_ledger, privacy_report
+from ksg_ray.common.config import job_config
 
 logger = logging.getLogger("ksg.dp_finetune")
 
@@ -29,9 +29,9 @@ def prepare(cfg: DPFinetuneConfig):
     """Read, validate and tokenize the private records (fails before any worker starts)."""
     from transformers import AutoTokenizer
 
-    from ksg_ray.chat_format import collate, tokenize_records
-    from ksg_ray.models import resolve_model
-    from ksg_ray.records import load_records
+    from ksg_ray.common.chat_format import collate, tokenize_records
+    from ksg_ray.common.hub import resolve_model
+    from ksg_ray.common.records import load_records
 
     model_path = resolve_model(cfg.model.name)
     records = load_records(cfg.data.path, limit=cfg.data.limit)
@@ -43,7 +43,7 @@ def prepare(cfg: DPFinetuneConfig):
 def main(argv: list[str] | None = None) -> dict:
     cfg = job_config(DPFinetuneConfig, argv, __doc__.split("\n")[0])
 
-    from ksg_ray.lora_model import lm_builder, lm_loss, load_adapter, save_adapter
+    from ksg_ray.common.lora import lm_builder, lm_loss, load_adapter, save_adapter
 
     model_path, examples, truncated, collate_fn = prepare(cfg)
     n = len(examples)

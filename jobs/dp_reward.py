@@ -17,11 +17,11 @@ import sys
 from functools import partial
 from pathlib import Path
 
-from ksg_ray.config import job_config
-from ksg_ray.dp_config import DPRewardConfig
-from ksg_ray.dp_trainer import DPTask, fit_dp, plan_dp_run
-from ksg_ray.privacy.accountant import Mechanism
-from ksg_ray.privacy.ledger import open_ledger, privacy_report
+from ksg_ray.client.config import DPRewardConfig
+from ksg_ray.client.dp_trainer import DPTask, fit_dp, plan_dp_run
+from ksg_ray.client.privacy.accountant import Mechanism
+from ksg_ray.client.privacy.ledger import open_ledger, privacy_report
+from ksg_ray.common.config import job_config
 
 logger = logging.getLogger("ksg.dp_reward")
 NOT_DP_PROXY = "reward candidates from a non-DP proxy model trained on the private records"
@@ -29,8 +29,8 @@ NOT_DP_PROXY = "reward candidates from a non-DP proxy model trained on the priva
 
 def build_examples(cfg: DPRewardConfig, records, tokenizer, model_path: str, run_dir: Path, ledger):
     """Candidates per record in `CANDIDATES` order (truth, DP generator, base[, non-DP proxy]) → one example each."""
-    from ksg_ray.reward_candidates import load_or_generate_candidates
-    from ksg_ray.reward_model import tokenize_reward_example
+    from ksg_ray.client.reward_candidates import load_or_generate_candidates
+    from ksg_ray.common.reward_model import tokenize_reward_example
 
     gen = dict(engine=cfg.candidates.engine, model_path=model_path, max_new_tokens=cfg.candidates.max_new_tokens,
                batch_size=cfg.candidates.batch_size, max_actors=cfg.candidates.max_actors)
@@ -60,10 +60,10 @@ def main(argv: list[str] | None = None) -> dict:
     from transformers import AutoTokenizer
 
     from ksg_ray.bundle import publish_component, verify_bundle
-    from ksg_ray.lora_model import load_adapter, save_adapter
-    from ksg_ray.models import resolve_model
-    from ksg_ray.records import load_records
-    from ksg_ray.reward_model import bradley_terry_loss, collate_reward, reward_builder, reward_pad_id
+    from ksg_ray.common.hub import resolve_model
+    from ksg_ray.common.lora import load_adapter, save_adapter
+    from ksg_ray.common.records import load_records
+    from ksg_ray.common.reward_model import bradley_terry_loss, collate_reward, reward_builder, reward_pad_id
 
     model_path = resolve_model(cfg.model.name)
     records = load_records(cfg.data.path, limit=cfg.data.limit)
@@ -102,10 +102,10 @@ def evaluate(cfg: DPRewardConfig, model_path: str, adapter_dir: Path) -> dict:
     """Pairwise accuracy on held-out records: truth ranked above the base model's answer, before vs after."""
     import torch
 
-    from ksg_ray.lora_model import load_adapter
-    from ksg_ray.records import load_records
-    from ksg_ray.reward_candidates import generate_answers
-    from ksg_ray.reward_model import build_lora_reward, pairwise_accuracy
+    from ksg_ray.client.reward_candidates import generate_answers
+    from ksg_ray.common.lora import load_adapter
+    from ksg_ray.common.records import load_records
+    from ksg_ray.common.reward_model import build_lora_reward, pairwise_accuracy
 
     held_out = load_records(cfg.eval.path, limit=cfg.eval.limit)
     base = generate_answers(held_out, engine=cfg.candidates.engine, model_path=model_path, adapter_path=None,

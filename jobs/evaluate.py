@@ -18,11 +18,12 @@ import time
 from pathlib import Path
 from typing import Any
 
-from ksg_ray.config import job_config
+from ksg_ray.audit.config import EvalConfig, resolve_eval_model
+from ksg_ray.common.config import job_config
+from ksg_ray.common.jsonl import write_jsonl_atomic
+from ksg_ray.common.records import Record, load_records
+from ksg_ray.common.run_layout import RunLayout, epsilon_label, write_eval_result
 from ksg_ray.engines import SamplingParams, build_engine
-from ksg_ray.eval_config import EvalConfig, resolve_eval_model
-from ksg_ray.records import Record, load_records
-from ksg_ray.run_layout import RunLayout, epsilon_label, write_eval_result, write_jsonl_atomic
 
 logger = logging.getLogger("ksg.evaluate")
 
@@ -30,7 +31,7 @@ logger = logging.getLogger("ksg.evaluate")
 def load_model(cfg: EvalConfig, model_path: str, adapter_path: str | None) -> Any:
     """The engine contract for `model_path` (+ adapter): a Ray Data actor pool, or one engine in this process."""
     if cfg.engine.ray:
-        from ksg_ray.batch_inference import RayDataModel
+        from ksg_ray.engines.batch_inference import RayDataModel
 
         return RayDataModel(cfg.engine.kind, model_path, adapter_path, batch_size=cfg.engine.batch_size,
                             max_actors=cfg.engine.max_actors, num_cpus=cfg.engine.num_cpus,
@@ -44,7 +45,7 @@ def audit_inputs(cfg: EvalConfig, layout: RunLayout, heldout: str) -> dict[str, 
     Raises:
         ValueError: an input is malformed, or a record is both a member and a non-member.
     """
-    from ksg_ray.canary import read_secrets
+    from ksg_ray.client.canary import read_secrets
 
     a = cfg.audit
     secrets = read_secrets(a.secrets) if a.secrets else None
@@ -71,14 +72,14 @@ def _key(r: Record) -> tuple[str, str, str]:
 def main(argv: list[str] | None = None) -> dict:
     cfg = job_config(EvalConfig, argv, __doc__.split("\n")[0])
 
-    from ksg_ray.evaluation import evaluate_utility
-    from ksg_ray.privacy_audit import (
+    from ksg_ray.audit.privacy_audit import (
         bundle_privacy_flags,
         canary_rate_generations,
         membership_inference,
         read_dataset_texts,
         scan_canaries,
     )
+    from ksg_ray.audit.utility import evaluate_utility
 
     layout = RunLayout(cfg.run.dir)
     out = cfg.run.output or layout.eval_file(cfg.run.method)
@@ -89,7 +90,7 @@ def main(argv: list[str] | None = None) -> dict:
     model = load_model(cfg, model_path, adapter_path)
     judge = None
     if cfg.judge.model is not None:
-        from ksg_ray.models import resolve_model
+        from ksg_ray.common.hub import resolve_model
 
         judge = load_model(cfg, resolve_model(cfg.judge.model), None)
 
@@ -118,7 +119,7 @@ def main(argv: list[str] | None = None) -> dict:
         audit["mia"] = mia.summary() | {"members_source": inputs["members_source"],
                                         "nonmembers_source": cfg.audit.nonmembers or cfg.data.path}
         if cfg.audit.reference_model is not None:
-            from ksg_ray.models import resolve_model
+            from ksg_ray.common.hub import resolve_model
 
             reference = load_model(cfg, resolve_model(cfg.audit.reference_model), None)
             audit["mia_reference"] = membership_inference(model, inputs["members"], inputs["nonmembers"],

@@ -6,7 +6,7 @@
 Reads the synthetic data set (`data.path`, written by `ksg synthesize`), a public dev set and, with
 `init.from=bundle:DIR`, the bundle's DP generator adapter: never a private record, so no DP is applied. Loss on
 answer tokens only; after each epoch the dev set is answered greedily and the epoch with the best ROUGE-L is
-exported to `<run.output_dir>/<run.name>/model/` (layout: `ksg_ray.finetune_model_dir`), with
+exported to `<run.output_dir>/<run.name>/model/` (layout: `ksg_ray.server.finetune.export`), with
 `finetune_summary.json` beside it and inside it.
 
 RewardDS rounds: `run.name=round0 data.max_round=0 train.epochs=8`, then for r = 1, 2:
@@ -23,8 +23,8 @@ import time
 from functools import partial
 from pathlib import Path
 
-from ksg_ray.config import job_config
-from ksg_ray.finetune_config import FinetuneConfig
+from ksg_ray.common.config import job_config
+from ksg_ray.server.finetune.config import FinetuneConfig
 
 logger = logging.getLogger("ksg.finetune")
 
@@ -35,12 +35,12 @@ def main(argv: list[str] | None = None) -> dict:
 
     from transformers import AutoTokenizer
 
-    from ksg_ray import finetune_trainer as ft
-    from ksg_ray.chat_format import build_messages, collate, tokenize_records
-    from ksg_ray.finetune_data import load_finetune_data
-    from ksg_ray.finetune_model_dir import SUMMARY_FILE, export_model_dir, resolve_init
-    from ksg_ray.lora_model import lm_loss, load_adapter, save_adapter
-    from ksg_ray.models import resolve_model
+    from ksg_ray.common.chat_format import build_messages, collate, tokenize_records
+    from ksg_ray.common.hub import resolve_model
+    from ksg_ray.common.lora import lm_loss, load_adapter, save_adapter
+    from ksg_ray.server.finetune import trainer as ft
+    from ksg_ray.server.finetune.data import load_finetune_data
+    from ksg_ray.server.finetune.export import SUMMARY_FILE, export_model_dir, resolve_init
 
     run_dir = (Path(cfg.run.output_dir) / cfg.run.name).resolve()
     init = resolve_init(cfg.init.from_, cfg.model.name, mode=cfg.mode, export=cfg.export)
@@ -102,7 +102,7 @@ def main(argv: list[str] | None = None) -> dict:
 
 
 def format_summary(s: dict) -> str:
-    from ksg_ray.finetune_data import format_dev_score as fmt
+    from ksg_ray.server.finetune.data import format_dev_score as fmt
 
     epochs = ", ".join(f"{i}: loss {loss:.3f} / ROUGE-L {fmt(r)}"
                        for i, (loss, r) in enumerate(zip(s["epoch_train_loss"], s["dev_rouge_l"], strict=True), 1))

@@ -19,8 +19,8 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
-from ksg_ray.config import job_config
-from ksg_ray.pipeline_config import SYNTH_VARIANTS, PipelineConfig, StageSection
+from ksg_ray.common.config import job_config
+from ksg_ray.pipeline.config import SYNTH_VARIANTS, PipelineConfig, StageSection
 
 logger = logging.getLogger("ksg.pipeline")
 
@@ -32,8 +32,8 @@ def _args(stage: StageSection, *wiring: str) -> list[str]:
 
 def split_client_data(cfg: PipelineConfig, client: Path) -> tuple[Path, Path]:
     """CLIENT SIDE — training records (with canaries if asked) and the held-out split, as files in `client/`."""
-    from ksg_ray.canary import inject_canaries, write_secrets
-    from ksg_ray.records import DataError, load_records, write_jsonl
+    from ksg_ray.client.canary import inject_canaries, write_secrets
+    from ksg_ray.common.records import DataError, load_records, write_jsonl
 
     records = load_records(cfg.data)
     if len(records) <= cfg.held_out:
@@ -148,7 +148,7 @@ def main(argv: list[str] | None = None) -> dict:
                 f"run.dir={run}", f"run.method={method}", *audit, *synthetic),
                 done=(run / "eval" / f"{method}.json").is_file())
     if "report" in cfg.stages:
-        from ksg_ray.report import build_report
+        from ksg_ray.audit.report import build_report
 
         not_run = {k.removeprefix("evaluate "): v for k, v in times.items()
                    if k.startswith("evaluate ") and isinstance(v, str) and v.startswith("NOT RUN")}
@@ -189,9 +189,9 @@ def _method_model(cfg: PipelineConfig, method: str, client: Path, bundle: Path, 
                   private: Path, stage: Callable, grid_epsilon: float | None = None) -> list[str]:
     """Overrides that select the model of one evaluated method (training a client-side baseline if needed)."""
     from ksg_ray.bundle import read_privacy
-    from ksg_ray.config import load_config
-    from ksg_ray.finetune_config import FinetuneConfig
-    from ksg_ray.run_layout import encode_epsilon
+    from ksg_ray.common.config import load_config
+    from ksg_ray.common.run_layout import encode_epsilon
+    from ksg_ray.server.finetune.config import FinetuneConfig
 
     if method == "base":  # the distilled model's own starting point
         base = load_config(FinetuneConfig, cfg.finetune.config, list(cfg.finetune.overrides)).model.name

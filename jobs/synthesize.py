@@ -15,8 +15,8 @@ import json
 import logging
 import sys
 
-from ksg_ray.config import job_config
-from ksg_ray.synth.config import SynthConfig
+from ksg_ray.common.config import job_config
+from ksg_ray.server.synth.config import SynthConfig
 
 logger = logging.getLogger("ksg.synthesize")
 
@@ -26,7 +26,7 @@ def main(argv: list[str] | None = None) -> dict:
 
     import ray
 
-    from ksg_ray.synth.pipeline import run_synthesis
+    from ksg_ray.server.synth.pipeline import run_synthesis
 
     if not ray.is_initialized():
         ray.init()  # joins the cluster under `ray job submit`, else starts a local one

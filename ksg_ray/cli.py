@@ -28,11 +28,11 @@ def main(argv: list[str] | None = None) -> int:
         p.add_argument("config", nargs="?", default=None, help="YAML config")
         p.add_argument("overrides", nargs="*", help="key=value overrides")
     from ksg_ray.bundle import add_bundle_args
-    from ksg_ray.canary import add_canary_args
+    from ksg_ray.client.canary import add_canary_args
 
     add_bundle_args(sub)
     add_canary_args(sub.add_parser("canary", help="[client] inject fake-PII canaries into records for audits"))
-    from ksg_ray.report import add_report_args
+    from ksg_ray.audit.report import add_report_args
 
     add_report_args(sub.add_parser("report", help="Markdown report + plots from a run directory (eval/, synth/)"))
     from ksg_ray.serve.launch import add_serve_args
@@ -53,11 +53,11 @@ def main(argv: list[str] | None = None) -> int:
 
         return run_bundle(args)
     if args.command == "canary":
-        from ksg_ray.canary import run_canary
+        from ksg_ray.client.canary import run_canary
 
         return run_canary(args) or 0
     if args.command == "report":
-        from ksg_ray.report import run_report
+        from ksg_ray.audit.report import run_report
 
         return run_report(args)
     if args.command == "serve":
@@ -65,7 +65,7 @@ def main(argv: list[str] | None = None) -> int:
 
         return run_serve(args)
     if args.command == "models":
-        from ksg_ray.models import resolve_model
+        from ksg_ray.common.hub import resolve_model
 
         print(resolve_model(args.name))
         return 0

@@ -385,7 +385,7 @@ class ModelServer:
                            code="model_unavailable") from e
 
     async def _load_engine(self, model_id: str) -> Engine:
-        from ksg_ray.models import model_dir_engine_args
+        from ksg_ray.common.hub import model_dir_engine_args
 
         base, adapter = model_dir_engine_args(self.cfg.models[model_id])
         logger.info("loading model %r: %s%s", model_id, base, f" + adapter {adapter}" if adapter else "")

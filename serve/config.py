@@ -14,7 +14,7 @@ from typing import Any, Literal
 
 from pydantic import Field, SecretStr, ValidationError, field_validator, model_validator
 
-from ksg_ray.config import KsgConfigError, StrictModel, apply_overrides
+from ksg_ray.common.config import KsgConfigError, StrictModel, apply_overrides
 
 __all__ = ["AuthSection", "AutoscalingSection", "BatchingSection", "EngineSection", "IngressSection",
            "LimitsSection", "MODEL_ID_PATTERN", "ServeAppConfig", "parse_app_config"]
@@ -168,7 +168,7 @@ class ServeAppConfig(StrictModel):
         Raises:
             KsgConfigError: every bad entry, by key.
         """
-        from ksg_ray.models import EMBEDDED_MODELS, model_dir_engine_args
+        from ksg_ray.common.hub import EMBEDDED_MODELS, model_dir_engine_args
 
         problems = []
         for model_id, where in self.models.items():

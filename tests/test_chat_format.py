@@ -5,7 +5,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from ksg_ray.chat_format import (
+from ksg_ray.common.chat_format import (
     IGNORE_INDEX,
     MIN_ANSWER_TOKENS,
     TokenizedExample,
@@ -15,7 +15,7 @@ from ksg_ray.chat_format import (
     tokenize_record,
     tokenize_records,
 )
-from ksg_ray.records import Record, load_records
+from ksg_ray.common.records import Record, load_records
 
 SHARED_DEV = Path(__file__).resolve().parents[2] / "shared" / "data" / "medical" / "dev.jsonl"
 END = "<|im_end|>\n"  # what the ChatML template appends to every assistant turn

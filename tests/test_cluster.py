@@ -19,8 +19,8 @@ import ray
 import yaml
 from test_configs import SCHEMAS  # tests/ is on sys.path under pytest's default import mode
 
-from ksg_ray.config import load_config
-from ksg_ray.pipeline_config import PipelineConfig
+from ksg_ray.common.config import load_config
+from ksg_ray.pipeline.config import PipelineConfig
 from ksg_ray.serve.config import parse_app_config
 
 ROOT = Path(__file__).resolve().parents[1]

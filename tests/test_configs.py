@@ -7,12 +7,12 @@ from pathlib import Path
 
 import pytest
 
-from ksg_ray.config import KsgConfigError, apply_overrides, load_config, parse_override
-from ksg_ray.dp_config import DPFinetuneConfig, DPRewardConfig
-from ksg_ray.eval_config import EvalConfig
-from ksg_ray.finetune_config import FinetuneConfig
-from ksg_ray.pipeline_config import PipelineConfig
-from ksg_ray.synth.config import SynthConfig
+from ksg_ray.audit.config import EvalConfig
+from ksg_ray.client.config import DPFinetuneConfig, DPRewardConfig
+from ksg_ray.common.config import KsgConfigError, apply_overrides, load_config, parse_override
+from ksg_ray.pipeline.config import PipelineConfig
+from ksg_ray.server.finetune.config import FinetuneConfig
+from ksg_ray.server.synth.config import SynthConfig
 
 ROOT = Path(__file__).resolve().parents[1]
 SCHEMAS = {"dp_finetune": DPFinetuneConfig, "dp_reward": DPRewardConfig, "synthesize": SynthConfig,

@@ -16,12 +16,12 @@ from opacus.grad_sample import GradSampleModule
 from opacus.optimizers import DPOptimizer
 from safetensors.torch import load_file
 
-from ksg_ray.chat_format import collate, tokenize_records
-from ksg_ray.dp_config import LoraSection
-from ksg_ray.dp_trainer import DPRunSpec, DPTask, fit_dp
-from ksg_ray.lora_model import build_lora_lm, lm_builder, lm_loss, load_adapter, save_adapter
-from ksg_ray.privacy.dp_sgd import poisson_sample
-from ksg_ray.records import load_records
+from ksg_ray.client.dp_trainer import DPRunSpec, DPTask, fit_dp
+from ksg_ray.client.privacy.dp_sgd import poisson_sample
+from ksg_ray.common.chat_format import collate, tokenize_records
+from ksg_ray.common.lora import build_lora_lm, lm_builder, lm_loss, load_adapter, save_adapter
+from ksg_ray.common.records import load_records
+from ksg_ray.common.sections import LoraSection
 
 pytestmark = pytest.mark.e2e  # real Ray clusters and trainings: the long tests, at their smallest settings
 

@@ -10,7 +10,7 @@ import pytest
 from dp_accounting import pld, rdp
 
 from ksg_ray.bundle import verify_bundle
-from ksg_ray.config import KsgConfigError
+from ksg_ray.common.config import KsgConfigError
 from ksg_ray.jobs import dp_finetune
 
 pytestmark = pytest.mark.e2e  # real Ray clusters and trainings: the long tests, at their smallest settings

@@ -15,8 +15,8 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+from ksg_ray.client.privacy.accountant import epsilon_for
 from ksg_ray.jobs import dp_finetune
-from ksg_ray.privacy.accountant import epsilon_for
 
 pytestmark = pytest.mark.e2e  # real Ray clusters and trainings: the long tests, at their smallest settings
 

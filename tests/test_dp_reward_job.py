@@ -9,9 +9,9 @@ import pytest
 import torch
 
 from ksg_ray.bundle import verify_bundle
-from ksg_ray.bundle_models import load_generator, load_reward
-from ksg_ray.privacy.accountant import epsilon_for
-from ksg_ray.reward_model import score_texts
+from ksg_ray.client.privacy.accountant import epsilon_for
+from ksg_ray.common.reward_model import score_texts
+from ksg_ray.server.bundle_models import load_generator, load_reward
 
 pytestmark = pytest.mark.e2e  # real Ray clusters and trainings: the long tests, at their smallest settings
 

@@ -13,12 +13,12 @@ import pytest
 import torch
 from conftest import save_random_lora, save_varied_model
 
-from ksg_ray.chat_format import build_messages, prompt_text
+from ksg_ray.common.chat_format import build_messages, prompt_text
+from ksg_ray.common.records import Record
 from ksg_ray.engines import Engine, Generation, SamplingParams, build_engine, encode, prompt_ids, render_prompt
+from ksg_ray.engines import stage as generate_stage
+from ksg_ray.engines.stage import GenerateUDF, generate_dataset
 from ksg_ray.engines.transformers_engine import TransformersEngine
-from ksg_ray.records import Record
-from ksg_ray.synth import generate_stage
-from ksg_ray.synth.generate_stage import GenerateUDF, generate_dataset
 
 PROMPTS = [  # different lengths, so a batch is padded
     [{"role": "user", "content": "hi"}],

@@ -9,8 +9,7 @@ import math
 import pytest
 
 from ksg_ray import cli
-from ksg_ray.engines import Generation, SamplingParams
-from ksg_ray.evaluation import (
+from ksg_ray.audit.utility import (
     JUDGE_SYSTEM,
     evaluate_utility,
     judge_answers,
@@ -18,8 +17,9 @@ from ksg_ray.evaluation import (
     parse_judge_score,
     utility_metrics,
 )
-from ksg_ray.records import Record, load_records, write_jsonl
-from ksg_ray.run_layout import RunLayout, read_eval_results
+from ksg_ray.common.records import Record, load_records, write_jsonl
+from ksg_ray.common.run_layout import RunLayout, read_eval_results
+from ksg_ray.engines import Generation, SamplingParams
 
 
 @pytest.mark.parametrize("reply,score", [
@@ -105,7 +105,7 @@ def test_evaluate_utility_on_a_real_engine_reports_unparseable_judge_replies(tin
 
 def test_eval_job_end_to_end_then_report(ray_cluster, tmp_path, capsys):
     from ksg_ray.bundle import dump_privacy
-    from ksg_ray.canary import inject_canaries, write_secrets
+    from ksg_ray.client.canary import inject_canaries, write_secrets
 
     demo = load_records("demo:medical", limit=12)
     planted, secrets = inject_canaries(demo[:8], 0.5, seed=0)  # 4 canaries in the "training" records
@@ -151,7 +151,7 @@ def test_eval_job_end_to_end_then_report(ray_cluster, tmp_path, capsys):
 
 
 def test_eval_job_refuses_overlapping_members_and_nonmembers(tmp_path):
-    from ksg_ray.canary import inject_canaries, write_secrets
+    from ksg_ray.client.canary import inject_canaries, write_secrets
     from ksg_ray.jobs import evaluate
 
     planted, secrets = inject_canaries(load_records("demo:medical", limit=8), 0.25, seed=0)

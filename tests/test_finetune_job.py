@@ -15,16 +15,16 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from ksg_ray.chat_format import IGNORE_INDEX, build_messages, collate, tokenize_records
-from ksg_ray.config import KsgConfigError
-from ksg_ray.dp_config import LoraSection
+from ksg_ray.common.chat_format import IGNORE_INDEX, build_messages, collate, tokenize_records
+from ksg_ray.common.config import KsgConfigError
+from ksg_ray.common.lora import lm_loss
+from ksg_ray.common.records import DataError, load_records
+from ksg_ray.common.sections import LoraSection
 from ksg_ray.engines import SamplingParams, build_engine
-from ksg_ray.finetune_data import NO_DEV
-from ksg_ray.finetune_model_dir import engine_paths, read_model_dir
-from ksg_ray.finetune_trainer import best_epoch, build_finetune_model, check_run_identity, micro_batches
 from ksg_ray.jobs import finetune
-from ksg_ray.lora_model import lm_loss
-from ksg_ray.records import DataError, load_records
+from ksg_ray.server.finetune.data import NO_DEV
+from ksg_ray.server.finetune.export import engine_paths, read_model_dir
+from ksg_ray.server.finetune.trainer import best_epoch, build_finetune_model, check_run_identity, micro_batches
 
 SMALL = ["model.name=tiny-random", "data.max_seq_len=64", "dev.limit=4", "dev.max_new_tokens=8", "train.lr=5e-3",
          "train.expected_batch_size=8", "train.physical_batch_size=4", "lora.dropout=0"]
@@ -235,7 +235,7 @@ def test_one_query_trains_without_dev_and_exports_the_last_epoch(ray_cluster, tm
 
 
 def test_rounds_select_the_pool_and_held_out_queries_leave_every_round(synthetic):
-    from ksg_ray.finetune_data import load_finetune_data
+    from ksg_ray.server.finetune.data import load_finetune_data
 
     assert load_finetune_data(str(synthetic), max_round=0, dev_path=None, dev_limit=4).rounds_per_row == {0: 44}
     assert len(load_finetune_data(str(synthetic), max_round=0, dev_path=None, dev_limit=40).dev) == 9  # 20% of 48

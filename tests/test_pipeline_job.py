@@ -98,7 +98,7 @@ def test_each_baseline_gets_its_own_synthesis_finetune_and_evaluation(ray_cluste
 
     from ksg_ray.bundle import dump_privacy
     from ksg_ray.jobs import dp_finetune, dp_reward, evaluate, finetune, pipeline, synthesize
-    from ksg_ray.pipeline_config import SYNTH_VARIANTS
+    from ksg_ray.pipeline.config import SYNTH_VARIANTS
 
     calls: list[tuple[str, list[str]]] = []
 

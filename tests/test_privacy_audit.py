@@ -12,8 +12,7 @@ import re
 
 import pytest
 
-from ksg_ray.canary import inject_canaries
-from ksg_ray.privacy_audit import (
+from ksg_ray.audit.privacy_audit import (
     bundle_privacy_flags,
     canary_rate_generations,
     find_secrets,
@@ -23,7 +22,8 @@ from ksg_ray.privacy_audit import (
     scan_canaries,
     targeted_prompts,
 )
-from ksg_ray.records import Record, load_records
+from ksg_ray.client.canary import inject_canaries
+from ksg_ray.common.records import Record, load_records
 
 SECRET = {"record_index": 0, "name": "Elsabet Y. Dellacourt", "phone": "(834) 555-0132", "record_id": "MRN-9TZVFDC",
           "prefix": "I have a cough. "}
@@ -146,9 +146,9 @@ def finetune_non_private(model_path: str, records: list[Record], out, steps: int
     import torch
     from transformers import AutoTokenizer
 
-    from ksg_ray.chat_format import collate, tokenize_records
-    from ksg_ray.dp_config import LoraSection
-    from ksg_ray.lora_model import build_lora_lm, lm_loss, save_adapter
+    from ksg_ray.common.chat_format import collate, tokenize_records
+    from ksg_ray.common.lora import build_lora_lm, lm_loss, save_adapter
+    from ksg_ray.common.sections import LoraSection
 
     tokenizer = AutoTokenizer.from_pretrained(model_path)
     examples, truncated = tokenize_records(tokenizer, records, max_seq_len=128)
@@ -169,8 +169,8 @@ def finetune_non_private(model_path: str, records: list[Record], out, steps: int
 def leak_setup(tmp_path_factory):
     import torch
 
+    from ksg_ray.common.hub import resolve_model
     from ksg_ray.engines.transformers_engine import TransformersEngine
-    from ksg_ray.models import resolve_model
 
     threads = torch.get_num_threads()
     torch.set_num_threads(1)  # 2 shared cores: one thread is many times faster than two under contention

@@ -8,9 +8,9 @@ import dp_accounting as dpa
 import pytest
 from dp_accounting import pld, rdp
 
+from ksg_ray.client.privacy.accountant import Mechanism, calibrate_noise
+from ksg_ray.client.privacy.ledger import check_budget, open_ledger, privacy_report
 from ksg_ray.jobs import dp_reward
-from ksg_ray.privacy.accountant import Mechanism, calibrate_noise
-from ksg_ray.privacy.ledger import check_budget, open_ledger, privacy_report
 
 DELTA = 1e-5
 
@@ -80,7 +80,7 @@ def test_over_budget_reward_run_is_refused_before_anything_runs(tmp_path):
 
 
 def test_a_run_directory_cannot_be_resumed_by_another_mechanism(tmp_path):
-    from ksg_ray.dp_trainer import DPRunSpec, DPTask, fit_dp
+    from ksg_ray.client.dp_trainer import DPRunSpec, DPTask, fit_dp
 
     spec = DPRunSpec(steps=3, sample_rate=0.2, noise_multiplier=1.0, max_grad_norm=1.0, delta=1e-3, lr=1e-3,
                      physical_batch_size=4, checkpoint_every=1, num_records=20)
@@ -89,7 +89,7 @@ def test_a_run_directory_cannot_be_resumed_by_another_mechanism(tmp_path):
     (run / "dp_run.json").write_text(json.dumps({k: v for k, v in vars(spec).items()
                                                  if k not in ("noise_seed", "sampling_seed", "prior_history")}
                                                 | {"mechanism": "generator"}))
-    task = DPTask("reward", None, [], None, None, None, None)
+    task = DPTask(None, [], None, None, None, None, name="reward")
     with pytest.raises(ValueError, match="other DP numbers.*mechanism"):
         fit_dp(task, spec, num_workers=1, use_gpu=False, cpus_per_worker=1, output_dir=tmp_path, name="generator",
                max_failures=0)

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from ksg_ray.records import DataError, Record, load_records, write_jsonl
+from ksg_ray.common.records import DataError, Record, load_records, write_jsonl
 
 SHARED_DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
 ROW = {"instruction": "Be brief.", "input": "What is 2+2?", "output": "4."}

@@ -10,9 +10,9 @@ import numpy as np
 import pytest
 
 from ksg_ray import cli
+from ksg_ray.audit.report import PLOTS, build_report, parse_grid
 from ksg_ray.bundle import dump_privacy
-from ksg_ray.report import PLOTS, build_report, parse_grid
-from ksg_ray.run_layout import RunLayout, read_eval_results, read_funnel, write_eval_result, write_funnel
+from ksg_ray.common.run_layout import RunLayout, read_eval_results, read_funnel, write_eval_result, write_funnel
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 

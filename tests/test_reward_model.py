@@ -9,9 +9,8 @@ import torch
 from opacus.grad_sample import GradSampleModule
 from transformers import AutoTokenizer
 
-from ksg_ray.dp_config import LoraSection
-from ksg_ray.privacy.dp_sgd import DPSGD
-from ksg_ray.reward_model import (
+from ksg_ray.client.privacy.dp_sgd import DPSGD
+from ksg_ray.common.reward_model import (
     PAIRS,
     bradley_terry_loss,
     build_lora_reward,
@@ -20,6 +19,7 @@ from ksg_ray.reward_model import (
     reward_scores,
     tokenize_reward_example,
 )
+from ksg_ray.common.sections import LoraSection
 
 CLIP = 0.01
 QUESTIONS = [
@@ -97,11 +97,11 @@ def test_non_dp_proxy_is_used_and_marks_the_ledger_not_dp(tmp_path, tiny_model_p
     """Off by default; when set, its answers join the pairs and the privacy report says "not DP"."""
     import json
 
-    from ksg_ray.config import load_config
-    from ksg_ray.dp_config import DPRewardConfig
+    from ksg_ray.client.config import DPRewardConfig
+    from ksg_ray.client.privacy.ledger import open_ledger, privacy_report
+    from ksg_ray.common.config import load_config
+    from ksg_ray.common.records import load_records
     from ksg_ray.jobs.dp_reward import NOT_DP_PROXY, build_examples
-    from ksg_ray.privacy.ledger import open_ledger, privacy_report
-    from ksg_ray.records import load_records
 
     records = load_records("demo", limit=2)
     run_dir = tmp_path / "reward"

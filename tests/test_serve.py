@@ -23,7 +23,7 @@ import torch
 import yaml
 from conftest import save_random_lora, save_varied_model
 
-from ksg_ray.config import KsgConfigError
+from ksg_ray.common.config import KsgConfigError
 from ksg_ray.engines import SamplingParams, prompt_ids
 from ksg_ray.engines.transformers_engine import TransformersEngine
 from ksg_ray.serve.config import AuthSection, ServeAppConfig, parse_app_config

@@ -13,13 +13,13 @@ import numpy as np
 import psutil
 import pytest
 
-from ksg_ray.config import KsgConfigError, load_config
-from ksg_ray.synth.config import SynthConfig
-from ksg_ray.synth.dedup import near_duplicates, similar_to_any
-from ksg_ray.synth.pii import PIIScrubber
-from ksg_ray.synth.prompts import parse_query, query_messages
-from ksg_ray.synth.reward_filter import average_ranks, best_rewrite, combined_ranks, keep_top, positive_negative
-from ksg_ray.synth.store import JsonlStore
+from ksg_ray.common.config import KsgConfigError, load_config
+from ksg_ray.server.synth.config import SynthConfig
+from ksg_ray.server.synth.dedup import near_duplicates, similar_to_any
+from ksg_ray.server.synth.pii import PIIScrubber
+from ksg_ray.server.synth.prompts import parse_query, query_messages
+from ksg_ray.server.synth.reward_filter import average_ranks, best_rewrite, combined_ranks, keep_top, positive_negative
+from ksg_ray.server.synth.store import JsonlStore
 
 # --- pure parts ------------------------------------------------------------------------------------------
 
@@ -120,8 +120,8 @@ def test_synth_config_has_no_place_for_private_data():
 
 
 def test_judge_udf_gives_a_probability_and_skips_rows_without_work(tiny_model_path):
-    from ksg_ray.synth.judge_stage import JudgeUDF
-    from ksg_ray.synth.prompts import judge_messages
+    from ksg_ray.server.synth.judge_stage import JudgeUDF
+    from ksg_ray.server.synth.prompts import judge_messages
 
     udf = JudgeUDF("transformers", tiny_model_path, min_yes_probability=0.5)
     domain = SynthConfig().domain
@@ -140,8 +140,8 @@ def test_stage_actors_use_the_configured_threads(ray_cluster):
     """Ray gives an actor floor(num_cpus) >= 1 threads; `engine.threads` lets a 0.5-CPU actor use both cores."""
     import ray
 
-    from ksg_ray.synth.config import EngineSection
-    from ksg_ray.synth.pipeline import _stage
+    from ksg_ray.server.synth.config import EngineSection
+    from ksg_ray.server.synth.pipeline import _stage
 
     class TorchThreads:  # defined here so Ray pickles it by value (workers cannot import this test module)
         """Reports the torch thread count of the actor it runs in (the engine arguments are ignored)."""
@@ -213,7 +213,7 @@ def test_synthesis_runs_from_the_bundle_alone_and_a_rerun_adds_nothing(client_bu
     import pyarrow.parquet as pq
 
     assert pq.read_table(tmp_path / "synthetic.parquet").num_rows == len(rows)
-    from ksg_ray.records import load_records
+    from ksg_ray.common.records import load_records
 
     assert len(load_records(tmp_path / "synthetic.jsonl")) == len(rows)  # trainable as is
     assert json.loads((tmp_path / "funnel.json").read_text())["funnel"] == [list(x) for x in summary["funnel"]]

@@ -10,8 +10,8 @@ import json
 import pytest
 
 from ksg_ray.engines import SamplingParams
+from ksg_ray.engines.stage import generate_dataset
 from ksg_ray.engines.transformers_engine import TransformersEngine
-from ksg_ray.synth.generate_stage import generate_dataset
 
 pytestmark = pytest.mark.vllm
 pytest.importorskip("vllm")

@@ -3,7 +3,7 @@
 The client draws candidate answers (reward training) and the server synthesises data with the same calls;
 which library does the work is a deployment choice (`build_engine(kind=...)`), not a code path in the stages.
 Prompts are chat message lists rendered by the tokenizer's own chat template with the assistant header added,
-exactly as training rendered them (`ksg_ray.chat_format.prompt_text`), so a fine-tuned model is asked in the
+exactly as training rendered them (`ksg_ray.common.chat_format.prompt_text`), so a fine-tuned model is asked in the
 format it learned.
 """
 
@@ -107,7 +107,7 @@ def build_engine(kind: str, model_path: str, adapter_path: str | None = None, **
     Args:
         kind: "transformers", "vllm", or "auto" (vLLM when CUDA is available and vllm is installed, else
             transformers: vLLM is the fast path on GPUs, transformers works everywhere).
-        model_path: a local model folder or hub id (see `ksg_ray.models.resolve_model`).
+        model_path: a local model folder or hub id (see `ksg_ray.common.hub.resolve_model`).
         adapter_path: a peft adapter folder (what the client sends), or None for the base model.
         **kw: engine options (`TransformersEngine`: device, dtype, batch_size; `VLLMEngine`: `vllm.LLM` args).
 

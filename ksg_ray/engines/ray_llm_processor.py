@@ -1,6 +1,6 @@
 """Optional: generation through Ray's own `ray.data.llm` vLLM processor, set up to run on CPU nodes too.
 
-`ksg_ray.synth.generate_stage.generate_dataset` is the project's generation stage (any engine, `n` answers
+`ksg_ray.engines.stage.generate_dataset` is the project's generation stage (any engine, `n` answers
 per row, failed rows kept). This helper is for users who prefer Ray's processor (its async engine overlaps
 batches); it writes the same columns, with these limits of `ray.data.llm` (Ray 2.60):
 
@@ -63,7 +63,7 @@ def build_vllm_processor(*, model_path: str, adapter_path: str | None, sampling:
 
     if sampling.n != 1:
         raise ValueError(f"ray.data.llm returns one answer per row, got n={sampling.n}; use "
-                         "ksg_ray.synth.generate_stage.generate_dataset for several")
+                         "ksg_ray.engines.stage.generate_dataset for several")
     kwargs: dict[str, Any] = {}
     env: dict[str, str] = {}
     placement = None
@@ -124,6 +124,6 @@ def _eos_token_ids(model_path: str) -> set[int]:
 
 def _plain(value: Any) -> Any:
     """Messages as plain Python (Ray hands nested columns over as numpy arrays)."""
-    from ksg_ray.synth.generate_stage import to_messages
+    from ksg_ray.engines.stage import to_messages
 
     return to_messages(value)

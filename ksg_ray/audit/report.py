@@ -1,0 +1,309 @@
+"""`ksg report RUN_DIR`: one Markdown report with PNG plots, built from a run directory's files alone.
+
+Reads what the stages wrote (`ksg_ray.common.run_layout`): every method's evaluation, the synthesis funnel and reward
+distributions, and the bundle's privacy report. Writes `<run>/report/report.md` and beside it:
+
+    privacy_utility.png   utility (and the two privacy attacks) against ε, one line per method family
+    rewards.png           reward histograms of the candidates before and of the rows kept after filtering
+    funnel.png            rows left after each synthesis stage
+
+An input that is missing is named in the report and its plot is left out; nothing is invented to fill a gap.
+Plots use matplotlib's object API (`Figure`, no pyplot state), so building a report in a server process
+or a thread is safe.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import math
+import sys
+from collections.abc import Sequence
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+from ksg_ray.common.run_layout import METRIC_KEYS, RunLayout, epsilon_label, read_eval_results, read_funnel
+
+__all__ = ["PLOTS", "add_report_args", "build_report", "parse_grid", "plot_funnel", "plot_privacy_utility",
+           "plot_rewards", "run_report"]
+
+logger = logging.getLogger(__name__)
+
+PLOTS = {"privacy_utility": "privacy_utility.png", "rewards": "rewards.png", "funnel": "funnel.png"}
+METRIC_LABELS = {"rouge1": "ROUGE-1", "rouge2": "ROUGE-2", "rougeL": "ROUGE-L", "bleu": "BLEU",
+                 "embedding_cosine": "MiniLM cos", "judge": "judge (1-10)",
+                 "canary_rate_synthetic": "canary rate (synthetic)", "canary_rate_generations": "canary rate (gen.)",
+                 "mia_auc": "MIA AUC"}
+
+
+def build_report(run_dir: str | Path, *, epsilon_grid: Sequence[float] | None = None, utility_metric: str = "rougeL",
+                 out_dir: str | Path | None = None, not_evaluated: dict[str, str] | None = None) -> Path:
+    """Write the report of a run directory and return the Markdown file's path.
+
+    Args:
+        run_dir: the run directory (`ksg_ray.common.run_layout.RunLayout`).
+        epsilon_grid: the ε values of the privacy–utility plot's x axis (inf allowed); None = every ε found.
+            Grid points without a result, and results off the grid, are listed in the report.
+        utility_metric: the metric on the plot's utility axis (one of `run_layout.METRIC_KEYS`).
+        out_dir: where to write (None = `<run>/report`).
+        not_evaluated: method -> why it has no result (listed under the table, so a missing row is explained).
+
+    Returns:
+        The path of `report.md`.
+
+    Raises:
+        ValueError: unknown `utility_metric`, a negative grid value, or a malformed input file (named).
+    """
+    if utility_metric not in METRIC_KEYS:
+        raise ValueError(f"utility_metric {utility_metric!r} is not one of {METRIC_KEYS}")
+    if epsilon_grid is not None and any(not e >= 0 for e in epsilon_grid):
+        raise ValueError(f"epsilon grid values must be >= 0 (inf allowed), got {list(epsilon_grid)}")
+    layout = RunLayout(run_dir)
+    out = Path(out_dir) if out_dir is not None else layout.report_dir
+    out.mkdir(parents=True, exist_ok=True)
+    results = read_eval_results(run_dir) if layout.eval_dir.is_dir() else []
+    funnel = read_funnel(layout.funnel) if layout.funnel.is_file() else None
+    privacy = _read_bundle_privacy(layout)
+
+    md = [f"# ksg-ray report: `{layout.root}`", "",
+          f"Generated {datetime.now(UTC).isoformat(timespec='seconds')} from the files of the run directory.", ""]
+    md += _methods_section(results, layout)
+    if not_evaluated:
+        md += ["Not evaluated:", "", *(f"- `{m}`: {why}" for m, why in not_evaluated.items()), ""]
+    md += _privacy_section(privacy, layout)
+    md += ["## Privacy–utility", ""]
+    if results:
+        grid, notes = _grid(results, epsilon_grid)
+        if any(r["epsilon"] in grid for r in results):
+            plot_privacy_utility(results, grid, utility_metric, out / PLOTS["privacy_utility"])
+            md += [f"![privacy-utility]({PLOTS['privacy_utility']})", "", *notes,
+                   "Methods without ε (no private data used) are drawn as dotted horizontal reference lines.", ""]
+        else:
+            md += ["No method has an ε on the grid: nothing to plot.", "", *notes]
+    else:
+        md += [f"No evaluation results: `{layout.eval_dir}/*.json` missing (run `ksg eval`).", ""]
+    md += _synthesis_section(funnel, layout, out)
+    report = out / "report.md"
+    report.write_text("\n".join(md).rstrip() + "\n", encoding="utf-8")
+    logger.info("report: wrote %s", report)
+    return report
+
+
+def _fmt(x: Any, spec: str = ".3f") -> str:
+    return "—" if x is None or (isinstance(x, float) and math.isnan(x)) else format(x, spec)
+
+
+def _methods_section(results: list[dict], layout: RunLayout) -> list[str]:
+    md = ["## Methods", ""]
+    if not results:
+        return md + [f"No evaluation results in `{layout.eval_dir}`.", ""]
+    head = ["method", "ε", "n", *(METRIC_LABELS[k] for k in METRIC_KEYS), "judge parsed",
+            *(METRIC_LABELS[k] for k in ("canary_rate_synthetic", "canary_rate_generations", "mia_auc"))]
+    md += ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for r in results:
+        m, p = r["metrics"], r["privacy"]
+        judge = (r.get("counts") or {}).get("judge") or {}
+        parsed = f"{judge['parsed']}/{judge['parsed'] + judge['unparsed'] + judge['failed']}" if judge else "—"
+        cells = [f"`{r['method']}`", epsilon_label(r["epsilon"]), str(r["n"]),
+                 *(_fmt(m.get(k), ".2f" if k in ("bleu", "judge") else ".3f") for k in METRIC_KEYS), parsed,
+                 *(_fmt(p.get(k)) for k in ("canary_rate_synthetic", "canary_rate_generations", "mia_auc"))]
+        md.append("| " + " | ".join(cells) + " |")
+    md += ["", "ROUGE: F1 in [0, 1]; BLEU: corpus BLEU in [0, 100]; MiniLM cos: mean cosine of answer and reference; "
+           "judge: the professional model's mean 1–10 grade over the replies it could be parsed from (parsed / "
+           "graded). Canary rates: share of planted secrets found in the synthetic data / in answers to targeted "
+           "prompts. MIA AUC: loss-based membership inference (0.5 = no signal). — = not computed.", ""]
+    return md
+
+
+def _read_bundle_privacy(layout: RunLayout) -> dict | None:
+    if not layout.privacy.is_file():
+        return None
+    from ksg_ray.bundle import read_privacy
+
+    return read_privacy(layout.bundle_dir)
+
+
+def _privacy_section(privacy: dict | None, layout: RunLayout) -> list[str]:
+    md = ["## The bundle's privacy report", ""]
+    if privacy is None:
+        return md + [f"`{layout.privacy}` missing: no bundle in this run directory.", ""]
+    eps, not_dp = privacy.get("epsilon"), privacy.get("not_dp") or []
+    if not_dp:
+        md += [f"**WARNING: not DP.** The private data was used outside DP: {'; '.join(map(str, not_dp))}.", ""]
+    if isinstance(eps, float) and math.isinf(eps):
+        md += ["**WARNING: ε = ∞** — the bundle was trained without DP (the non-private baseline).", ""]
+    md += ["| key | value |", "|---|---|"]
+    for key, value in privacy.items():
+        if key == "mechanisms":
+            for m in value or []:
+                md.append(f"| mechanism `{m.get('name', '?')}` | σ={_fmt(m.get('noise_multiplier'), '.4f')}, "
+                          f"q={_fmt(m.get('sample_rate'), '.4f')}, steps={m.get('steps')} |")
+        elif isinstance(value, float):
+            md.append(f"| {key} | {epsilon_label(value) if key.startswith('epsilon') else format(value, '.3g')} |")
+        else:
+            md.append(f"| {key} | {str(value).replace('|', '/') if value not in ([], '') else '(none)'} |")
+    return md + [""]
+
+
+def _grid(results: list[dict], epsilon_grid: Sequence[float] | None) -> tuple[list[float], list[str]]:
+    found = sorted({r["epsilon"] for r in results if r["epsilon"] is not None})
+    if epsilon_grid is None:
+        return found, []
+    grid = sorted(set(float(e) for e in epsilon_grid))
+    notes = []
+    missing = [e for e in grid if e not in found]
+    if missing:
+        notes.append("- No result at ε = " + ", ".join(epsilon_label(e) for e in missing) + " (grid points not run).")
+    off = [r["method"] for r in results if r["epsilon"] is not None and r["epsilon"] not in grid]
+    if off:
+        notes.append("- Off the ε grid, not plotted: " + ", ".join(f"`{m}`" for m in off) + ".")
+    return grid, [*notes, ""] if notes else []
+
+
+def plot_privacy_utility(results: list[dict], grid: Sequence[float], utility_metric: str, path: Path) -> Path:
+    """Two panels over the ε grid (evenly spaced, ∞ last): the utility metric, and MIA AUC / canary rates.
+
+    Methods of one `family` (default: the method) are joined by a line; methods without ε are dashed
+    horizontal reference lines.
+    """
+    from matplotlib.figure import Figure
+
+    fig = Figure(figsize=(11, 4.2), layout="constrained")
+    ax_u, ax_p = fig.subplots(1, 2)
+    x_of = {e: i for i, e in enumerate(grid)}
+    families: dict[str, list[dict]] = {}
+    for r in results:
+        families.setdefault(r.get("family") or r["method"], []).append(r)
+    colors = [f"C{i % 10}" for i in range(len(families))]
+    for color, (family, rows) in zip(colors, families.items(), strict=True):
+        on_grid = sorted((r for r in rows if r["epsilon"] in x_of), key=lambda r: r["epsilon"])
+        for ax, key, style in ((ax_u, utility_metric, "-o"), (ax_p, "mia_auc", "-o"),
+                               (ax_p, "canary_rate_generations", "--s")):
+            section = "metrics" if key in METRIC_KEYS else "privacy"
+            pts = [(x_of[r["epsilon"]], r[section][key]) for r in on_grid if r[section].get(key) is not None]
+            label = family if ax is ax_u else f"{family}: {METRIC_LABELS[key]}"
+            if pts:
+                ax.plot(*zip(*pts, strict=True), style, color=color, label=label)
+            for r in rows:
+                if r["epsilon"] is None and r[section].get(key) is not None:
+                    ax.axhline(r[section][key], color=color, linestyle=":", label=f"{label} (no ε)")
+    for ax, title in ((ax_u, METRIC_LABELS[utility_metric]), (ax_p, "privacy attacks")):
+        ax.set_xticks(range(len(grid)), [epsilon_label(e) for e in grid])
+        ax.set_xlim(-0.5, max(len(grid) - 0.5, 0.5))
+        ax.set_xlabel("ε (δ fixed; ∞ = no DP)")
+        ax.set_title(title)
+        ax.grid(alpha=0.3)
+        if ax.get_legend_handles_labels()[0]:
+            ax.legend(fontsize=7)
+    ax_p.axhline(0.5, color="grey", linewidth=0.8)
+    ax_p.set_ylim(-0.02, 1.02)
+    ax_p.set_ylabel("MIA AUC (0.5 = chance) / canary rate")
+    ax_u.set_ylabel(METRIC_LABELS[utility_metric])
+    fig.savefig(path, dpi=110)
+    return path
+
+
+def plot_rewards(candidates: Sequence[float], kept: Sequence[float], path: Path) -> Path:
+    """Overlaid histograms (same bins) of the candidates' rewards and of the kept rows' rewards."""
+    import numpy as np
+    from matplotlib.figure import Figure
+
+    fig = Figure(figsize=(6.5, 4), layout="constrained")
+    ax = fig.subplots()
+    values = [*candidates, *kept]
+    bins = np.histogram_bin_edges(values, bins=min(30, max(5, len(values) // 4))) if values else 10
+    if candidates:
+        ax.hist(candidates, bins=bins, alpha=0.55, label=f"candidates before filtering (n={len(candidates)})")
+    if kept:
+        ax.hist(kept, bins=bins, alpha=0.75, label=f"kept after filtering (n={len(kept)})")
+    ax.set_xlabel("reward (DP reward model)")
+    ax.set_ylabel("rows")
+    ax.set_title("Rewards before / after filtering")
+    ax.legend(fontsize=8)
+    fig.savefig(path, dpi=110)
+    return path
+
+
+def plot_funnel(funnel: Sequence[tuple[str, int]], path: Path) -> Path:
+    """Horizontal bars, first stage on top: rows after each stage, with the ratio to the stage before (stages
+    may expand, e.g. n samples per prompt, as well as filter)."""
+    from matplotlib.figure import Figure
+
+    fig = Figure(figsize=(8, 0.45 * len(funnel) + 1.2), layout="constrained")
+    ax = fig.subplots()
+    names, counts = [n for n, _ in funnel], [c for _, c in funnel]
+    y = list(range(len(funnel)))[::-1]
+    ax.barh(y, counts, color="C0")
+    ax.set_yticks(y, [n if len(n) <= 60 else n[:57] + "..." for n in names], fontsize=8)
+    top = max(counts) if counts and max(counts) > 0 else 1
+    for k, (yi, c) in enumerate(zip(y, counts, strict=True)):
+        ratio = f" (×{c / counts[k - 1]:.2f})" if k and counts[k - 1] else ""
+        ax.text(c + top * 0.01, yi, f"{c}{ratio}", va="center", fontsize=8)
+    ax.set_xlim(0, top * 1.2)
+    ax.set_xlabel("rows")
+    ax.set_title("Synthesis funnel")
+    fig.savefig(path, dpi=110)
+    return path
+
+
+def _synthesis_section(funnel: dict | None, layout: RunLayout, out: Path) -> list[str]:
+    md = ["## Synthesis", ""]
+    if funnel is None:
+        return md + [f"`{layout.funnel}` missing: no synthesis in this run directory.", ""]
+    rewards = funnel["rewards"]
+    md += ["### Rewards before / after filtering", ""]
+    if rewards["candidates"] or rewards["kept"]:
+        plot_rewards(rewards["candidates"], rewards["kept"], out / PLOTS["rewards"])
+        md += [f"![rewards]({PLOTS['rewards']})", ""]
+        for name, xs in (("candidates", rewards["candidates"]), ("kept", rewards["kept"])):
+            if xs:
+                md.append(f"- {name}: n={len(xs)}, mean={sum(xs) / len(xs):.3f}, min={min(xs):.3f}, "
+                          f"max={max(xs):.3f}")
+        md.append("")
+    else:
+        md += [f"No rewards recorded in `{layout.funnel}`.", ""]
+    md += ["### Funnel", "", f"![funnel]({PLOTS['funnel']})", "", "| stage | rows | × previous stage |",
+           "|---|---|---|"]
+    plot_funnel(funnel["funnel"], out / PLOTS["funnel"])
+    previous = None
+    for name, count in funnel["funnel"]:
+        ratio = f"{count / previous:.3f}" if previous else "—"
+        md.append(f"| {name.replace('|', '/')} | {count} | {ratio} |")
+        previous = count
+    return md + [""]
+
+
+def add_report_args(parser: argparse.ArgumentParser) -> None:
+    """Arguments of `ksg report RUN_DIR [--epsilon-grid 1,4,8,inf] [--metric rougeL] [--out DIR]`."""
+    parser.add_argument("run_dir", type=Path, help="run directory (eval/, synth/, bundle/)")
+    parser.add_argument("--epsilon-grid", default=None,
+                        help="comma-separated ε values of the privacy-utility x axis, e.g. 1,4,8,inf "
+                             "(default: every ε found)")
+    parser.add_argument("--metric", default="rougeL", choices=METRIC_KEYS, help="utility metric to plot against ε")
+    parser.add_argument("--out", type=Path, default=None, help="output folder (default: RUN_DIR/report)")
+
+
+def parse_grid(text: str | None) -> list[float] | None:
+    """"1,4,8,inf" → [1.0, 4.0, 8.0, inf].
+
+    Raises:
+        ValueError: a value is not a number or "inf".
+    """
+    if text is None:
+        return None
+    try:
+        return [float(x) for x in text.split(",") if x.strip()]
+    except ValueError as e:
+        raise ValueError(f"--epsilon-grid {text!r}: expected comma-separated numbers or inf, e.g. 1,4,8,inf") from e
+
+
+def run_report(args: argparse.Namespace) -> int:
+    """Build the report; prints its path, returns the exit code (1 when the run directory does not exist)."""
+    if not Path(args.run_dir).is_dir():
+        print(f"{args.run_dir}: not a directory", file=sys.stderr)
+        return 1
+    report = build_report(args.run_dir, epsilon_grid=parse_grid(args.epsilon_grid), utility_metric=args.metric,
+                          out_dir=args.out)
+    print(report)
+    return 0

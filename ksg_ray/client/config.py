@@ -1,0 +1,100 @@
+"""Typed configs of the client-side DP training jobs (`ksg dp-train`, `ksg dp-reward`).
+
+Defaults are the embedded default: SmolLM2-135M, the demo data, ε = 8, a local Ray cluster on the CPU.
+"""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+from typing import Literal
+
+from pydantic import Field, field_validator, model_validator
+
+from ksg_ray.common.config import StrictModel
+from ksg_ray.common.sections import (
+    DataSection,
+    LoraSection,
+    ModelSection,
+    RunSection,
+    ScalingSection,
+    TrainSection,
+)
+
+__all__ = ["CandidatesSection", "DPFinetuneConfig", "DPRewardConfig", "DPRunSection", "DataSection", "EvalSection",
+           "LoraSection", "ModelSection", "PrivacySection", "RunSection", "ScalingSection", "TrainSection"]
+
+
+class PrivacySection(StrictModel):
+    target_epsilon: float = Field(8.0, description="ε for the whole run (inf = the non-private baseline)")
+    delta: float = Field(1e-5, gt=0, lt=1, description="δ; must be < 1/N for N private records")
+    max_grad_norm: float = Field(1.0, gt=0, description="per-record clip norm C")
+    accountant: Literal["prv", "rdp"] = Field("prv", description="accountant used to calibrate σ and report ε")
+    total_epsilon_budget: float | None = Field(
+        None, gt=0, description="cap on the composed ε of all models trained on these records (None = no cap)")
+    noise_seed: int | None = Field(None, description="tests only: a known seed lets anyone subtract the noise")
+    sampling_seed: int | None = Field(None, description="tests only; None = a secret random seed")
+
+    @field_validator("target_epsilon")
+    @classmethod
+    def _positive(cls, v: float) -> float:
+        if not v > 0:
+            raise ValueError(f"must be > 0 (or inf for the non-private baseline), got {v}")
+        return v
+
+    @property
+    def private(self) -> bool:
+        return not math.isinf(self.target_epsilon)
+
+
+class DPRunSection(RunSection):
+    bundle_dir: Path = Field(Path("runs/bundle"), description="where the transfer bundle is written")
+
+
+class DPFinetuneConfig(StrictModel):
+    """`ksg dp-train`: DP LoRA fine-tuning of the generator on the client's private records."""
+
+    model: ModelSection = ModelSection()
+    lora: LoraSection = LoraSection()
+    data: DataSection = DataSection()
+    privacy: PrivacySection = PrivacySection()
+    train: TrainSection = TrainSection()
+    scaling: ScalingSection = ScalingSection()
+    run: DPRunSection = DPRunSection()
+
+    @model_validator(mode="after")
+    def _consistent(self) -> DPFinetuneConfig:
+        if self.train.physical_batch_size < 1:
+            raise ValueError("train.physical_batch_size must be >= 1")
+        if self.scaling.strategy == "ddp" and self.scaling.zero_stage != 1:
+            raise ValueError("scaling.zero_stage is a DeepSpeed setting: set scaling.strategy=deepspeed")
+        return self
+
+
+class CandidatesSection(StrictModel):
+    """Where the reward model's candidate answers come from (RewardDS step 2)."""
+
+    generator_bundle: Path = Field(Path("runs/bundle"), description="bundle holding the DP generator adapter")
+    engine: Literal["transformers", "vllm", "auto"] = "transformers"
+    max_new_tokens: int = Field(96, gt=0, description="greedy answer length of the base and DP models")
+    batch_size: int = Field(8, gt=0, description="prompts per engine call")
+    max_actors: int = Field(2, gt=0, description="engine actors the Ray Data pool scales up to (each holds a model)")
+    non_dp_proxy_adapter: Path | None = Field(
+        None, description="NOT DP: answers of a non-private proxy trained on the records; marks the bundle not DP")
+
+
+class EvalSection(StrictModel):
+    path: str | None = Field(None, description="held-out records for pairwise accuracy (truth ranked above base)")
+    limit: int = Field(48, gt=0)
+
+
+class RewardRunSection(DPRunSection):
+    name: str = Field("reward", description="run name inside output_dir (a rerun resumes it)")
+
+
+class DPRewardConfig(DPFinetuneConfig):
+    """`ksg dp-reward`: DP reward proxy (LoRA + scalar head, Bradley–Terry) on the same private records."""
+
+    run: RewardRunSection = RewardRunSection()
+    candidates: CandidatesSection = CandidatesSection()
+    eval: EvalSection = EvalSection()

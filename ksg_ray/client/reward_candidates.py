@@ -1,0 +1,63 @@
+"""CLIENT SIDE — candidate answers to the private questions, for the reward model's preference pairs.
+
+The base model's and the DP generator's greedy answers come from batched generation on Ray Data through the
+same engine code the server uses (`ksg_ray.engines.stage`). Results are cached per record in the run
+directory (client-side: they are derived from private questions), so a rerun generates nothing twice.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from pathlib import Path
+
+from ksg_ray.common.chat_format import build_messages
+from ksg_ray.common.jsonl import write_json_atomic
+from ksg_ray.common.records import Record
+
+logger = logging.getLogger(__name__)
+
+__all__ = ["generate_answers", "load_or_generate_candidates", "question_messages"]
+
+
+def question_messages(record: Record) -> list[dict[str, str]]:
+    """The record's prompt (system = instruction, user = input) without its private answer."""
+    return [m for m in build_messages(record) if m["role"] != "assistant"]
+
+
+def generate_answers(records: list[Record], *, engine: str, model_path: str, adapter_path: str | None,
+                     max_new_tokens: int, batch_size: int, max_actors: int = 1) -> list[str | None]:
+    """Greedy answers, one per record, in record order; None where the engine failed (reported, not dropped)."""
+    import ray.data
+
+    from ksg_ray.engines import SamplingParams
+    from ksg_ray.engines.stage import generate_dataset
+
+    ds = ray.data.from_items([{"idx": i, "messages": question_messages(r)} for i, r in enumerate(records)])
+    out = generate_dataset(ds, engine_kind=engine, model_path=model_path, adapter_path=adapter_path,
+                           sampling=SamplingParams(temperature=0.0, max_new_tokens=max_new_tokens, n=1),
+                           batch_size=batch_size, min_actors=1, max_actors=max_actors)
+    answers: list[str | None] = [None] * len(records)
+    for row in out.select_columns(["idx", "generations", "__error__"]).iter_rows():
+        if row["__error__"]:
+            logger.warning("record %s: generation failed: %s", records[row["idx"]].source, row["__error__"])
+        else:
+            answers[row["idx"]] = list(row["generations"])[0]
+    return answers
+
+
+def load_or_generate_candidates(records: list[Record], cache: Path, **sources: dict) -> dict[str, list[str | None]]:
+    """For each named source (`base`, `dp_generator`, ...: kwargs of `generate_answers`), answers per record.
+
+    A source already in `cache` for the same records is not generated again.
+    """
+    cached = json.loads(cache.read_text()) if cache.exists() else {}
+    key = [r.source for r in records]
+    if cached.get("records") != key:
+        cached = {"records": key}
+    for name, kwargs in sources.items():
+        if name not in cached:
+            logger.info("generating %s answers for %d private questions", name, len(records))
+            cached[name] = generate_answers(records, **kwargs)
+            write_json_atomic(cache, cached, indent=None)
+    return {name: cached[name] for name in sources}

@@ -1,0 +1,101 @@
+"""Ray Train plumbing shared by every trainer (DP on the client, plain fine-tuning on the server).
+
+What is the same whatever is trained lives here: moving a batch to the worker's device, gathering ZeRO-3
+partitioned parameters where code reads them outside a forward pass, starting DeepSpeed (with the install hint
+when the extra is missing), and running a loop on a `TorchTrainer` whose storage makes a rerun resume (Ray
+Train V2 restores a run from `storage/name` and hands the loop its latest checkpoint).
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+__all__ = ["TrainTask", "deepspeed_initialize", "gathered_params", "run_torch_trainer", "to_device"]
+
+
+@dataclass
+class TrainTask:
+    """What a training run trains, whatever the trainer. Callables must be importable module-level functions
+    (Ray pickles them).
+
+    Attributes:
+        build_model: (device) -> model whose trainable (`requires_grad`) parameters are the ones to train.
+        examples: one entry per record (for DP: the unit of privacy).
+        collate: (list of examples) -> dict of tensors.
+        loss_fn: (module, batch) -> per-record losses [B].
+        save: (model, directory) -> None, writes the trained weights (e.g. the peft adapter).
+        load: (model, directory) -> None, restores what `save` wrote (for resume).
+    """
+
+    build_model: Callable[[torch.device], torch.nn.Module]
+    examples: list[Any]
+    collate: Callable[[list[Any]], dict[str, torch.Tensor]]
+    loss_fn: Callable[[torch.nn.Module, dict[str, torch.Tensor]], torch.Tensor]
+    save: Callable[[torch.nn.Module, Path], None]
+    load: Callable[[torch.nn.Module, Path], None]
+
+
+def to_device(batch: dict[str, torch.Tensor], device: torch.device) -> dict[str, torch.Tensor]:
+    """Every tensor of a collated batch on `device`."""
+    return {k: v.to(device) for k, v in batch.items()}
+
+
+def gathered_params(engine, params: list[torch.nn.Parameter]):
+    """ZeRO-3 partitions even the trainable tensors: gather them where code reads them outside forward.
+
+    A collective under ZeRO-3 (every rank must enter it); a no-op context otherwise (`engine` None = no DeepSpeed).
+    """
+    if engine is not None and engine.zero_optimization_stage() == 3:
+        import deepspeed
+
+        return deepspeed.zero.GatheredParameters(params, modifier_rank=None)
+    return contextlib.nullcontext()
+
+
+def deepspeed_initialize(model: torch.nn.Module, optimizer: torch.optim.Optimizer, config: dict,
+                         lr_scheduler: Any = None):
+    """`deepspeed.initialize` with a client optimizer; returns (engine, optimizer, lr_scheduler).
+
+    Raises:
+        ImportError: the deepspeed extra is not installed.
+    """
+    try:
+        import deepspeed
+    except ImportError as e:
+        raise ImportError("strategy=deepspeed needs the deepspeed extra: pip install 'ksg-ray[deepspeed]'") from e
+    engine, optimizer, _, lr_scheduler = deepspeed.initialize(model=model, optimizer=optimizer, config=config,
+                                                              lr_scheduler=lr_scheduler)
+    return engine, optimizer, lr_scheduler
+
+
+def run_torch_trainer(loop: Callable[[dict], None], loop_config: dict, *, num_workers: int, use_gpu: bool,
+                      cpus_per_worker: float, storage: Path, name: str, max_failures: int,
+                      checkpoint_config=None):
+    """Run `loop` on `num_workers` Ray Train workers (gloo on CPU, NCCL on GPU) and return the `Result`.
+
+    Args:
+        loop: the `train_loop_per_worker`; it and `loop_config` must be picklable.
+        storage, name: the run lives in `storage/name`; a rerun with both unchanged resumes it.
+        max_failures: worker failures recovered from (each restart resumes from the latest checkpoint).
+        checkpoint_config: a `ray.train.CheckpointConfig`; None keeps the 2 latest checkpoints.
+    """
+    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
+    from ray.train.torch import TorchConfig, TorchTrainer
+
+    trainer = TorchTrainer(
+        loop,
+        train_loop_config=loop_config,
+        scaling_config=ScalingConfig(num_workers=num_workers, use_gpu=use_gpu,
+                                     resources_per_worker={"CPU": cpus_per_worker}),
+        torch_config=TorchConfig(backend="nccl" if use_gpu else "gloo"),
+        run_config=RunConfig(name=name, storage_path=str(storage),
+                             failure_config=FailureConfig(max_failures=max_failures),
+                             checkpoint_config=checkpoint_config or CheckpointConfig(num_to_keep=2)),
+    )
+    return trainer.fit()

@@ -1,0 +1,59 @@
+"""Config sections every training job shares (DP jobs on the client, the fine-tune on the server).
+
+Defaults are the embedded default: SmolLM2-135M, the demo data, a local Ray cluster on the CPU.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Literal
+
+from pydantic import Field
+
+from ksg_ray.common.config import StrictModel
+
+__all__ = ["DataSection", "LoraSection", "ModelSection", "RunSection", "ScalingSection", "TrainSection"]
+
+
+class ModelSection(StrictModel):
+    name: str = Field("smollm2-135m", description="smollm2-135m | tiny-random | a Hugging Face id | a local path")
+
+
+class LoraSection(StrictModel):
+    r: int = Field(8, gt=0, description="LoRA rank")
+    alpha: float = Field(16.0, gt=0, description="LoRA scaling α")
+    dropout: float = Field(0.0, ge=0, lt=1, description="LoRA dropout (0 under DP, as in KnowledgeSG)")
+    target_modules: list[str] = Field(["q_proj", "v_proj"], description="modules that get adapters")
+
+
+class DataSection(StrictModel):
+    path: str = Field("demo", description="private records: demo | demo:financial | *.jsonl | *.parquet | hf:NAME")
+    limit: int | None = Field(None, gt=0, description="use only the first N records")
+    max_seq_len: int = Field(256, ge=32, description="tokens per record; longer records are truncated and counted")
+
+
+class TrainSection(StrictModel):
+    epochs: float = Field(1.0, gt=0, description="passes over the data in expectation (steps = epochs / q)")
+    max_steps: int | None = Field(None, gt=0, description="cap on steps (σ is calibrated for the capped run)")
+    expected_batch_size: int = Field(8, gt=0, description="logical batch: sample rate q = this / N")
+    physical_batch_size: int = Field(8, gt=0, description="records per forward pass (memory only)")
+    lr: float = Field(2e-4, gt=0)
+    weight_decay: float = Field(0.0, ge=0)
+    optimizer: Literal["adamw", "sgd"] = "adamw"
+    checkpoint_every: int = Field(20, gt=0, description="steps between checkpoints")
+    seed: int = Field(0, description="seed of the LoRA initialisation")
+
+
+class ScalingSection(StrictModel):
+    num_workers: int = Field(1, gt=0, description="Ray Train workers")
+    use_gpu: bool = False
+    cpus_per_worker: float = Field(1, gt=0)
+    strategy: Literal["ddp", "deepspeed"] = "ddp"
+    zero_stage: int = Field(1, ge=0, le=3, description="DeepSpeed ZeRO stage (strategy=deepspeed)")
+    bf16: bool = Field(False, description="bf16 autocast in forward (GPU)")
+
+
+class RunSection(StrictModel):
+    output_dir: Path = Field(Path("runs/dp"), description="Ray Train storage and job outputs")
+    name: str = Field("generator", description="run name inside output_dir (a rerun resumes it)")
+    max_failures: int = Field(1, ge=0, description="worker failures Ray Train recovers from")

@@ -1,0 +1,1 @@
+"""SERVER SIDE — fine-tuning of the target on the synthetic set: config, data, Ray Train loop, model folder."""

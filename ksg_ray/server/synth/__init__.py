@@ -1,0 +1,1 @@
+"""SERVER SIDE — synthesis on Ray Data: stages, prompts, filters, the resumable store and the pipeline."""

@@ -1,0 +1,152 @@
+"""SERVER SIDE — typed config of `ksg synthesize`: a bundle path and public settings, nothing else.
+
+There is deliberately no data path in this schema: the server never reads the client's records. Seed
+questions are public text written into the config (or none: seedless domain prompts). Defaults follow the
+papers where they fit a CPU (RewardDS: n = 6, temperature 1.0, top_p 0.7, α = 0.5, keep 1/8; KnowledgeSG: the
+professional model filters and answers, TF-IDF similarity 0.52 to the seeds).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Literal
+
+from pydantic import Field, field_validator, model_validator
+
+from ksg_ray.common.config import StrictModel
+
+__all__ = ["AnswersSection", "DEFAULT_PII_PATTERNS", "DedupSection", "DomainSection", "EngineSection",
+           "ProfessionalSection", "QueriesSection", "RefineSection", "ScoringSection", "SynthConfig",
+           "SynthRunSection"]
+
+SimilarityMethod = Literal["tfidf", "rouge_l", "embedding"]  # = ksg_ray.common.text_metrics.SIMILARITY_METHODS
+
+# Redacted in everything written: the DP models should not emit these, and if they do, nothing downstream
+# (fine-tuning, serving) should learn them. Names of the patterns appear in the redaction marker.
+DEFAULT_PII_PATTERNS = {
+    "email": r"[\w.+-]+@[\w-]+\.[\w.-]+",
+    "phone": r"(?<!\w)(?:\+?\d{1,3}[ .-]?)?(?:\(\d{3}\)|\d{3})[ .-]\d{3}[ .-]\d{4}(?!\w)",
+    "ssn": r"(?<!\d)\d{3}-\d{2}-\d{4}(?!\d)",
+    "credit_card": r"(?<!\d)(?:\d{4}[ -]){3}\d{4}(?!\d)",
+    "iban": r"\b[A-Z]{2}\d{2}(?: ?[A-Z0-9]{4}){3,7}\b",
+}
+
+
+class DomainSection(StrictModel):
+    name: str = Field("medical", description="short domain name, used in prompts ('a medical question')")
+    description: str = Field("medicine and patient health",
+                             description="what the domain covers, used in the query and judge prompts")
+    seed_questions: list[str] = Field(
+        [], description="PUBLIC example questions shown to the generator (never private records); empty = seedless")
+    answer_system_prompt: str = Field(
+        "You are a helpful, careful medical doctor. Answer the patient's question clearly and specifically.",
+        description="system message of every answer (the domain-expert persona); also the trained instruction")
+
+
+class QueriesSection(StrictModel):
+    num_prompts: int = Field(8, gt=0, description="prompts to the DP generator (each yields `per_prompt` samples)")
+    per_prompt: int = Field(6, gt=0, description="samples per prompt (RewardDS: 6)")
+    seeds_per_prompt: int = Field(2, ge=0, description="public seed questions shown per prompt (RewardDS: 2)")
+    temperature: float = Field(1.0, ge=0)
+    top_p: float = Field(0.7, gt=0, le=1)
+    max_new_tokens: int = Field(96, gt=0)
+    min_words: int = Field(3, ge=1, description="shorter queries are rejected (reason 'too short')")
+    require_finished: bool = Field(
+        True, description="without require_question: a sample cut at max_new_tokens is rejected (a fragment)")
+    require_question: bool = Field(True, description="keep the sentence ending at the first '?'; none = rejected")
+    similarity_method: SimilarityMethod = Field("tfidf", description="similarity to the seeds (baseline filters)")
+    max_seed_similarity: float = Field(
+        0.52, gt=0, le=1, description="a query this similar to a seed is a copy, rejected (KnowledgeSG: TF-IDF 0.52)")
+    seed: int = Field(0, description="picks each prompt's seed questions (sampling itself is unseeded; reruns "
+                                     "regenerate nothing: finished work is kept)")
+
+
+class ProfessionalSection(StrictModel):
+    model: str = Field("smollm2-135m", description="the strong public domain model: judge, distillation answers")
+    filter: bool = Field(True, description="KnowledgeSG's professional filter: drop invalid or off-domain queries")
+    min_yes_probability: float = Field(
+        0.5, gt=0, lt=1, description="keep a query when P(yes) / (P(yes) + P(no)) reaches this")
+
+
+class AnswersSection(StrictModel):
+    sources: list[Literal["professional", "generator"]] = Field(
+        ["professional"], min_length=1,
+        description="who writes candidates: professional = KnowledgeSG distillation, generator = RewardDS")
+    n: int = Field(6, gt=0, description="candidates per query and source (RewardDS: 6)")
+    temperature: float = Field(1.0, ge=0)
+    top_p: float = Field(0.7, gt=0, le=1)
+    max_new_tokens: int = Field(192, gt=0)
+    require_finished: bool = Field(True, description="only answers that ended with end-of-turn are candidates")
+
+
+class ScoringSection(StrictModel):
+    alpha: float = Field(0.5, ge=0, le=1, description="weight of the reward rank vs the perplexity rank")
+    keep_fraction: float = Field(0.125, gt=0, le=1, description="queries kept by their positive's reward (1/8)")
+
+
+class RefineSection(StrictModel):
+    rounds: int = Field(1, ge=0, description="Self-Optimizing Refinement rounds (RewardDS: 2)")
+    n: int = Field(6, gt=0, description="rewrites per query and round")
+    rewriter: str = Field(
+        "professional", description="professional | generator | a model folder (the current fine-tuned target)")
+    temperature: float = Field(1.0, ge=0)
+    top_p: float = Field(0.7, gt=0, le=1)
+    critique_max_new_tokens: int = Field(64, gt=0)
+    max_new_tokens: int = Field(192, gt=0)
+
+
+class DedupSection(StrictModel):
+    method: SimilarityMethod = Field("tfidf", description="near-duplicate measure of the output")
+    threshold: float = Field(0.9, gt=0, le=1, description="a pair at least this similar is a near-duplicate")
+    pii_patterns: dict[str, str] = Field(DEFAULT_PII_PATTERNS, description="name -> regex, redacted in the output")
+
+    @field_validator("pii_patterns")
+    @classmethod
+    def _compiles(cls, v: dict[str, str]) -> dict[str, str]:
+        import re
+
+        for name, pattern in v.items():
+            try:
+                re.compile(pattern)
+            except re.error as e:
+                raise ValueError(f"pii pattern {name!r} is not a valid regex: {e}") from e
+        return v
+
+
+class EngineSection(StrictModel):
+    kind: Literal["transformers", "vllm", "auto"] = Field("transformers", description="engine of every stage")
+    batch_size: int = Field(8, gt=0, description="rows per map_batches call (and per engine call)")
+    min_actors: int = Field(1, gt=0, description="actors kept per stage pool (each holds a model)")
+    max_actors: int = Field(1, gt=0, description="actors a stage pool autoscales up to")
+    num_cpus: float = Field(0.5, gt=0, description="CPUs per actor (0.5 lets the 3 streaming stages share 2 cores)")
+    num_gpus: float = Field(0, ge=0, description="GPUs per actor (1 for vLLM on a GPU node)")
+    threads: int | None = Field(None, gt=0, description=(
+        "CPU threads per actor (OMP_NUM_THREADS); None = Ray's floor(num_cpus), at least 1. A small run's stages "
+        "take turns, so on a laptop 2 lets each use both cores while their CPU shares stay fractional"))
+    engine_kwargs: dict = Field({}, description="extra engine options (vLLM: gpu_memory_utilization, ...)")
+
+    @model_validator(mode="after")
+    def _pool(self) -> EngineSection:
+        if self.max_actors < self.min_actors:
+            raise ValueError(f"max_actors ({self.max_actors}) must be >= min_actors ({self.min_actors})")
+        return self
+
+
+class SynthRunSection(StrictModel):
+    output_dir: Path = Field(Path("runs/synth"), description="all outputs; a rerun resumes what is there")
+    log_every: int = Field(8, gt=0, description="progress line every N finished rows")
+
+
+class SynthConfig(StrictModel):
+    """`ksg synthesize`: bundle → synthetic (query, answer) dataset, on Ray Data."""
+
+    bundle: Path = Field(Path("runs/bundle"), description="the client's transfer bundle (verified before use)")
+    domain: DomainSection = DomainSection()
+    queries: QueriesSection = QueriesSection()
+    professional: ProfessionalSection = ProfessionalSection()
+    answers: AnswersSection = AnswersSection()
+    scoring: ScoringSection = ScoringSection()
+    refine: RefineSection = RefineSection()
+    dedup: DedupSection = DedupSection()
+    engine: EngineSection = EngineSection()
+    run: SynthRunSection = SynthRunSection()

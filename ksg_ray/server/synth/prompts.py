@@ -1,0 +1,98 @@
+"""SERVER SIDE — every prompt the synthesis pipeline sends, and the parsers of what comes back.
+
+Prompts are chat message lists (the engines render them with the model's own template). Each builder takes
+only public text and synthetic text: seeds from the config, queries and answers the models wrote.
+"""
+
+from __future__ import annotations
+
+import random
+import re
+
+from ksg_ray.server.synth.config import DomainSection
+
+__all__ = ["answer_messages", "critique_messages", "judge_messages", "parse_query", "query_messages",
+           "rewrite_messages"]
+
+# Role markers and template tokens: a "query" holding them copied the prompt's markup (KnowledgeSG drops these).
+_MARKUP = re.compile(r"<\|im_(start|end)\|>|<\|endoftext\|>|\b(system|assistant)\s*:|example question \d",
+                     re.IGNORECASE)
+_LEAD = re.compile(r"^\s*(?:new question|question|q)\s*\d*\s*[:.)-]\s*", re.IGNORECASE)
+
+
+def query_messages(domain: DomainSection, prompt_index: int, seeds_per_prompt: int,
+                   seed: int) -> list[dict[str, str]]:
+    """The DP generator's instruction to write one new question (RewardDS step 4).
+
+    Seeds are drawn from the public `domain.seed_questions` by a generator seeded with (seed, prompt_index), so
+    prompt i is the same in every run and every resume.
+    """
+    system = (f"You create one new question about {domain.description}, similar in style to the examples, "
+              "useful for training an assistant. Reply with the question only.")
+    pool = domain.seed_questions
+    picked = random.Random(f"{seed}:{prompt_index}").sample(pool, min(seeds_per_prompt, len(pool))) if pool else []
+    if picked:
+        examples = "\n".join(f"Example question {k + 1}: {q}" for k, q in enumerate(picked))
+        user = f"{examples}\n\nWrite one new {domain.name} question."
+    else:
+        user = f"Write one new, realistic question a person might ask an expert in {domain.description}."
+    return [{"role": "system", "content": system}, {"role": "user", "content": user}]
+
+
+def parse_query(text: str, min_words: int, require_question: bool = True) -> tuple[str | None, str | None]:
+    """(clean query, None) or (None, reason it is rejected).
+
+    Small generators wrap the question in chatter ('Here's a new medical question: How ...? I hope ...'): with
+    `require_question`, the query is the sentence that ends at the first '?', without a lead-in that ends in
+    ':' and without quotes. Otherwise the first paragraph is kept, minus a "Question:" label.
+    """
+    if _MARKUP.search(text):
+        return None, "copies prompt markup"
+    query = text.strip().split("\n\n")[0].strip()
+    if require_question:
+        end = query.find("?")
+        if end < 0:
+            return None, "not a question (no '?')"
+        head = query[:end + 1]
+        start = max(head.rfind(". ", 0, end), head.rfind("! ", 0, end), head.rfind(": ", 0, end),
+                    head.rfind("\n", 0, end))
+        query = head[start + 1:] if start >= 0 else head
+    query = _LEAD.sub("", query.strip()).strip().strip('"\u201c\u201d').strip()
+    if not query:
+        return None, "empty"
+    if len(re.findall(r"\w+", query)) < min_words:
+        return None, "too short"
+    return query, None
+
+
+def judge_messages(domain: DomainSection, query: str) -> list[dict[str, str]]:
+    """The professional model's yes/no check that a query is a valid, in-domain question (KnowledgeSG step 4).
+
+    The answer is read as P("Yes") vs P("No") from the model's scores, not parsed from free text, so every
+    query gets a verdict.
+    """
+    system = (f"You are an expert in {domain.description}. You check questions written for a {domain.name} "
+              "question-answering dataset. Answer with Yes or No only.")
+    user = (f"Question: {query}\n\nIs this a clear, valid {domain.name} question that an expert in "
+            f"{domain.description} could answer? Answer Yes or No.")
+    return [{"role": "system", "content": system}, {"role": "user", "content": user}]
+
+
+def answer_messages(domain: DomainSection, query: str) -> list[dict[str, str]]:
+    """An answer request in the domain-expert persona (also the system message the target is trained with)."""
+    return [{"role": "system", "content": domain.answer_system_prompt}, {"role": "user", "content": query}]
+
+
+def critique_messages(query: str, positive: str, negative: str) -> list[dict[str, str]]:
+    """The generator's short critique of the best vs the worst answer (RewardDS refinement)."""
+    system = "You are a strict reviewer of answers. Be brief and concrete."
+    user = (f"Question: {query}\n\nAnswer A (better): {positive}\n\nAnswer B (worse): {negative}\n\n"
+            "In two or three sentences: what makes A better than B, and what could still improve A?")
+    return [{"role": "system", "content": system}, {"role": "user", "content": user}]
+
+
+def rewrite_messages(domain: DomainSection, query: str, positive: str, critique: str) -> list[dict[str, str]]:
+    """The rewriter's request for an improved answer from query + best answer + critique."""
+    user = (f"Question: {query}\n\nA previous answer: {positive}\n\nReview of that answer: {critique}\n\n"
+            "Write an improved answer to the question. Reply with the answer only.")
+    return [{"role": "system", "content": domain.answer_system_prompt}, {"role": "user", "content": user}]
