@@ -15,11 +15,9 @@ import sys
 from functools import partial
 from pathlib import Path
 
-from ksg_ray.bundle import publish_component
 from ksg_ray.client.config import DPFinetuneConfig
-from ksg_ray.client.dp_trainer import DPTask, fit_dp, plan_dp_run
-from ksg_ray.client.privacy.accountant import Mechanism
-from ksg_ray.client.privacy.ledger import open_ledger, privacy_report
+from ksg_ray.client.dp_trainer import DPTask
+from ksg_ray.client.privacy.engine import PrivacyEngine
 from ksg_ray.common.config import job_config
 
 logger = logging.getLogger("ksg.dp_finetune")
@@ -47,26 +45,21 @@ def main(argv: list[str] | None = None) -> dict:
 
     model_path, examples, truncated, collate_fn = prepare(cfg)
     n = len(examples)
-    ledger = open_ledger(cfg.run.output_dir, cfg.data.path, cfg.privacy.delta)
-    spec = plan_dp_run("generator", n, cfg.privacy, cfg.train, cfg.scaling, ledger)
-    sigma, q, steps = spec.noise_multiplier, spec.sample_rate, spec.steps
+    engine = PrivacyEngine(cfg.privacy, cfg.run.output_dir, cfg.data.path)
+    spec = engine.make_private("generator", n, cfg.train, cfg.scaling)
+    # The truncation count is a statistic of the private data: it stays in the client's log, not in the bundle.
     logger.info("%d private records (%d truncated to %d tokens); q=%.4f, %d steps, σ=%.4f", n, truncated,
-                cfg.data.max_seq_len, q, steps, sigma)
+                cfg.data.max_seq_len, spec.sample_rate, spec.steps, spec.noise_multiplier)
     task = DPTask(name="generator", build_model=lm_builder(model_path, cfg.lora, cfg.train.seed), examples=examples,
                   collate=collate_fn, loss_fn=lm_loss, save=save_adapter, load=load_adapter)
-    ckpt, metrics = fit_dp(task, spec, num_workers=cfg.scaling.num_workers, use_gpu=cfg.scaling.use_gpu,
-                           cpus_per_worker=cfg.scaling.cpus_per_worker, output_dir=cfg.run.output_dir,
-                           name=cfg.run.name, max_failures=cfg.run.max_failures)
-
-    ledger.record(Mechanism("generator", sigma, q, steps))
-    ledger.save()
-    report = privacy_report(ledger, records=n, truncated=truncated)
-    bundle = publish_component(cfg.run.bundle_dir, "generator", ckpt / "model", privacy=report,
-                               staging=Path(cfg.run.output_dir) / cfg.run.name / "generator_component",
-                               model_ref={"base_model": cfg.model.name, "tokenizer": cfg.model.name,
-                                          "kind": "causal-lm-lora"})
+    ckpt, metrics = engine.fit(task, cfg.scaling, cfg.run)
+    bundle, report = engine.publish(cfg.run.bundle_dir, "generator", ckpt / "model",
+                                    staging=Path(cfg.run.output_dir) / cfg.run.name / "generator_component",
+                                    model_ref={"base_model": cfg.model.name, "tokenizer": cfg.model.name,
+                                               "kind": "causal-lm-lora"}, records=n)
     summary = {"bundle": str(bundle), "epsilon": report["epsilon"], "epsilon_rdp": report["epsilon_rdp"],
-               "noise_multiplier": sigma, "sample_rate": q, "steps": steps, "final_loss": metrics.get("loss"),
+               "noise_multiplier": spec.noise_multiplier, "sample_rate": spec.sample_rate, "steps": spec.steps,
+               "final_loss": metrics.get("loss"),
                "checkpoint": str(ckpt)}
     print(format_summary(ckpt, summary))
     return summary

@@ -18,48 +18,18 @@ from functools import partial
 from pathlib import Path
 
 from ksg_ray.client.config import DPRewardConfig
-from ksg_ray.client.dp_trainer import DPTask, fit_dp, plan_dp_run
-from ksg_ray.client.privacy.accountant import Mechanism
-from ksg_ray.client.privacy.ledger import open_ledger, privacy_report
+from ksg_ray.client.dp_trainer import DPTask
+from ksg_ray.client.privacy.engine import PrivacyEngine
+from ksg_ray.client.reward_candidates import build_reward_examples
 from ksg_ray.common.config import job_config
 
 logger = logging.getLogger("ksg.dp_reward")
-NOT_DP_PROXY = "reward candidates from a non-DP proxy model trained on the private records"
-
-
-def build_examples(cfg: DPRewardConfig, records, tokenizer, model_path: str, run_dir: Path, ledger):
-    """Candidates per record in `CANDIDATES` order (truth, DP generator, base[, non-DP proxy]) → one example each."""
-    from ksg_ray.client.reward_candidates import load_or_generate_candidates
-    from ksg_ray.common.reward_model import tokenize_reward_example
-
-    gen = dict(engine=cfg.candidates.engine, model_path=model_path, max_new_tokens=cfg.candidates.max_new_tokens,
-               batch_size=cfg.candidates.batch_size, max_actors=cfg.candidates.max_actors)
-    sources = {"base": gen | {"adapter_path": None},
-               "dp_generator": gen | {"adapter_path": str(cfg.candidates.generator_bundle / "generator")}}
-    if cfg.candidates.non_dp_proxy_adapter is not None:
-        sources["non_dp_proxy"] = gen | {"adapter_path": str(cfg.candidates.non_dp_proxy_adapter)}
-        ledger.mark_not_dp(NOT_DP_PROXY)
-    answers = load_or_generate_candidates(records, run_dir / "candidates.json", **sources)
-    examples, failed = [], []
-    for i, r in enumerate(records):
-        cands = [r.output, answers["dp_generator"][i], answers["base"][i]]
-        if "non_dp_proxy" in answers:
-            cands.append(answers["non_dp_proxy"][i])
-        if any(c is None for c in cands):
-            failed.append(r.source)
-            cands = [c if c is not None else r.output for c in cands]  # a failed candidate makes no pair
-        examples.append(tokenize_reward_example(tokenizer, r.input, cands, cfg.data.max_seq_len))
-    if failed:
-        logger.warning("%d records lost a candidate to a generation error: %s", len(failed), failed[:10])
-    return examples, answers, failed
-
-
 def main(argv: list[str] | None = None) -> dict:
     cfg = job_config(DPRewardConfig, argv, __doc__.split("\n")[0])
 
     from transformers import AutoTokenizer
 
-    from ksg_ray.bundle import publish_component, verify_bundle
+    from ksg_ray.bundle import verify_bundle
     from ksg_ray.common.hub import resolve_model
     from ksg_ray.common.lora import load_adapter, save_adapter
     from ksg_ray.common.records import load_records
@@ -67,27 +37,21 @@ def main(argv: list[str] | None = None) -> dict:
 
     model_path = resolve_model(cfg.model.name)
     records = load_records(cfg.data.path, limit=cfg.data.limit)
-    ledger = open_ledger(cfg.run.output_dir, cfg.data.path, cfg.privacy.delta)
-    spec = plan_dp_run("reward", len(records), cfg.privacy, cfg.train, cfg.scaling, ledger)  # budget check first
+    engine = PrivacyEngine(cfg.privacy, cfg.run.output_dir, cfg.data.path)
+    spec = engine.make_private("reward", len(records), cfg.train, cfg.scaling)  # budget check first
     verify_bundle(cfg.candidates.generator_bundle)  # the DP generator must exist before its answers are asked for
     run_dir = Path(cfg.run.output_dir) / cfg.run.name
     tokenizer = AutoTokenizer.from_pretrained(model_path)
-    examples, _, failed = build_examples(cfg, records, tokenizer, model_path, run_dir, ledger)
+    examples, _, failed = build_reward_examples(cfg, records, tokenizer, model_path, run_dir, engine)
 
     task = DPTask(name="reward", build_model=reward_builder(model_path, cfg.lora, cfg.train.seed), examples=examples,
                   collate=partial(collate_reward, pad_token_id=reward_pad_id(tokenizer)), loss_fn=bradley_terry_loss,
                   save=save_adapter, load=load_adapter)  # peft saves LoRA + the `score` head together
-    ckpt, metrics = fit_dp(task, spec, num_workers=cfg.scaling.num_workers, use_gpu=cfg.scaling.use_gpu,
-                           cpus_per_worker=cfg.scaling.cpus_per_worker, output_dir=cfg.run.output_dir,
-                           name=cfg.run.name, max_failures=cfg.run.max_failures)
-
-    ledger.record(Mechanism("reward", spec.noise_multiplier, spec.sample_rate, spec.steps))
-    ledger.save()
-    report = privacy_report(ledger, records=len(records))
-    bundle = publish_component(cfg.candidates.generator_bundle, "reward", ckpt / "model", privacy=report,
-                               staging=run_dir / "reward_component",
-                               model_ref={"base_model": cfg.model.name, "tokenizer": cfg.model.name,
-                                          "kind": "reward-lora-seq-cls"})
+    ckpt, metrics = engine.fit(task, cfg.scaling, cfg.run)
+    bundle, report = engine.publish(cfg.candidates.generator_bundle, "reward", ckpt / "model",
+                                    staging=run_dir / "reward_component", records=len(records),
+                                    model_ref={"base_model": cfg.model.name, "tokenizer": cfg.model.name,
+                                               "kind": "reward-lora-seq-cls"})
     summary = {"bundle": str(bundle), "epsilon": report["epsilon"], "epsilon_rdp": report["epsilon_rdp"],
                "reward_noise_multiplier": spec.noise_multiplier, "steps": spec.steps, "not_dp": report["not_dp"],
                "probe_loss_start": metrics.get("probe_loss_start"), "probe_loss_end": metrics.get("probe_loss_end"),

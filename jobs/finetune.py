@@ -25,6 +25,7 @@ from pathlib import Path
 
 from ksg_ray.common.config import job_config
 from ksg_ray.server.finetune.config import FinetuneConfig
+from ksg_ray.server.finetune.export import format_summary
 
 logger = logging.getLogger("ksg.finetune")
 
@@ -99,23 +100,6 @@ def main(argv: list[str] | None = None) -> dict:
     (run_dir / SUMMARY_FILE).write_text(json.dumps(summary, indent=2))
     print(format_summary(summary))
     return summary
-
-
-def format_summary(s: dict) -> str:
-    from ksg_ray.server.finetune.data import format_dev_score as fmt
-
-    epochs = ", ".join(f"{i}: loss {loss:.3f} / ROUGE-L {fmt(r)}"
-                       for i, (loss, r) in enumerate(zip(s["epoch_train_loss"], s["dev_rouge_l"], strict=True), 1))
-    return "\n".join([
-        f"model       {s['model_dir']} ({s['export']}, base {s['base_model']}, mode {s['mode']})",
-        f"data        {s['rows']} rows (per round {s['rows_per_round']}), {s['steps']} steps, init {s['init']}",
-        f"dev         ROUGE-L {fmt(s['dev_rouge_l_start'])} before → best {fmt(s['best_dev_rouge_l'])} at epoch "
-        f"{s['best_epoch']} ({s['dev']['records']} records, {s['dev']['source']})",
-        f"epochs      {epochs}",
-        f"loss        answer tokens of a fixed probe of training rows {s['probe_loss_start']:.4f} before → "
-        f"{s['epoch_probe_loss'][s['best_epoch'] - 1]:.4f} at the best epoch",
-        f"rounds      {len(s['rounds'])} so far; wall time {s['wall_time_s']:.1f}s",
-    ])
 
 
 if __name__ == "__main__":

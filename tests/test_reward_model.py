@@ -99,9 +99,9 @@ def test_non_dp_proxy_is_used_and_marks_the_ledger_not_dp(tmp_path, tiny_model_p
 
     from ksg_ray.client.config import DPRewardConfig
     from ksg_ray.client.privacy.ledger import open_ledger, privacy_report
+    from ksg_ray.client.reward_candidates import NOT_DP_PROXY, build_reward_examples
     from ksg_ray.common.config import load_config
     from ksg_ray.common.records import load_records
-    from ksg_ray.jobs.dp_reward import NOT_DP_PROXY, build_examples
 
     records = load_records("demo", limit=2)
     run_dir = tmp_path / "reward"
@@ -114,6 +114,6 @@ def test_non_dp_proxy_is_used_and_marks_the_ledger_not_dp(tmp_path, tiny_model_p
         override = f"candidates.non_dp_proxy_adapter={proxy}" if proxy else "data.limit=2"
         cfg = load_config(DPRewardConfig, None, [override])
         ledger = open_ledger(tmp_path, "demo", 1e-5)
-        examples, _, failed = build_examples(cfg, records, tok, tiny_model_path, run_dir, ledger)
+        examples, _, failed = build_reward_examples(cfg, records, tok, tiny_model_path, run_dir, ledger)
         assert not failed and all(len(e.rows) == rows and len(e.pairs) == pairs for e in examples)
         assert (NOT_DP_PROXY in privacy_report(ledger)["not_dp"]) is flagged

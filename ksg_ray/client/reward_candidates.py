@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import logging
 from pathlib import Path
+from typing import Any
 
 from ksg_ray.common.chat_format import build_messages
 from ksg_ray.common.jsonl import write_json_atomic
@@ -17,7 +18,8 @@ from ksg_ray.common.records import Record
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["generate_answers", "load_or_generate_candidates", "question_messages"]
+__all__ = ["NOT_DP_PROXY", "build_reward_examples", "generate_answers", "load_or_generate_candidates",
+           "question_messages"]
 
 
 def question_messages(record: Record) -> list[dict[str, str]]:
@@ -61,3 +63,37 @@ def load_or_generate_candidates(records: list[Record], cache: Path, **sources: d
             cached[name] = generate_answers(records, **kwargs)
             write_json_atomic(cache, cached, indent=None)
     return {name: cached[name] for name in sources}
+
+
+NOT_DP_PROXY = "reward candidates from a non-DP proxy model trained on the private records"
+
+
+def build_reward_examples(cfg: Any, records: list[Record], tokenizer: Any, model_path: str, run_dir: Path,
+                          privacy: Any) -> tuple[list[Any], dict[str, list[str | None]], list[str]]:
+    """Candidates per record in `CANDIDATES` order (truth, DP generator, base[, non-DP proxy]) → one example each.
+
+    `cfg` is the `DPRewardConfig`; `privacy` (the job's `PrivacyEngine`) is told when the non-DP proxy is used.
+    Returns (examples, answers by source, sources of the records that lost a candidate to an engine error).
+    """
+    from ksg_ray.common.reward_model import tokenize_reward_example
+
+    gen = dict(engine=cfg.candidates.engine, model_path=model_path, max_new_tokens=cfg.candidates.max_new_tokens,
+               batch_size=cfg.candidates.batch_size, max_actors=cfg.candidates.max_actors)
+    sources = {"base": gen | {"adapter_path": None},
+               "dp_generator": gen | {"adapter_path": str(cfg.candidates.generator_bundle / "generator")}}
+    if cfg.candidates.non_dp_proxy_adapter is not None:
+        sources["non_dp_proxy"] = gen | {"adapter_path": str(cfg.candidates.non_dp_proxy_adapter)}
+        privacy.mark_not_dp(NOT_DP_PROXY)
+    answers = load_or_generate_candidates(records, run_dir / "candidates.json", **sources)
+    examples, failed = [], []
+    for i, r in enumerate(records):
+        cands = [r.output, answers["dp_generator"][i], answers["base"][i]]
+        if "non_dp_proxy" in answers:
+            cands.append(answers["non_dp_proxy"][i])
+        if any(c is None for c in cands):
+            failed.append(r.source)
+            cands = [c if c is not None else r.output for c in cands]  # a failed candidate makes no pair
+        examples.append(tokenize_reward_example(tokenizer, r.input, cands, cfg.data.max_seq_len))
+    if failed:
+        logger.warning("%d records lost a candidate to a generation error: %s", len(failed), failed[:10])
+    return examples, answers, failed

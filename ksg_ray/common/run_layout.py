@@ -88,6 +88,51 @@ class RunLayout:
     def report(self) -> Path:
         return self.report_dir / "report.md"
 
+    # `ksg pipeline` plays both sides in one run directory: `client/` stands for the client's machine.
+    @property
+    def client_dir(self) -> Path:
+        return self.root / "client"
+
+    @property
+    def private_records(self) -> Path:
+        """CLIENT SIDE: the training records (with canaries, if planted)."""
+        return self.client_dir / "private.jsonl"
+
+    @property
+    def held_out(self) -> Path:
+        """CLIENT SIDE: the held-out records, never trained on (evaluation and non-members)."""
+        return self.client_dir / "held_out.jsonl"
+
+    @property
+    def secrets(self) -> Path:
+        """CLIENT SIDE: the planted canaries' secrets (the audit key)."""
+        return self.client_dir / "secrets.json"
+
+    @property
+    def client_dp_dir(self) -> Path:
+        """CLIENT SIDE: the DP jobs' runs and the records' privacy ledger."""
+        return self.client_dir / "dp"
+
+    def client_baseline_dir(self, name: str) -> Path:
+        """CLIENT SIDE: a baseline trained on the private records at another ε, with its own ledger and bundle."""
+        return self.client_dir / name
+
+    @property
+    def finetune_dir(self) -> Path:
+        return self.root / "finetune"
+
+    def variant_dir(self, name: str) -> Path:
+        """A synthesis baseline's own `synth/` and `finetune/`."""
+        return self.root / "variants" / name
+
+    def synth_dir_of(self, method: str) -> Path:
+        """The synthesis output a method was trained on (the pipeline's own, or a baseline variant's)."""
+        return self.synth_dir if method == "pipeline" else self.variant_dir(method) / "synth"
+
+    @property
+    def summary(self) -> Path:
+        return self.root / "pipeline_summary.json"
+
 
 def encode_epsilon(epsilon: float | str | None) -> float | str | None:
     """ε as JSON can hold it: a finite float, "inf", or None (the method used no private data)."""

@@ -26,8 +26,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-__all__ = ["MODEL_REF", "SUMMARY_FILE", "InitRef", "ModelDirRef", "engine_paths", "export_model_dir", "read_model_dir",
-           "resolve_init"]
+__all__ = ["MODEL_REF", "SUMMARY_FILE", "InitRef", "ModelDirRef", "engine_paths", "export_model_dir", "format_summary",
+           "read_model_dir", "resolve_init"]
 
 MODEL_REF = "model_ref.json"
 SUMMARY_FILE = "finetune_summary.json"
@@ -188,3 +188,21 @@ def export_model_dir(weights: Path, out: Path, *, fmt: str, base_model: str, tok
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     return out
+
+
+def format_summary(s: dict) -> str:
+    """`ksg finetune`'s printed summary of one round (from its `finetune_summary.json` dict)."""
+    from ksg_ray.server.finetune.data import format_dev_score as fmt
+
+    epochs = ", ".join(f"{i}: loss {loss:.3f} / ROUGE-L {fmt(r)}"
+                       for i, (loss, r) in enumerate(zip(s["epoch_train_loss"], s["dev_rouge_l"], strict=True), 1))
+    return "\n".join([
+        f"model       {s['model_dir']} ({s['export']}, base {s['base_model']}, mode {s['mode']})",
+        f"data        {s['rows']} rows (per round {s['rows_per_round']}), {s['steps']} steps, init {s['init']}",
+        f"dev         ROUGE-L {fmt(s['dev_rouge_l_start'])} before → best {fmt(s['best_dev_rouge_l'])} at epoch "
+        f"{s['best_epoch']} ({s['dev']['records']} records, {s['dev']['source']})",
+        f"epochs      {epochs}",
+        f"loss        answer tokens of a fixed probe of training rows {s['probe_loss_start']:.4f} before → "
+        f"{s['epoch_probe_loss'][s['best_epoch'] - 1]:.4f} at the best epoch",
+        f"rounds      {len(s['rounds'])} so far; wall time {s['wall_time_s']:.1f}s",
+    ])

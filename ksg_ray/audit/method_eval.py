@@ -1,0 +1,119 @@
+"""`ksg eval`'s parts: the model under test, the audit's inputs, the privacy audit, the printed summary.
+
+Run where the audit inputs (canary secrets, member records) may be read: the client or its auditor.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from pathlib import Path
+from typing import Any
+
+from ksg_ray.audit.config import EvalConfig
+from ksg_ray.common.records import Record, load_records
+from ksg_ray.common.run_layout import RunLayout, epsilon_label
+from ksg_ray.engines import SamplingParams, build_engine
+
+__all__ = ["audit_inputs", "format_summary", "load_model", "run_privacy_audit"]
+
+
+def load_model(cfg: EvalConfig, model_path: str, adapter_path: str | None) -> Any:
+    """The engine contract for `model_path` (+ adapter): a Ray Data actor pool, or one engine in this process."""
+    if cfg.engine.ray:
+        from ksg_ray.engines.batch_inference import RayDataModel
+
+        return RayDataModel(cfg.engine.kind, model_path, adapter_path, batch_size=cfg.engine.batch_size,
+                            max_actors=cfg.engine.max_actors, num_cpus=cfg.engine.num_cpus,
+                            num_gpus=cfg.engine.num_gpus, engine_kwargs=cfg.engine.kwargs or None)
+    return build_engine(cfg.engine.kind, model_path, adapter_path, **cfg.engine.kwargs)
+
+
+def audit_inputs(cfg: EvalConfig, layout: RunLayout, heldout: str) -> dict[str, Any]:
+    """Read and check every audit input before any model loads (a bad file fails in seconds, not after generation).
+
+    Raises:
+        ValueError: an input is malformed, or a record is both a member and a non-member.
+    """
+    from ksg_ray.client.canary import read_secrets
+
+    a = cfg.audit
+    secrets = read_secrets(a.secrets) if a.secrets else None
+    canary_records = load_records(a.canary_records) if a.canary_records else None
+    members_src = a.members or a.canary_records
+    members = load_records(members_src, limit=a.limit) if members_src else []
+    nonmembers = load_records(a.nonmembers or heldout, limit=a.limit) if members else []
+    both = {_key(r) for r in members} & {_key(r) for r in nonmembers}
+    if both:
+        raise ValueError(f"{len(both)} record(s) are both members ({members_src}) and non-members "
+                         f"({a.nonmembers or heldout}): membership inference needs disjoint sets")
+    synthetic = a.synthetic or (layout.synthetic if layout.synthetic.is_file() else None)
+    if not a.scan_synthetic:
+        synthetic = None
+    bundle = a.bundle or cfg.model.bundle or (layout.bundle_dir if layout.privacy.is_file() else None)
+    return {"secrets": secrets, "canary_records": canary_records, "members": members, "nonmembers": nonmembers,
+            "members_source": members_src, "synthetic": synthetic, "bundle": bundle}
+
+
+def _key(r: Record) -> tuple[str, str, str]:
+    return r.instruction, r.input, r.output
+
+
+def run_privacy_audit(cfg: EvalConfig, model: Any, inputs: dict[str, Any], bundle_privacy: dict | None,
+                      timings: dict[str, float]) -> dict[str, Any]:
+    """Canary rates (synthetic set, targeted generations) and membership inference, as far as the inputs allow;
+    adds each part's seconds to `timings`. The generations are not kept: they may hold secrets."""
+    from ksg_ray.audit.privacy_audit import (
+        canary_rate_generations,
+        membership_inference,
+        read_dataset_texts,
+        scan_canaries,
+    )
+
+    audit: dict[str, Any] = {"canary_synthetic": None, "canary_generations": None, "mia": None,
+                             "bundle_privacy": bundle_privacy}
+    secrets = inputs["secrets"]
+    if secrets is not None and inputs["synthetic"] is not None:
+        audit["canary_synthetic"] = scan_canaries(read_dataset_texts(inputs["synthetic"]), secrets).summary()
+        audit["canary_synthetic"]["dataset"] = str(inputs["synthetic"])
+    if secrets is not None:
+        t = time.perf_counter()
+        sampling = SamplingParams(temperature=cfg.audit.temperature, max_new_tokens=cfg.audit.max_new_tokens,
+                                  n=cfg.audit.samples, seed=cfg.run.seed)
+        scan, _ = canary_rate_generations(model, secrets, inputs["canary_records"], sampling)
+        audit["canary_generations"] = scan.summary()  # the answers are not written: they may hold secrets
+        timings["canary_generations_s"] = time.perf_counter() - t
+    if inputs["members"]:
+        t = time.perf_counter()
+        mia = membership_inference(model, inputs["members"], inputs["nonmembers"])
+        audit["mia"] = mia.summary() | {"members_source": inputs["members_source"],
+                                        "nonmembers_source": cfg.audit.nonmembers or cfg.data.path}
+        if cfg.audit.reference_model is not None:
+            from ksg_ray.common.hub import resolve_model
+
+            reference = load_model(cfg, resolve_model(cfg.audit.reference_model), None)
+            audit["mia_reference"] = membership_inference(model, inputs["members"], inputs["nonmembers"],
+                                                          reference=reference).summary()
+        timings["mia_s"] = time.perf_counter() - t
+    return audit
+
+
+def format_summary(result: dict, out: Path) -> str:
+    def f(x: Any, spec: str = ".3f") -> str:
+        return "—" if x is None or (isinstance(x, float) and math.isnan(x)) else format(x, spec)
+
+    m, p, c = result["metrics"], result["privacy"], result["counts"]
+    judge = c.get("judge") or {}
+    lines = [
+        f"method      {result['method']} (ε={epsilon_label(result['epsilon'])}) on {result['n']} records of "
+        f"{result['data']}: {c['answered']} answered, {c['failed']} failed, {c['unfinished']} cut at max_new_tokens",
+        f"utility     ROUGE-1 {f(m['rouge1'])}  ROUGE-2 {f(m['rouge2'])}  ROUGE-L {f(m['rougeL'])}  "
+        f"BLEU {f(m['bleu'], '.2f')}  MiniLM cos {f(m['embedding_cosine'])}",
+        f"judge       {f(m['judge'], '.2f')} / 10 ({judge.get('parsed', 0)} parsed, {judge.get('unparsed', 0)} "
+        f"unparseable, {judge.get('failed', 0)} failed)" if result["judge_model"] else "judge       not run",
+        f"privacy     canary rate synthetic {f(p['canary_rate_synthetic'])}  generations "
+        f"{f(p['canary_rate_generations'])}  MIA AUC {f(p['mia_auc'])}",
+        f"time        {result['timings']}",
+        f"written     {out}",
+    ]
+    return "\n".join(lines)

@@ -1,0 +1,239 @@
+"""SERVER SIDE — the Serve app's model deployment: engines by model id, batched generation, streaming, health.
+
+The request's `model` becomes Serve's multiplexed model id, so requests go to replicas that already hold that
+model, and each replica loads engines on demand with `@serve.multiplexed` (least recently used evicted).
+Non-streaming requests for one model are merged by `@serve.batch` into one left-padded `engine.generate` call per
+distinct sampling setting. Streaming requests use the transformers engine's `stream` (a background `generate`
+with a text streamer); engines without one (vLLM's offline `LLM`) answer through the batch and send the whole
+answer as one chunk — NOT token-by-token on vLLM yet.
+"""
+
+import asyncio
+import logging
+import threading
+from collections import defaultdict
+from collections.abc import AsyncIterator, Iterator
+from typing import Any
+
+from ray import serve
+
+from ksg_ray.engines import Engine, Generation, SamplingParams, build_engine, prompt_ids
+from ksg_ray.serve.config import ServeAppConfig
+from ksg_ray.serve.openai_protocol import (
+    APIError,
+)
+
+__all__ = ["ModelServer"]
+
+logger = logging.getLogger("ray.serve")  # Serve's logger: lines land in each replica's log with the request id
+
+# Consecutive engine failures (after a request passed every check) that mark a replica broken, so Serve
+# replaces it; a single failure may be transient (e.g. an out-of-memory batch).
+_FAILURES_BEFORE_UNHEALTHY = 3
+
+
+@serve.deployment
+class ModelServer:
+    """Engines by model id, batched generation, streaming, and a health check.
+
+    Methods return plain dicts (`{"error": ..., "status": ...}` for a refused request) rather than raising, so
+    the ingress gets the OpenAI error itself and not an exception wrapped by Ray.
+
+    Args:
+        cfg: the app config (models, engine, batching, limits).
+    """
+
+    def __init__(self, cfg: ServeAppConfig) -> None:
+        self.cfg = cfg
+        self._broken: str | None = None
+        self._failures = 0
+
+        async def load_engine(model_id: str) -> Engine:
+            return await self._load_engine(model_id)
+
+        # Wired at init so max_num_models_per_replica comes from the config (Serve detects it on the instance).
+        self.engine_for = serve.multiplexed(max_num_models_per_replica=cfg.engine.max_models_per_replica)(
+            load_engine)
+        self._generate_batch.set_max_batch_size(cfg.batching.max_batch_size)
+        self._generate_batch.set_batch_wait_timeout_s(cfg.batching.batch_wait_timeout_s)
+
+    async def generate(self, prompts: list[list[dict]], params: SamplingParams) -> dict[str, Any]:
+        """`params.n` answers per prompt, for the model id this request was routed with.
+
+        Returns:
+            {"prompt_tokens": total, "generations": [[Generation, ...] per prompt]}, or an error payload.
+        """
+        try:
+            engine = await self._engine()
+            counts = await asyncio.gather(*(self._check_prompt(engine, p, params) for p in prompts))
+            gens = await asyncio.gather(*(self._generate_batch((p, params)) for p in prompts))
+        except Exception as e:
+            return _server_error(e).to_payload()
+        return {"prompt_tokens": sum(counts), "generations": gens}
+
+    async def stream(self, messages: list[dict], params: SamplingParams) -> AsyncIterator[dict[str, Any]]:
+        """One answer as it is generated: {"prompt_tokens"} first (or an error payload, and nothing more), then
+        {"text": piece} items, then {"generation": Generation}; an error mid-way ends it with an error payload."""
+        try:
+            engine = await self._engine()
+            prompt_tokens = await self._check_prompt(engine, messages, params)
+        except Exception as e:
+            yield _server_error(e).to_payload()
+            return
+        yield {"prompt_tokens": prompt_tokens}
+        if not hasattr(engine, "stream"):  # vLLM's offline engine: the whole answer as one piece
+            try:
+                gen = (await self._generate_batch((messages, params)))[0]
+            except Exception as e:
+                yield _server_error(e).to_payload()
+                return
+            yield {"text": gen.text}
+            yield {"generation": gen}
+            return
+        try:
+            async for item in _drive_in_thread(engine.stream(messages, params)):
+                yield {"generation": item} if isinstance(item, Generation) else {"text": item}
+        except Exception as e:
+            self._note_engine_failure(e, engine)
+            yield _server_error(e).to_payload()
+            return
+        self._failures = 0
+
+    def check_health(self) -> None:
+        """Serve's periodic health check: raising makes Serve replace this replica.
+
+        Raises:
+            RuntimeError: an engine raised one of its fatal errors (e.g. vLLM's EngineDeadError), or failed
+                several requests in a row after they passed every check.
+        """
+        if self._broken is not None:
+            raise RuntimeError(f"engine broken: {self._broken}")
+
+    @serve.batch(max_batch_size=8, batch_wait_timeout_s=0.02)  # real values set from the config in __init__
+    async def _generate_batch(self, items: list[tuple[list[dict], SamplingParams]]) -> list[list[Generation]]:
+        """Requests for one model (Serve splits batches by multiplexed model id), one engine call per setting."""
+        model_id = serve.get_multiplexed_model_id()
+        engine = await self.engine_for(model_id)
+        logger.debug("batch of %d request(s) for %r", len(items), model_id)
+        groups: dict[SamplingParams, list[int]] = defaultdict(list)
+        for i, (_, params) in enumerate(items):
+            groups[params].append(i)
+        out: list[list[Generation]] = [[] for _ in items]
+        for params, rows in groups.items():
+            try:
+                gens = await asyncio.to_thread(engine.generate, [items[i][0] for i in rows], params)
+            except Exception as e:
+                self._note_engine_failure(e, engine)
+                raise
+            for i, g in zip(rows, gens, strict=True):
+                out[i] = g
+        self._failures = 0
+        return out
+
+    async def _engine(self) -> Engine:
+        model_id = serve.get_multiplexed_model_id()
+        if model_id not in self.cfg.models:
+            raise APIError(404, f"the model {model_id!r} does not exist", param="model", code="model_not_found")
+        try:
+            return await self.engine_for(model_id)
+        except Exception as e:
+            logger.exception("loading model %r failed", model_id)
+            raise APIError(500, f"the model {model_id!r} could not be loaded: {type(e).__name__}: {e}",
+                           code="model_unavailable") from e
+
+    async def _load_engine(self, model_id: str) -> Engine:
+        from ksg_ray.common.hub import model_dir_engine_args
+
+        base, adapter = model_dir_engine_args(self.cfg.models[model_id])
+        logger.info("loading model %r: %s%s", model_id, base, f" + adapter {adapter}" if adapter else "")
+        return await asyncio.to_thread(build_engine, self.cfg.engine.kind, base, adapter,
+                                       **self.cfg.engine.engine_kwargs)
+
+    async def _check_prompt(self, engine: Engine, messages: list[dict], params: SamplingParams) -> int:
+        """The prompt's token count, refused (400) past `limits.max_prompt_tokens` or the model's context."""
+        try:
+            n = len(await asyncio.to_thread(prompt_ids, engine.tokenizer, messages))
+        except ValueError as e:
+            raise APIError(400, str(e), param="messages", code="invalid_value") from e
+        limit = self.cfg.limits.max_prompt_tokens
+        if n > limit:
+            raise APIError(400, f"the prompt is {n} tokens (chat template included); this server takes at most "
+                                f"{limit}", param="messages", code="context_length_exceeded")
+        context = _context_length(engine)
+        if context is not None and n + params.max_new_tokens > context:
+            raise APIError(400, f"the prompt ({n} tokens) plus max_tokens ({params.max_new_tokens}) exceeds the "
+                                f"model's context of {context} tokens", param="max_tokens",
+                           code="context_length_exceeded")
+        return n
+
+    def _note_engine_failure(self, e: Exception, engine: Engine) -> None:
+        """Count a failed engine call towards the health check (a fatal engine error marks it broken at once)."""
+        logger.error("engine failure: %s: %s", type(e).__name__, e, exc_info=e)
+        self._failures += 1
+        if isinstance(e, getattr(engine, "fatal_errors", ())) or self._failures >= _FAILURES_BEFORE_UNHEALTHY:
+            self._broken = f"{type(e).__name__}: {e} ({self._failures} failure(s) in a row)"
+
+
+async def _drive_in_thread(items: Iterator[Any]) -> AsyncIterator[Any]:
+    """Run a blocking iterator in its own thread and hand its items to the event loop as they come.
+
+    Leaving the `async for` early (the client went away: Serve cancels the request) tells the thread to close
+    the iterator after its next item, which stops a streaming generation within one token. A thread of its own,
+    not the shared executor, so long streams never starve the batch calls and tokenisation that use it.
+    """
+    loop = asyncio.get_running_loop()
+    queue: asyncio.Queue[tuple[Any, BaseException | None, bool]] = asyncio.Queue()
+    stop = threading.Event()
+
+    def put(item: Any, error: BaseException | None = None, last: bool = False) -> None:
+        try:
+            loop.call_soon_threadsafe(queue.put_nowait, (item, error, last))
+        except RuntimeError:  # the event loop is gone (replica shutting down)
+            pass
+
+    def drive() -> None:
+        try:
+            for item in items:
+                put(item)
+                if stop.is_set():
+                    break
+        except BaseException as e:
+            put(None, e, True)
+            return
+        finally:
+            close = getattr(items, "close", None)
+            if close is not None:
+                close()
+        put(None, None, True)
+
+    threading.Thread(target=drive, name="ksg-serve-stream", daemon=True).start()
+    try:
+        while True:
+            item, error, last = await queue.get()
+            if error is not None:
+                raise error
+            if last:
+                return
+            yield item
+    finally:
+        stop.set()
+
+
+def _server_error(e: Exception) -> APIError:
+    """A refused request stays as it is; anything else is the server's fault (500), logged where it happened."""
+    if isinstance(e, APIError):
+        return e
+    logger.error("request failed: %s: %s", type(e).__name__, e)
+    return APIError(500, f"generation failed: {type(e).__name__}", code="engine_error")
+
+
+def _context_length(engine: Engine) -> int | None:
+    """The model's context window in tokens, where the engine exposes it."""
+    model = getattr(engine, "model", None)  # transformers
+    if model is not None:
+        return getattr(model.config, "max_position_embeddings", None)
+    llm = getattr(engine, "llm", None)  # vLLM
+    try:
+        return int(llm.llm_engine.model_config.max_model_len) if llm is not None else None
+    except AttributeError:
+        return None
