@@ -21,6 +21,7 @@ from ksg_ray.client.privacy.engine import PrivacyEngine
 from ksg_ray.common.config import job_config
 
 logger = logging.getLogger("ksg.dp_finetune")
+CONFIG = DPFinetuneConfig  # the config this recipe takes (`ksg config show`)
 
 
 def prepare(cfg: DPFinetuneConfig):
@@ -34,12 +35,12 @@ def prepare(cfg: DPFinetuneConfig):
     model_path = resolve_model(cfg.model.name)
     records = load_records(cfg.data.path, limit=cfg.data.limit)
     tokenizer = AutoTokenizer.from_pretrained(model_path)
-    examples, truncated = tokenize_records(tokenizer, records, cfg.data.max_seq_len)
+    examples, truncated = tokenize_records(tokenizer, records, cfg.data.max_seq_len, cfg.data.question_loss)
     return model_path, examples, truncated, partial(collate, pad_token_id=tokenizer.pad_token_id)
 
 
 def main(argv: list[str] | None = None) -> dict:
-    cfg = job_config(DPFinetuneConfig, argv, __doc__.split("\n")[0])
+    cfg = job_config(CONFIG, argv, __doc__.split("\n")[0])
 
     from ksg_ray.common.lora import lm_builder, lm_loss, load_adapter, save_adapter
 

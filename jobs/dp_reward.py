@@ -24,8 +24,9 @@ from ksg_ray.client.reward_candidates import build_reward_examples
 from ksg_ray.common.config import job_config
 
 logger = logging.getLogger("ksg.dp_reward")
+CONFIG = DPRewardConfig  # the config this recipe takes (`ksg config show`)
 def main(argv: list[str] | None = None) -> dict:
-    cfg = job_config(DPRewardConfig, argv, __doc__.split("\n")[0])
+    cfg = job_config(CONFIG, argv, __doc__.split("\n")[0])
 
     from transformers import AutoTokenizer
 

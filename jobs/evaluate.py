@@ -25,10 +25,11 @@ from ksg_ray.common.run_layout import RunLayout, write_eval_result
 from ksg_ray.engines import SamplingParams
 
 logger = logging.getLogger("ksg.evaluate")
+CONFIG = EvalConfig  # the config this recipe takes (`ksg config show`)
 
 
 def main(argv: list[str] | None = None) -> dict:
-    cfg = job_config(EvalConfig, argv, __doc__.split("\n")[0])
+    cfg = job_config(CONFIG, argv, __doc__.split("\n")[0])
 
     from ksg_ray.audit.privacy_audit import bundle_privacy_flags
     from ksg_ray.audit.utility import evaluate_utility

@@ -28,10 +28,11 @@ from ksg_ray.server.finetune.config import FinetuneConfig
 from ksg_ray.server.finetune.export import format_summary
 
 logger = logging.getLogger("ksg.finetune")
+CONFIG = FinetuneConfig  # the config this recipe takes (`ksg config show`)
 
 
 def main(argv: list[str] | None = None) -> dict:
-    cfg = job_config(FinetuneConfig, argv, __doc__.split("\n")[0])
+    cfg = job_config(CONFIG, argv, __doc__.split("\n")[0])
     start = time.time()
 
     from transformers import AutoTokenizer
@@ -63,7 +64,7 @@ def main(argv: list[str] | None = None) -> dict:
     ft.check_run_identity(run_dir, identity | {"data_fingerprint": data.fingerprint})
 
     full = cfg.mode == "full"
-    dtype = "bfloat16" if cfg.scaling.bf16 else "float32"
+    dtype = "bfloat16" if cfg.scaling.use_bf16 else "float32"
     task = ft.FinetuneTask(
         build_model=partial(ft.build_finetune_model, model_path=model_path, mode=cfg.mode, lora=cfg.lora,
                             seed=cfg.train.seed, init_kind=init.kind, init_path=init.path, dtype=dtype,

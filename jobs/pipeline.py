@@ -19,9 +19,11 @@ from ksg_ray.common.config import job_config
 from ksg_ray.pipeline.config import PipelineConfig
 from ksg_ray.pipeline.runner import PipelineRunner, format_times
 
+CONFIG = PipelineConfig  # the config this recipe takes (`ksg config show`)
+
 
 def main(argv: list[str] | None = None) -> dict:
-    cfg = job_config(PipelineConfig, argv, __doc__.split("\n")[0])
+    cfg = job_config(CONFIG, argv, __doc__.split("\n")[0])
 
     import ray
 

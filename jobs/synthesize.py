@@ -19,10 +19,11 @@ from ksg_ray.common.config import job_config
 from ksg_ray.server.synth.config import SynthConfig
 
 logger = logging.getLogger("ksg.synthesize")
+CONFIG = SynthConfig  # the config this recipe takes (`ksg config show`)
 
 
 def main(argv: list[str] | None = None) -> dict:
-    cfg = job_config(SynthConfig, argv, __doc__.split("\n")[0])
+    cfg = job_config(CONFIG, argv, __doc__.split("\n")[0])
 
     import ray
 

@@ -12,6 +12,7 @@ from ksg_ray.common.chat_format import (
     build_messages,
     collate,
     prompt_text,
+    question_prefix,
     tokenize_record,
     tokenize_records,
 )
@@ -131,3 +132,20 @@ def test_real_records_render_identically(smollm2_tokenizer):
         assert len(ex.input_ids) <= 512
         if not ex.truncated:
             assert tok.decode(ex.input_ids) == tok.apply_chat_template(build_messages(record), tokenize=False)
+
+
+def test_question_loss_labels_the_question_but_not_the_system_message(smollm2_tokenizer):
+    """The DP generator learns the client's questions too (KnowledgeSG), so the server can sample new ones."""
+    tok = smollm2_tokenizer
+    record = Record("Answer as a doctor.", "My knee hurts when I run.", "Rest it for a week.")
+    plain = tokenize_record(tok, record, 256)
+    with_question = tokenize_record(tok, record, 256, question_loss=True)
+    assert plain.input_ids == with_question.input_ids
+    labelled = tok.decode([t for t in with_question.labels if t != IGNORE_INDEX])
+    assert labelled.startswith("My knee hurts when I run.") and "Rest it for a week." in labelled
+    assert "Answer as a doctor" not in labelled and "My knee" not in tok.decode(
+        [t for t in plain.labels if t != IGNORE_INDEX])
+    prefix = question_prefix(tok, record.instruction)
+    assert tok.apply_chat_template(build_messages(record), tokenize=False).startswith(prefix + record.input)
+    cut = tokenize_record(tok, record, MIN_ANSWER_TOKENS + 4, question_loss=True)  # prefix cut from the left
+    assert cut.truncated and len(cut.input_ids) == MIN_ANSWER_TOKENS + 4

@@ -34,7 +34,8 @@ def examples(tiny_model_path):
     from transformers import AutoTokenizer
 
     tok = AutoTokenizer.from_pretrained(tiny_model_path)
-    exs, _ = tokenize_records(tok, load_records("demo", limit=N), max_seq_len=48)
+    # question_loss: the generator as it is trained (its loss covers the question too)
+    exs, _ = tokenize_records(tok, load_records("demo", limit=N), max_seq_len=48, question_loss=True)
     return exs, tok.pad_token_id
 
 

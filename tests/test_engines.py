@@ -87,6 +87,49 @@ def test_generate_returns_n_per_prompt(engine):
     assert all(len(g) == 2 and g[0] == g[1] for g in greedy)
 
 
+def test_per_prompt_seeds_make_samples_independent_of_their_batch(engine):
+    """With `seeds`, a prompt's samples depend on its prompt and seed only: not on its batch-mates, its place in
+    the batch, or the batch size (what makes a seeded synthesis reproducible however Ray batches rows)."""
+    params = SamplingParams(temperature=1.0, top_p=0.9, n=2, max_new_tokens=8)
+    together = engine.generate(PROMPTS, params, seeds=[11, 12, 13])
+    alone = [engine.generate([p], params, seeds=[s])[0] for p, s in zip(PROMPTS, [11, 12, 13], strict=True)]
+    reordered = engine.generate(PROMPTS[::-1], params, seeds=[13, 12, 11])[::-1]
+    assert [[g.text for g in gens] for gens in together] == [[g.text for g in gens] for gens in alone]
+    assert [[g.text for g in gens] for gens in together] == [[g.text for g in gens] for gens in reordered]
+    assert len({g.text for gens in together for g in gens}) > 2, "samples should differ"
+    other = engine.generate(PROMPTS, params, seeds=[21, 22, 23])
+    assert [[g.text for g in gens] for gens in other] != [[g.text for g in gens] for gens in together]
+    with pytest.raises(ValueError, match="one seed per prompt"):
+        engine.generate(PROMPTS, params, seeds=[1])
+
+
+def test_row_seeded_sampling_draws_from_the_tempered_top_p_distribution():
+    from ksg_ray.engines.transformers_engine import RowSeededSampling
+
+    logits = torch.log(torch.tensor([[0.5, 0.3, 0.15, 0.05]]))
+    draws = 4000
+    sampler = RowSeededSampling(list(range(draws)), temperature=1.0, top_p=0.75)
+    picks = sampler(torch.zeros(draws, 1, dtype=torch.long), logits.repeat(draws, 1)).argmax(dim=-1)
+    freq = torch.bincount(picks, minlength=4).float() / draws
+    # top_p 0.75 keeps {0.5, 0.3} (the smallest prefix reaching 0.75), renormalised to 0.625 / 0.375
+    assert freq[2:].sum() == 0
+    assert abs(float(freq[0]) - 0.625) < 0.03 and abs(float(freq[1]) - 0.375) < 0.03
+    cold = RowSeededSampling(list(range(draws)), temperature=0.25, top_p=1.0)
+    cold_picks = cold(torch.zeros(draws, 1, dtype=torch.long), logits.repeat(draws, 1)).argmax(dim=-1)
+    assert float((cold_picks == 0).float().mean()) > 0.85  # a low temperature sharpens towards the mode
+
+
+def test_a_message_marked_continue_is_left_open(engine):
+    from ksg_ray.engines import CONTINUE_KEY
+
+    tok = engine.tokenizer
+    opened = render_prompt(tok, [{"role": "system", "content": "Be brief."},
+                                 {"role": "user", "content": "My knee", CONTINUE_KEY: True}])
+    closed = tok.apply_chat_template([{"role": "system", "content": "Be brief."},
+                                      {"role": "user", "content": "My knee hurts"}], tokenize=False)
+    assert opened.endswith("My knee") and closed.startswith(opened)
+
+
 def test_greedy_batched_equals_single_prompt_generate(engine):
     params = SamplingParams(max_new_tokens=12)
     batched = engine.generate(PROMPTS, params)

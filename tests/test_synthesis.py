@@ -78,6 +78,40 @@ def test_seed_similarity_flags_copies_only():
     assert sims[0] == pytest.approx(1.0) and sims[1] is None
 
 
+def test_a_patient_description_is_a_query_without_a_question_mark():
+    text = "Here is a new medical question: I have had knee pain for two weeks after running. It is worse on stairs."
+    assert parse_query(text, 3, require_question=False) == (
+        "I have had knee pain for two weeks after running. It is worse on stairs.", None)
+    assert parse_query("My son has a rash and a fever. What could it be? I hope this helps.", 3,
+                       require_question=False) == ("My son has a rash and a fever. What could it be?", None)
+    assert parse_query("<|im_start|>user I have a cough", 3, require_question=False)[1] == "copies prompt markup"
+    assert SynthConfig().queries.require_question is False
+
+
+def test_an_answer_cut_at_the_budget_is_trimmed_to_its_last_sentence():
+    from ksg_ray.server.synth.pipeline import _merge_candidates, trim_to_sentence
+
+    assert trim_to_sentence("Rest the knee. Ice it twice a day. If it swells, see a") == \
+        "Rest the knee. Ice it twice a day."
+    assert trim_to_sentence("no sentence ends here") == ""
+    batch = {"answers_p": [["Rest it. Then se", "no end", "Done."]], "answers_p_finished": [[False, False, True]]}
+    kept = _merge_candidates(dict(batch), ["p"], require_finished=False)
+    assert kept["candidates"] == [["Rest it.", "Done."]] and kept["unfinished_dropped"] == [1]
+    strict = _merge_candidates(dict(batch), ["p"], require_finished=True)
+    assert strict["candidates"] == [["Done."]] and strict["unfinished_dropped"] == [2]
+
+
+def test_too_few_rows_names_the_step_that_lost_them(tmp_path):
+    from ksg_ray.server.synth.pipeline import TooFewRows
+
+    funnel = [("prompts", 8), ("query samples generated", 40), ("unique well-formed queries", 30),
+              ("passed the professional filter", 4), ("written", 3)]
+    err = TooFewRows(tmp_path, 3, 32, funnel, {"judge said no": 26, "too short": 5}, 0)
+    msg = str(err)
+    assert "3 rows < min_rows=32" in msg and "'passed the professional filter' (30 -> 4)" in msg
+    assert "judge said no: 26" in msg and str(tmp_path / "synthetic.jsonl") in msg
+
+
 def test_pii_scrub_redacts_and_counts():
     scrub = PIIScrubber(SynthConfig().dedup.pii_patterns)
     text, n = scrub("Mail jane.doe@example.com or call 555-123-4567; SSN 123-45-6789. Dose 500 mg.")
@@ -213,6 +247,10 @@ def test_synthesis_runs_from_the_bundle_alone_and_a_rerun_adds_nothing(client_bu
     import pyarrow.parquet as pq
 
     assert pq.read_table(tmp_path / "synthetic.parquet").num_rows == len(rows)
+    # the same (default) seed and the same bundle give the same funnel and the same rows, in a fresh directory
+    again = _synth(tmp / "bundle", tmp_path / "again")
+    assert again["funnel"] == summary["funnel"]
+    assert (tmp_path / "again" / "synthetic.jsonl").read_text() == (tmp_path / "synthetic.jsonl").read_text()
     from ksg_ray.common.records import load_records
 
     assert len(load_records(tmp_path / "synthetic.jsonl")) == len(rows)  # trainable as is

@@ -45,7 +45,14 @@ class EvalEngineSection(StrictModel):
     max_actors: int = Field(1, gt=0, description="engine actors a pool scales to (each holds a model)")
     num_cpus: float = Field(1, gt=0, description="CPUs per actor")
     num_gpus: float = Field(0, ge=0, description="GPUs per actor (1 for vLLM on a GPU node)")
-    kwargs: dict[str, Any] = Field({}, description="extra engine options (e.g. dtype, gpu_memory_utilization)")
+    dtype: Literal["auto", "float32", "bfloat16"] = Field(
+        "auto", description="transformers engine weights: auto = bfloat16 where the hardware has it, else "
+                            "float32; every method is evaluated with the same setting")
+    kwargs: dict[str, Any] = Field({}, description="extra engine options (e.g. gpu_memory_utilization)")
+
+    def engine_kwargs(self) -> dict[str, Any]:
+        """`kwargs`, plus the dtype for the transformers engine."""
+        return ({"dtype": self.dtype} if self.kind == "transformers" else {}) | self.kwargs
 
 
 class JudgeSection(StrictModel):

@@ -25,8 +25,8 @@ def load_model(cfg: EvalConfig, model_path: str, adapter_path: str | None) -> An
 
         return RayDataModel(cfg.engine.kind, model_path, adapter_path, batch_size=cfg.engine.batch_size,
                             max_actors=cfg.engine.max_actors, num_cpus=cfg.engine.num_cpus,
-                            num_gpus=cfg.engine.num_gpus, engine_kwargs=cfg.engine.kwargs or None)
-    return build_engine(cfg.engine.kind, model_path, adapter_path, **cfg.engine.kwargs)
+                            num_gpus=cfg.engine.num_gpus, engine_kwargs=cfg.engine.engine_kwargs() or None)
+    return build_engine(cfg.engine.kind, model_path, adapter_path, **cfg.engine.engine_kwargs())
 
 
 def audit_inputs(cfg: EvalConfig, layout: RunLayout, heldout: str) -> dict[str, Any]:

@@ -21,7 +21,8 @@ from ksg_ray.common.sections import (
     TrainSection,
 )
 
-__all__ = ["CandidatesSection", "DPFinetuneConfig", "DPRewardConfig", "DPRunSection", "DataSection", "EvalSection",
+__all__ = ["CandidatesSection", "DPFinetuneConfig", "DPDataSection", "DPRewardConfig", "DPRunSection",
+           "DataSection", "EvalSection",
            "LoraSection", "ModelSection", "PrivacySection", "RunSection", "ScalingSection", "TrainSection"]
 
 
@@ -47,6 +48,12 @@ class PrivacySection(StrictModel):
         return not math.isinf(self.target_epsilon)
 
 
+class DPDataSection(DataSection):
+    question_loss: bool = Field(
+        True, description="generator: loss on the question as well as the answer, so the server can sample new "
+                          "questions from it (KnowledgeSG); same DP guarantee (one example per record)")
+
+
 class DPRunSection(RunSection):
     bundle_dir: Path = Field(Path("runs/bundle"), description="where the transfer bundle is written")
 
@@ -56,7 +63,7 @@ class DPFinetuneConfig(StrictModel):
 
     model: ModelSection = ModelSection()
     lora: LoraSection = LoraSection()
-    data: DataSection = DataSection()
+    data: DPDataSection = DPDataSection()
     privacy: PrivacySection = PrivacySection()
     train: TrainSection = TrainSection()
     scaling: ScalingSection = ScalingSection()

@@ -279,7 +279,7 @@ def plan_dp_run(name: str, num_records: int, privacy, train, scaling, ledger) ->
     return DPRunSpec(
         steps=steps, sample_rate=q, noise_multiplier=sigma, max_grad_norm=privacy.max_grad_norm, delta=privacy.delta,
         lr=train.lr, physical_batch_size=train.physical_batch_size, checkpoint_every=train.checkpoint_every,
-        strategy=scaling.strategy, zero_stage=scaling.zero_stage, bf16=scaling.bf16,
+        strategy=scaling.strategy, zero_stage=scaling.zero_stage, bf16=scaling.use_bf16,
         weight_decay=train.weight_decay, optimizer=train.optimizer, num_records=num_records,
         accountant=privacy.accountant, noise_seed=privacy.noise_seed, prior_history=ledger.history(exclude=name),
         sampling_seed=privacy.sampling_seed if privacy.sampling_seed is not None else secrets.randbits(63),

@@ -2,8 +2,10 @@
 
 Training and inference must render a record the same way, or the fine-tuned model is asked questions in a
 format it never saw; so both go through `tokenizer.apply_chat_template` (`tokenize_record` for training,
-`prompt_text` for generation). The loss is on the answer only: the prompt is the client's question, which
-the model should learn to answer, not to reproduce.
+`prompt_text` for generation). By default the loss is on the answer only. With `question_loss` (the DP
+generator) it covers the user's question too, so the generator also learns what the client's questions look
+like and the server can sample new ones from it (KnowledgeSG); only the system message and the user turn's
+header stay unlabelled.
 """
 
 from __future__ import annotations
@@ -16,7 +18,7 @@ import torch
 from ksg_ray.common.records import Record
 
 __all__ = ["IGNORE_INDEX", "MIN_ANSWER_TOKENS", "TokenizedExample", "build_messages", "collate",
-           "prompt_text", "tokenize_record", "tokenize_records"]
+           "prompt_text", "question_prefix", "tokenize_record", "tokenize_records"]
 
 IGNORE_INDEX = -100  # label of tokens without loss (prompt, padding): the value torch's cross-entropy skips
 MIN_ANSWER_TOKENS = 16  # a truncated example keeps at least this much answer, or it would teach nothing
@@ -53,14 +55,30 @@ def prompt_text(tokenizer: Any, record_or_question: Record | str, instruction: s
     return tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
 
 
-def tokenize_record(tokenizer: Any, record: Record, max_seq_len: int) -> TokenizedExample:
+_SENTINEL = "\x1eksg-question\x1e"
+
+
+def question_prefix(tokenizer: Any, instruction: str) -> str:
+    """The rendered text up to where the user's question starts (system message + user header): the prompt
+    from which a question is sampled, and the part of a training example that a question loss leaves out."""
+    system = [{"role": "system", "content": instruction}] if instruction else []
+    text = tokenizer.apply_chat_template(system + [{"role": "user", "content": _SENTINEL}], tokenize=False)
+    if _SENTINEL not in text:
+        raise ValueError("the chat template does not render the user's content verbatim; question sampling "
+                         "needs a template that does")
+    return text[:text.index(_SENTINEL)]
+
+
+def tokenize_record(tokenizer: Any, record: Record, max_seq_len: int,
+                    question_loss: bool = False) -> TokenizedExample:
     """Tokenize one record for causal-LM training with the loss on the answer tokens only.
 
     The prompt is the template's generation prompt; the answer is the rest of the rendered conversation
     (for ChatML: the output, `<|im_end|>` and a newline). Over `max_seq_len`, the answer is cut from the right
     first; if the prompt alone exceeds `max_seq_len - MIN_ANSWER_TOKENS`, the prompt is cut from the left (its
     end, the question and the assistant header, is what the answer depends on) keeping `MIN_ANSWER_TOKENS` of
-    answer.
+    answer. With `question_loss`, the question's tokens (all of the prompt after `question_prefix`) are
+    labelled as well.
 
     Raises:
         ValueError: `max_seq_len` leaves no room for the minimum answer, or the chat template does not render
@@ -87,14 +105,23 @@ def tokenize_record(tokenizer: Any, record: Record, max_seq_len: int) -> Tokeniz
     truncated = keep_answer < n_answer or keep_prompt < n_prompt
     prompt_ids = prompt_ids[n_prompt - keep_prompt:]
     answer_ids = answer_ids[:keep_answer]
-    return TokenizedExample(prompt_ids + answer_ids, [IGNORE_INDEX] * keep_prompt + answer_ids, truncated)
+    prompt_labels = [IGNORE_INDEX] * keep_prompt
+    if question_loss:
+        prefix = question_prefix(tokenizer, record.instruction)
+        if not prompt.startswith(prefix):
+            raise ValueError(f"{record.source or 'record'}: the question prefix is not a prefix of the prompt")
+        n_prefix = len(tokenizer(prefix, add_special_tokens=False)["input_ids"])
+        masked = max(0, n_prefix - (n_prompt - keep_prompt))  # what is left of the prefix after a left cut
+        prompt_labels = [IGNORE_INDEX] * masked + prompt_ids[masked:]
+    return TokenizedExample(prompt_ids + answer_ids, prompt_labels + answer_ids, truncated)
 
 
 def tokenize_records(
-    tokenizer: Any, records: list[Record], max_seq_len: int
+    tokenizer: Any, records: list[Record], max_seq_len: int, question_loss: bool = False
 ) -> tuple[list[TokenizedExample], int]:
-    """Tokenize every record; returns the examples and how many were truncated (reported with ε)."""
-    examples = [tokenize_record(tokenizer, r, max_seq_len) for r in records]
+    """Tokenize every record; returns the examples and how many were truncated (a statistic of the data: on the
+    client it stays in the log)."""
+    examples = [tokenize_record(tokenizer, r, max_seq_len, question_loss) for r in records]
     return examples, sum(e.truncated for e in examples)
 
 

@@ -13,7 +13,8 @@ from typing import Any, TypeVar
 import yaml
 from pydantic import BaseModel, ConfigDict, ValidationError
 
-__all__ = ["KsgConfigError", "StrictModel", "apply_overrides", "job_config", "load_config", "parse_override"]
+__all__ = ["KsgConfigError", "StrictModel", "add_config_args", "apply_overrides", "describe_config", "job_config",
+           "load_config", "parse_override", "run_config_show"]
 
 T = TypeVar("T", bound=BaseModel)
 
@@ -99,7 +100,7 @@ def job_config(model: type[T], argv: list[str] | None, description: str) -> T:
     parser = argparse.ArgumentParser(description=description)
     parser.add_argument("--config", default=None, help="YAML config (defaults: the embedded default)")
     parser.add_argument("overrides", nargs="*", help="key=value overrides, e.g. train.epochs=2")
-    args = parser.parse_args(argv)
+    args = parser.parse_intermixed_args(argv)  # --config and overrides in any order
     cfg = load_config(model, args.config, args.overrides)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
     return cfg
@@ -107,3 +108,49 @@ def job_config(model: type[T], argv: list[str] | None, description: str) -> T:
 
 def _deepcopy(data: dict[str, Any]) -> dict[str, Any]:
     return {k: _deepcopy(v) if isinstance(v, dict) else v for k, v in data.items()}
+
+
+def describe_config(cfg: BaseModel, indent: int = 0) -> str:
+    """The resolved config as YAML, each key with its field's description as a comment (`ksg config show`)."""
+    lines = []
+    pad = "  " * indent
+    for name, field in type(cfg).model_fields.items():
+        value = getattr(cfg, name)
+        key = field.alias or name
+        note = f"  # {field.description}" if field.description else ""
+        if isinstance(value, BaseModel):
+            lines.append(f"{pad}{key}:{note}")
+            lines.append(describe_config(value, indent + 1))
+        else:
+            dumped = yaml.safe_dump(_plain(value), default_flow_style=True, width=10_000).strip()
+            dumped = dumped.removesuffix("\n...").removesuffix("...").strip()
+            lines.append(f"{pad}{key}: {dumped}{note}")
+    return "\n".join(lines)
+
+
+def _plain(value: Any) -> Any:
+    if isinstance(value, Path):
+        return str(value)
+    if isinstance(value, dict):
+        return {k: _plain(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [_plain(v) for v in value]
+    return value
+
+
+def add_config_args(parser: Any, commands: list[str]) -> None:
+    """Arguments of `ksg config show COMMAND [CONFIG] [key=value ...]`."""
+    parser.add_argument("action", choices=["show"], help="show: print the resolved config with every default")
+    parser.add_argument("stage", choices=commands, help="the command whose config to show")
+    parser.add_argument("config", nargs="?", default=None, help="YAML config (none = the defaults)")
+    parser.add_argument("overrides", nargs="*", help="key=value overrides")
+
+
+def run_config_show(args: Any, recipes: dict[str, str]) -> int:
+    """Print the config `ksg <stage>` would run with; the stage's config class is its recipe's `CONFIG`."""
+    import importlib
+
+    model = importlib.import_module(recipes[args.stage]).CONFIG
+    print(f"# {model.__doc__.strip().splitlines()[0] if model.__doc__ else model.__name__}")
+    print(describe_config(load_config(model, args.config, list(args.overrides))))
+    return 0

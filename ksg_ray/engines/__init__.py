@@ -15,7 +15,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, Protocol, runtime_checkable
 
-__all__ = ["ENGINE_KINDS", "Engine", "Generation", "SamplingParams", "build_engine", "check_messages",
+__all__ = ["CONTINUE_KEY", "ENGINE_KINDS", "Engine", "Generation", "SamplingParams", "build_engine", "check_messages",
            "encode", "prompt_ids", "render_prompt", "score_inputs"]
 
 ENGINE_KINDS = ("transformers", "vllm", "auto")
@@ -32,7 +32,8 @@ class SamplingParams:
         max_new_tokens: generation budget per answer; an answer cut here is reported as not finished.
         n: answers per prompt.
         seed: makes sampling repeatable. vLLM seeds each request; transformers seeds one stream per `generate`
-            call, so there a sample also depends on its batch-mates.
+            call, so there a sample also depends on its batch-mates. For samples that depend only on their own
+            prompt, pass per-prompt `seeds` to `Engine.generate` (both engines honour them).
         stop_at_eos: stop at the end-of-turn token; False generates `max_new_tokens` (throughput tests).
     """
 
@@ -87,8 +88,13 @@ class Engine(Protocol):
 
     tokenizer: Any
 
-    def generate(self, prompts: list[list[dict]], params: SamplingParams) -> list[list[Generation]]:
-        """`params.n` answers for each chat prompt, in prompt order."""
+    def generate(self, prompts: list[list[dict]], params: SamplingParams,
+                 seeds: list[int] | None = None) -> list[list[Generation]]:
+        """`params.n` answers for each chat prompt, in prompt order.
+
+        `seeds`: one per prompt; a prompt's samples then depend only on its prompt and its seed, not on the batch
+        it shares (what makes a seeded synthesis give the same rows on a rerun, however Ray batches them).
+        """
         ...
 
     def score(self, prompts: list[list[dict]], answers: list[str]) -> list[float]:
@@ -159,9 +165,25 @@ def check_messages(messages: Any) -> list[dict[str, str]]:
     return checked
 
 
+CONTINUE_KEY = "continue"  # on the last message: generate the rest of *that* message (e.g. a user's question)
+_CUT = "\x1eksg-continue\x1e"
+
+
 def render_prompt(tokenizer: Any, messages: list[dict]) -> str:
-    """The prompt text: the chat template with the assistant header, as `chat_format.prompt_text` renders it."""
-    return tokenizer.apply_chat_template(check_messages(messages), add_generation_prompt=True, tokenize=False)
+    """The prompt text: the chat template with the assistant header, as `chat_format.prompt_text` renders it.
+
+    A last message marked `{"continue": True}` is left open instead: the prompt ends with its content, so the
+    model writes the rest of it (how the server samples a question from a generator trained with a question loss).
+    """
+    messages = check_messages(messages)
+    if not messages[-1].get(CONTINUE_KEY):
+        return tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+    last = messages[-1]
+    opened = [*messages[:-1], {"role": last["role"], "content": _CUT}]
+    text = tokenizer.apply_chat_template(opened, add_generation_prompt=False, tokenize=False)
+    if _CUT not in text:
+        raise ValueError("this chat template does not render a message's content verbatim: it cannot be continued")
+    return text[:text.index(_CUT)] + last["content"]
 
 
 # A fast tokenizer keeps its padding setting in shared Rust state that every call rewrites: a padded batch

@@ -14,6 +14,7 @@ stage UDF in `ksg_ray.synth`.
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import logging
 import os
 from collections.abc import Callable, Mapping
@@ -25,7 +26,7 @@ import ray
 from ksg_ray.engines import SamplingParams, build_engine, check_messages
 
 __all__ = ["ERROR_COLUMN", "GenerateUDF", "generate_dataset", "incoming_errors", "passthrough", "to_messages",
-           "is_missing", "plain", "run_with_fallback"]
+           "is_missing", "plain", "row_seed", "run_with_fallback"]
 
 logger = logging.getLogger(__name__)
 
@@ -50,14 +51,17 @@ class GenerateUDF:
         output_column: the output column; its `_finished` twin is derived from it.
         engine_kwargs: extra engine options (e.g. `batch_size` for transformers, `gpu_memory_utilization`
             for vLLM).
+        seed_column: with `sampling["seed"]` set, the column whose value keys each row's own sampling seed:
+            a row's samples then depend on (seed, its key, the output column) only, not on how Ray batched it.
     """
 
     def __init__(self, engine_kind: str, model_path: str, adapter_path: str | None, sampling: dict,
                  messages_column: str = "messages", output_column: str = "generations",
-                 engine_kwargs: dict | None = None) -> None:
+                 engine_kwargs: dict | None = None, seed_column: str | None = None) -> None:
         self.params = SamplingParams(**sampling)  # fail at actor start, not on the first batch
         self.messages_column = messages_column
         self.output_column = output_column
+        self.seed_column = seed_column if self.params.seed is not None else None
         self.engine = build_engine(engine_kind, model_path, adapter_path, **(engine_kwargs or {}))
         self.fatal_errors = tuple(getattr(self.engine, "fatal_errors", ()))
 
@@ -81,9 +85,15 @@ class GenerateUDF:
                     errors[i] = describe(e)
             prompts.append(prompt)
         todo = [i for i, p in enumerate(prompts) if p is not None]
-        results, row_errors = run_with_fallback(lambda idx: self.engine.generate([prompts[i] for i in idx],
-                                                                                 self.params),
-                                                todo, self.fatal_errors)
+        seeds = None
+        if self.seed_column is not None:
+            seeds = [row_seed(self.params.seed, plain(k), self.output_column) for k in batch[self.seed_column]]
+
+        def generate(idx: list[int]) -> list[Any]:
+            return self.engine.generate([prompts[i] for i in idx], self.params,
+                                        **({"seeds": [seeds[i] for i in idx]} if seeds is not None else {}))
+
+        results, row_errors = run_with_fallback(generate, todo, self.fatal_errors)
         for i, e in row_errors.items():
             errors[i] = e
         out = passthrough(batch)
@@ -138,6 +148,12 @@ def generate_dataset(ds: ray.data.Dataset, *, engine_kind: str, model_path: str,
         num_cpus=num_cpus,
         num_gpus=num_gpus,
     )
+
+
+def row_seed(seed: int, key: Any, salt: str = "") -> int:
+    """A 63-bit sampling seed from (seed, a row's key, a salt): the same on every run, node and batch."""
+    digest = hashlib.sha256(f"{seed}\x1f{key}\x1f{salt}".encode()).digest()
+    return int.from_bytes(digest[:8], "big") >> 1
 
 
 def is_missing(value: Any) -> bool:

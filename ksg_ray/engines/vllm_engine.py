@@ -85,7 +85,8 @@ class VLLMEngine:
         logger.info("vLLM engine: %s%s on %s", model_path, f" + adapter {adapter_path}" if adapter_path else "",
                     current_platform.device_type)
 
-    def generate(self, prompts: list[list[dict]], params: SamplingParams) -> list[list[Generation]]:
+    def generate(self, prompts: list[list[dict]], params: SamplingParams,
+                 seeds: list[int] | None = None) -> list[list[Generation]]:
         """`params.n` answers per prompt; see `ksg_ray.engines.Engine.generate`.
 
         Raises:
@@ -95,10 +96,16 @@ class VLLMEngine:
         # vLLM refuses n > 1 for greedy decoding: one answer, copied n times (as the transformers engine does).
         n_model = 1 if params.greedy else params.n
         # Every knob explicit, so the model's generation_config.json cannot change how it samples.
-        sampling = self._vllm.SamplingParams(
-            n=n_model, temperature=params.temperature, top_p=params.top_p, top_k=0, min_p=0.0,
-            repetition_penalty=1.0, max_tokens=params.max_new_tokens, seed=params.seed,
-            ignore_eos=not params.stop_at_eos)
+        def sampling_for(seed: int | None):
+            return self._vllm.SamplingParams(
+                n=n_model, temperature=params.temperature, top_p=params.top_p, top_k=0, min_p=0.0,
+                repetition_penalty=1.0, max_tokens=params.max_new_tokens, seed=seed,
+                ignore_eos=not params.stop_at_eos)
+
+        if seeds is not None and len(seeds) != len(prompts):
+            raise ValueError(f"{len(seeds)} seeds for {len(prompts)} prompts: give one seed per prompt")
+        # One seeded request per prompt: its samples do not depend on the other requests.
+        sampling = [sampling_for(s % (1 << 63)) for s in seeds] if seeds is not None else sampling_for(params.seed)
         outputs = self.llm.generate([{"prompt_token_ids": p} for p in ids], sampling, use_tqdm=False,
                                     lora_request=self._lora)
         results = []

@@ -20,16 +20,18 @@ __all__ = ["BASELINES", "STAGE_ORDER", "SYNTH_VARIANTS", "CanarySection", "Pipel
 
 STAGE_ORDER = ("dp_train", "dp_reward", "synthesize", "finetune", "evaluate", "report", "serve")
 # The synthesis baselines of the two papers, as overrides of the same synthesis config; each gets its own
-# synthesis + fine-tune and is evaluated like the pipeline. (The pipeline itself is "both combined".)
+# synthesis + fine-tune and is evaluated like the pipeline. (The pipeline itself is "both combined".) A variant
+# that writes few rows is still trained (min_rows=0); one that writes none is reported as not run.
 SYNTH_VARIANTS: dict[str, list[str]] = {
     # DP synthetic data without filtering: the DP generator writes queries and answers, every one is kept
     "dp_synthetic": ["professional.filter=false", "answers.sources=[generator]", "answers.n=1",
-                     "scoring.keep_fraction=1.0", "refine.rounds=0"],
+                     "scoring.keep_fraction=1.0", "refine.rounds=0", "min_rows=0"],
     # KnowledgeSG: professional filter + the professional model's answers (distillation), no reward model
-    "knowledgesg": ["professional.filter=true", "answers.sources=[professional]", "answers.n=1",
-                    "scoring.keep_fraction=1.0", "refine.rounds=0"],
+    "knowledgesg": ["queries.mode=sample", "professional.filter=true", "answers.sources=[professional]",
+                    "answers.n=1", "scoring.keep_fraction=1.0", "refine.rounds=0", "min_rows=0"],
     # RewardDS: the DP generator's candidates, reward-guided filtering and refinement rounds, no professional model
-    "rewardds": ["professional.filter=false", "answers.sources=[generator]"],
+    "rewardds": ["queries.mode=seed_prompt", "professional.filter=false", "answers.sources=[generator]",
+                 "min_rows=0"],
 }
 # what each evaluated method is: base model, non-private fine-tune on the private data (through the DP code
 # at ε = inf), the DP fine-tuned generator alone, the synthesis variants, and the full pipeline's distilled model

@@ -83,20 +83,27 @@ class DPSGD:
                 carries `row_to_record` (row -> record index in the chunk); rows of one record are clipped together.
 
         Returns:
-            (per-parameter clipped sums, sum of the records' losses, number of records).
+            (per-parameter clipped sums in float32, sum of the records' losses, number of records).
+
+        The forward and backward may run under bf16 autocast; from the per-sample gradients on, everything is
+        float32 with autocast off (norms, clip factors, sums, and later the noise), so one record moves the sum
+        by at most C up to float32 rounding, whatever the compute dtype.
         """
         # ds_shape: DeepSpeed ZeRO-3 keeps a partition in p and the full shape beside it.
-        sums = [torch.zeros(getattr(p, "ds_shape", p.shape), dtype=p.dtype, device=p.device) for p in self.params]
+        sums = [torch.zeros(getattr(p, "ds_shape", p.shape), dtype=torch.float32, device=p.device)
+                for p in self.params]
         loss_total, count = 0.0, 0
         self.module.train()
         for chunk in batches:
             losses = loss_fn(self.module, chunk)
             torch.autograd.grad(losses.sum(), self.params)  # fires the grad-sample hooks; result unused
-            grad_samples = [self._per_record(p.grad_sample, chunk, len(losses)) for p in self.params]
-            norms = torch.stack([g.reshape(len(g), -1).norm(2, dim=-1) for g in grad_samples], dim=1).norm(2, dim=1)
-            factor = (self.max_grad_norm / (norms + 1e-6)).clamp(max=1.0)
-            for s, g in zip(sums, grad_samples, strict=True):
-                s += torch.einsum("i,i...", factor.to(g.dtype), g)
+            with torch.autocast(self.params[0].device.type, enabled=False):
+                grad_samples = [self._per_record(p.grad_sample.float(), chunk, len(losses)) for p in self.params]
+                norms = torch.stack([g.reshape(len(g), -1).norm(2, dim=-1) for g in grad_samples],
+                                    dim=1).norm(2, dim=1)
+                factor = (self.max_grad_norm / (norms + 1e-6)).clamp(max=1.0)
+                for s, g in zip(sums, grad_samples, strict=True):
+                    s += torch.einsum("i,i...", factor, g)
             for p in self.params:
                 p.grad_sample = None
             loss_total += float(losses.detach().sum())

@@ -44,6 +44,14 @@ class DomainSection(StrictModel):
 
 
 class QueriesSection(StrictModel):
+    mode: Literal["seed_prompt", "sample"] = Field(
+        "seed_prompt", description="seed_prompt (RewardDS): ask the generator for a new question like two public "
+                                   "seeds; sample (KnowledgeSG): let a generator trained with a question loss write "
+                                   "the user turn itself, after `system_prompt`")
+    system_prompt: str = Field(
+        "If you are a doctor, please answer the medical questions based on the patient's description.",
+        description="sample mode: the PUBLIC system message the generator's training records carry (the task "
+                    "preamble of the domain's data)")
     num_prompts: int = Field(8, gt=0, description="prompts to the DP generator (each yields `per_prompt` samples)")
     per_prompt: int = Field(6, gt=0, description="samples per prompt (RewardDS: 6)")
     seeds_per_prompt: int = Field(2, ge=0, description="public seed questions shown per prompt (RewardDS: 2)")
@@ -53,12 +61,14 @@ class QueriesSection(StrictModel):
     min_words: int = Field(3, ge=1, description="shorter queries are rejected (reason 'too short')")
     require_finished: bool = Field(
         True, description="without require_question: a sample cut at max_new_tokens is rejected (a fragment)")
-    require_question: bool = Field(True, description="keep the sentence ending at the first '?'; none = rejected")
+    require_question: bool = Field(
+        False, description="True: keep only the sentence ending at the first '?' (none = rejected); False: the "
+                           "first paragraph is the query, since patients often describe rather than ask")
     similarity_method: SimilarityMethod = Field("tfidf", description="similarity to the seeds (baseline filters)")
     max_seed_similarity: float = Field(
         0.52, gt=0, le=1, description="a query this similar to a seed is a copy, rejected (KnowledgeSG: TF-IDF 0.52)")
-    seed: int = Field(0, description="picks each prompt's seed questions (sampling itself is unseeded; reruns "
-                                     "regenerate nothing: finished work is kept)")
+    seed: int = Field(0, description="picks each prompt's seed questions (sampling is seeded by the top-level "
+                                     "`seed`; reruns regenerate nothing: finished work is kept)")
 
 
 class ProfessionalSection(StrictModel):
@@ -123,6 +133,8 @@ class EngineSection(StrictModel):
     threads: int | None = Field(None, gt=0, description=(
         "CPU threads per actor (OMP_NUM_THREADS); None = Ray's floor(num_cpus), at least 1. A small run's stages "
         "take turns, so on a laptop 2 lets each use both cores while their CPU shares stay fractional"))
+    dtype: Literal["auto", "float32", "bfloat16"] = Field(
+        "auto", description="transformers engine weights: auto = bfloat16 where the hardware has it, else float32")
     engine_kwargs: dict = Field({}, description="extra engine options (vLLM: gpu_memory_utilization, ...)")
 
     @model_validator(mode="after")
@@ -141,6 +153,12 @@ class SynthConfig(StrictModel):
     """`ksg synthesize`: bundle → synthetic (query, answer) dataset, on Ray Data."""
 
     bundle: Path = Field(Path("runs/bundle"), description="the client's transfer bundle (verified before use)")
+    seed: int | None = Field(
+        0, description="PUBLIC server-side sampling seed: the same seed and bundle give the same funnel and rows "
+                       "(each row is seeded by its id); None = unseeded. Not the client's secret DP seeds")
+    min_rows: int = Field(
+        1, ge=0, description="fewer rows written is an error that names the funnel step that lost them (before any "
+                             "fine-tune starts); 0 = accept any count")
     domain: DomainSection = DomainSection()
     queries: QueriesSection = QueriesSection()
     professional: ProfessionalSection = ProfessionalSection()

@@ -22,6 +22,7 @@ import hashlib
 import json
 import logging
 import math
+import re
 import time
 from collections import Counter
 from pathlib import Path
@@ -121,7 +122,27 @@ def run_synthesis(cfg: SynthConfig) -> dict[str, Any]:
     write_json_atomic(out / "funnel.json", summary)  # the layout `ksg report` reads (ksg_ray.common.run_layout)
     if failed:
         logger.warning("%d rows failed (see %s); a rerun retries them", len(failed), out / "errors.jsonl")
+    if len(rows) < cfg.min_rows:
+        raise TooFewRows(out, len(rows), cfg.min_rows, funnel, summary["rejected_reasons"], len(failed))
     return summary
+
+
+class TooFewRows(RuntimeError):
+    """The synthesis wrote fewer than `min_rows` rows: says which funnel step lost the most, and why."""
+
+    def __init__(self, out: Path, rows: int, min_rows: int, funnel: list[tuple[str, int]],
+                 reasons: dict[str, int], failed: int) -> None:
+        drops = [(before[1] - after[1], after[0], before[1], after[1])
+                 for before, after in zip(funnel, funnel[1:], strict=False) if after[1] < before[1]]
+        worst = max(drops, default=None)
+        where = (f"the step that lost the most is '{worst[1]}' ({worst[2]} -> {worst[3]})" if worst
+                 else "no step lost rows: too few were asked for")
+        steps = " -> ".join(f"{name} {n}" for name, n in funnel)
+        top = ", ".join(f"{k}: {v}" for k, v in sorted(reasons.items(), key=lambda kv: -kv[1])[:5]) or "none"
+        super().__init__(
+            f"synthesis wrote {rows} rows < min_rows={min_rows} ({out / 'synthetic.jsonl'}); {where}. Funnel: "
+            f"{steps}. Rejections: {top}; failed rows: {failed} ({out / 'errors.jsonl'}). Ask for more "
+            "(queries.num_prompts, queries.per_prompt, scoring.keep_fraction) or loosen the step named above.")
 
 
 def _check_same_run(cfg: SynthConfig, out: Path) -> None:
@@ -149,16 +170,20 @@ def _check_same_run(cfg: SynthConfig, out: Path) -> None:
 
 def _run_queries(cfg: SynthConfig, models: SynthModels, out: Path, errors: JsonlStore) -> JsonlStore:
     store = JsonlStore(out / "queries_raw.jsonl", key="prompt_id")
-    todo = [{"prompt_id": f"p{i:05d}",
-             "messages": prompts.query_messages(cfg.domain, i, cfg.queries.seeds_per_prompt, cfg.queries.seed)}
+    def messages(i: int) -> list[dict]:
+        if cfg.queries.mode == "sample":
+            return prompts.sample_query_messages(cfg.queries.system_prompt)
+        return prompts.query_messages(cfg.domain, i, cfg.queries.seeds_per_prompt, cfg.queries.seed)
+
+    todo = [{"prompt_id": f"p{i:05d}", "messages": messages(i)}
             for i in range(cfg.queries.num_prompts) if f"p{i:05d}" not in store]
     if todo:
         q = cfg.queries
-        # no fixed sampling seed: transformers would reseed every batch alike and repeat samples across batches
+        # seeded per row (`seed_column`): a prompt's samples do not depend on its batch-mates or on a resume
         sampling = SamplingParams(temperature=q.temperature, top_p=q.top_p, max_new_tokens=q.max_new_tokens,
-                                  n=q.per_prompt)
+                                  n=q.per_prompt, seed=cfg.seed)
         ds = _stage(ray.data.from_items(todo), GenerateUDF, cfg.engine, model=models.generator, sampling=sampling,
-                    messages_column="messages", output_column="samples")
+                    messages_column="messages", output_column="samples", seed_column="prompt_id")
         _drain(ds, "queries", len(todo), cfg, store, errors, key="prompt_id",
                keep=("prompt_id", "samples", "samples_finished"))
     logger.info("queries: %d/%d prompts done", len(store), cfg.queries.num_prompts)
@@ -178,10 +203,11 @@ def _run_answers(cfg: SynthConfig, models: SynthModels, out: Path, errors: Jsonl
                         min_yes_probability=cfg.professional.min_yes_probability)
             ds = ds.map_batches(_skip_rejected, num_cpus=LIGHT_TASK_CPUS)
         a = cfg.answers
-        sampling = SamplingParams(temperature=a.temperature, top_p=a.top_p, max_new_tokens=a.max_new_tokens, n=a.n)
+        sampling = SamplingParams(temperature=a.temperature, top_p=a.top_p, max_new_tokens=a.max_new_tokens, n=a.n,
+                                  seed=cfg.seed)
         for source in a.sources:
             ds = _stage(ds, GenerateUDF, cfg.engine, model=getattr(models, source), sampling=sampling,
-                        messages_column="answer_messages", output_column=f"answers_{source}")
+                        messages_column="answer_messages", output_column=f"answers_{source}", seed_column="id")
         ds = ds.map_batches(_merge_candidates, fn_kwargs=dict(sources=a.sources, require_finished=a.require_finished),
                             num_cpus=LIGHT_TASK_CPUS)
         ds = _stage(ds, ScoreUDF, cfg.engine, bundle_dir=str(cfg.bundle), candidates_column="candidates",
@@ -214,9 +240,9 @@ def _run_refine_round(cfg: SynthConfig, models: SynthModels, out: Path, errors: 
         ds = ds.map_batches(_rewrite_prompts, fn_kwargs=dict(domain=cfg.domain.model_dump()),
                             num_cpus=LIGHT_TASK_CPUS)
         rewrite = SamplingParams(temperature=rf.temperature, top_p=rf.top_p, max_new_tokens=rf.max_new_tokens,
-                                 n=rf.n)
+                                 n=rf.n, seed=None if cfg.seed is None else cfg.seed + r)
         ds = _stage(ds, GenerateUDF, cfg.engine, model=models.rewriter, sampling=rewrite,
-                    messages_column="rewrite_messages", output_column="answers_rewriter")
+                    messages_column="rewrite_messages", output_column="answers_rewriter", seed_column="id")
         ds = ds.map_batches(_merge_candidates, num_cpus=LIGHT_TASK_CPUS,
                             fn_kwargs=dict(sources=["rewriter"], require_finished=cfg.answers.require_finished))
         ds = _stage(ds, ScoreUDF, cfg.engine, bundle_dir=str(cfg.bundle), candidates_column="candidates",
@@ -233,6 +259,7 @@ def _stage(ds: ray.data.Dataset, udf: type, engine: EngineSection, model: tuple[
     engine_kwargs = dict(engine.engine_kwargs)
     if engine.kind == "transformers":
         engine_kwargs.setdefault("batch_size", engine.batch_size)
+        engine_kwargs.setdefault("dtype", engine.dtype)
     ctor = dict(engine_kind=engine.kind, engine_kwargs=engine_kwargs, **kwargs)
     if model is not None:
         ctor["model_path"] = model[0]
@@ -279,9 +306,20 @@ def _skip_rejected(batch: dict) -> dict:
     return out
 
 
+def trim_to_sentence(text: str) -> str:
+    """An answer cut at the token budget, up to its last complete sentence ('' if it has none).
+
+    Such an answer is kept only when `answers.require_finished` is off; trimmed, it ends where a sentence ends,
+    so the target trained on it (answer + end-of-turn) learns to stop at a sentence, not mid-word.
+    """
+    ends = [m.end() for m in re.finditer(r"[.!?](?:[\"')\]]*)(?=\s|$)", text)]
+    return text[:ends[-1]].strip() if ends else ""
+
+
 def _merge_candidates(batch: dict, sources: list[str], require_finished: bool) -> dict:
     """All sources' answers of a row as one candidate list; empty ones (and, if required, unfinished ones) are
-    left out and counted in `unfinished_dropped`."""
+    left out and counted in `unfinished_dropped`. An unfinished answer that is kept is trimmed to its last
+    complete sentence (`trim_to_sentence`); one with no complete sentence is dropped and counted too."""
     out = passthrough(batch)
     n = len(next(iter(out.values())))
     texts, origins, finished, dropped = [[] for _ in range(n)], [[] for _ in range(n)], [[] for _ in range(n)], [0] * n
@@ -291,6 +329,8 @@ def _merge_candidates(batch: dict, sources: list[str], require_finished: bool) -
             if is_missing(answers):  # skipped (judge said no) or failed (its error travels on)
                 continue
             for text, done in zip(answers, flags, strict=True):
+                if not done and not require_finished:
+                    text = trim_to_sentence(text)
                 if not text.strip() or (require_finished and not done):
                     dropped[i] += 1
                     continue

@@ -9,15 +9,25 @@ from __future__ import annotations
 import random
 import re
 
+from ksg_ray.engines import CONTINUE_KEY
 from ksg_ray.server.synth.config import DomainSection
 
 __all__ = ["answer_messages", "critique_messages", "judge_messages", "parse_query", "query_messages",
-           "rewrite_messages"]
+           "rewrite_messages", "sample_query_messages"]
 
 # Role markers and template tokens: a "query" holding them copied the prompt's markup (KnowledgeSG drops these).
 _MARKUP = re.compile(r"<\|im_(start|end)\|>|<\|endoftext\|>|\b(system|assistant)\s*:|example question \d",
                      re.IGNORECASE)
 _LEAD = re.compile(r"^\s*(?:new question|question|q)\s*\d*\s*[:.)-]\s*", re.IGNORECASE)
+# "Here is a new medical question: ..." — a lead-in that announces the question rather than asking it.
+_INTRO = re.compile(r"^[^.?!\n]{0,80}\bquestion\b[^.?!\n]{0,20}:\s*", re.IGNORECASE)
+
+
+def sample_query_messages(system_prompt: str) -> list[dict]:
+    """KnowledgeSG-style query synthesis: the prompt stops where a user's question starts, and the DP generator
+    (trained with a loss on questions too) writes the question itself, ending it with its end-of-turn token."""
+    system = [{"role": "system", "content": system_prompt}] if system_prompt else []
+    return [*system, {"role": "user", "content": "", CONTINUE_KEY: True}]
 
 
 def query_messages(domain: DomainSection, prompt_index: int, seeds_per_prompt: int,
@@ -44,7 +54,8 @@ def parse_query(text: str, min_words: int, require_question: bool = True) -> tup
 
     Small generators wrap the question in chatter ('Here's a new medical question: How ...? I hope ...'): with
     `require_question`, the query is the sentence that ends at the first '?', without a lead-in that ends in
-    ':' and without quotes. Otherwise the first paragraph is kept, minus a "Question:" label.
+    ':' and without quotes. Otherwise the first paragraph is kept (a patient's description of a problem is a
+    question too, '?' or not), minus a "Question:" label or lead-in, and cut after its last '?' if it has one.
     """
     if _MARKUP.search(text):
         return None, "copies prompt markup"
@@ -57,6 +68,10 @@ def parse_query(text: str, min_words: int, require_question: bool = True) -> tup
         start = max(head.rfind(". ", 0, end), head.rfind("! ", 0, end), head.rfind(": ", 0, end),
                     head.rfind("\n", 0, end))
         query = head[start + 1:] if start >= 0 else head
+    else:
+        query = _INTRO.sub("", query, count=1)
+        if "?" in query:
+            query = query[:query.rfind("?") + 1]
     query = _LEAD.sub("", query.strip()).strip().strip('"\u201c\u201d').strip()
     if not query:
         return None, "empty"
