@@ -47,7 +47,7 @@ def main(argv: list[str] | None = None) -> dict:
     model_path, examples, truncated, collate_fn = prepare(cfg)
     n = len(examples)
     engine = PrivacyEngine(cfg.privacy, cfg.run.output_dir, cfg.data.path)
-    spec = engine.make_private("generator", n, cfg.train, cfg.scaling)
+    spec = engine.make_private("generator", n, cfg.train, cfg.scaling, cfg.run)
     # The truncation count is a statistic of the private data: it stays in the client's log, not in the bundle.
     logger.info("%d private records (%d truncated to %d tokens); q=%.4f, %d steps, σ=%.4f", n, truncated,
                 cfg.data.max_seq_len, spec.sample_rate, spec.steps, spec.noise_multiplier)

@@ -20,17 +20,19 @@ from pathlib import Path
 from ksg_ray.client.config import DPRewardConfig
 from ksg_ray.client.dp_trainer import DPTask
 from ksg_ray.client.privacy.engine import PrivacyEngine
-from ksg_ray.client.reward_candidates import build_reward_examples
+from ksg_ray.client.reward_candidates import GeneratorRef, build_reward_examples
 from ksg_ray.common.config import job_config
 
 logger = logging.getLogger("ksg.dp_reward")
 CONFIG = DPRewardConfig  # the config this recipe takes (`ksg config show`)
+
+
 def main(argv: list[str] | None = None) -> dict:
     cfg = job_config(CONFIG, argv, __doc__.split("\n")[0])
 
     from transformers import AutoTokenizer
 
-    from ksg_ray.bundle import verify_bundle
+    from ksg_ray.bundle import read_privacy, verify_bundle
     from ksg_ray.common.hub import resolve_model
     from ksg_ray.common.lora import load_adapter, save_adapter
     from ksg_ray.common.records import load_records
@@ -39,11 +41,13 @@ def main(argv: list[str] | None = None) -> dict:
     model_path = resolve_model(cfg.model.name)
     records = load_records(cfg.data.path, limit=cfg.data.limit)
     engine = PrivacyEngine(cfg.privacy, cfg.run.output_dir, cfg.data.path)
-    spec = engine.make_private("reward", len(records), cfg.train, cfg.scaling)  # budget check first
+    spec = engine.make_private("reward", len(records), cfg.train, cfg.scaling, cfg.run)  # budget check first
     verify_bundle(cfg.candidates.generator_bundle)  # the DP generator must exist before its answers are asked for
+    engine.require_recorded(read_privacy(cfg.candidates.generator_bundle), "the generator bundle's privacy.json")
     run_dir = Path(cfg.run.output_dir) / cfg.run.name
     tokenizer = AutoTokenizer.from_pretrained(model_path)
-    examples, _, failed = build_reward_examples(cfg, records, tokenizer, model_path, run_dir, engine)
+    generator = GeneratorRef.from_bundle(cfg.candidates.generator_bundle)
+    examples, _, failed = build_reward_examples(cfg, records, tokenizer, generator, run_dir, engine)
 
     task = DPTask(name="reward", build_model=reward_builder(model_path, cfg.lora, cfg.train.seed), examples=examples,
                   collate=partial(collate_reward, pad_token_id=reward_pad_id(tokenizer)), loss_fn=bradley_terry_loss,
@@ -52,7 +56,8 @@ def main(argv: list[str] | None = None) -> dict:
     bundle, report = engine.publish(cfg.candidates.generator_bundle, "reward", ckpt / "model",
                                     staging=run_dir / "reward_component", records=len(records),
                                     model_ref={"base_model": cfg.model.name, "tokenizer": cfg.model.name,
-                                               "kind": "reward-lora-seq-cls"})
+                                               "kind": "reward-lora-seq-cls",  # the generator it was trained on:
+                                               "generator_sha256": generator.sha256})
     summary = {"bundle": str(bundle), "epsilon": report["epsilon"], "epsilon_rdp": report["epsilon_rdp"],
                "reward_noise_multiplier": spec.noise_multiplier, "steps": spec.steps, "not_dp": report["not_dp"],
                "probe_loss_start": metrics.get("probe_loss_start"), "probe_loss_end": metrics.get("probe_loss_end"),

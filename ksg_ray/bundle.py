@@ -32,8 +32,8 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-__all__ = ["BundleError", "add_bundle_args", "add_component", "dump_privacy", "load_privacy", "publish_component",
-           "read_privacy", "run_bundle", "verify_bundle", "write_bundle"]
+__all__ = ["BundleError", "add_bundle_args", "add_component", "component_sha256", "dump_privacy", "load_privacy",
+           "publish_component", "read_model_ref", "read_privacy", "run_bundle", "verify_bundle", "write_bundle"]
 
 logger = logging.getLogger(__name__)
 
@@ -169,6 +169,12 @@ def add_component(bundle_dir: Path, name: str, source_dir: Path, *, privacy: dic
     """
     bundle_dir = Path(bundle_dir)
     comps = {c: bundle_dir / c for c in verify_bundle(bundle_dir)["components"] if c != name}
+    if name == "generator" and "reward" in comps:  # a reward model trained against the old generator is stale
+        new_sha = hashlib.sha256((Path(source_dir) / "adapter_model.safetensors").read_bytes()).hexdigest()
+        if read_model_ref(bundle_dir, "reward").get("generator_sha256", new_sha) != new_sha:
+            logger.warning("%s: the generator changed, so the reward model trained against the old one is removed; "
+                           "run `ksg dp-reward` again", bundle_dir)
+            del comps["reward"]
     privacy = read_privacy(bundle_dir) if privacy is None else privacy
     return write_bundle(bundle_dir, comps | {name: Path(source_dir)}, privacy, overwrite=True)
 
@@ -183,6 +189,18 @@ def publish_component(bundle_dir: Path, name: str, adapter_dir: Path, model_ref:
     if (Path(bundle_dir) / "manifest.json").exists():
         return add_component(Path(bundle_dir), name, staging, privacy=privacy)
     return write_bundle(Path(bundle_dir), {name: staging}, privacy, overwrite=True)
+
+
+def read_model_ref(bundle_dir: str | Path, component: str) -> dict:
+    """A component's `model_ref.json`: the public base model (and, for the reward model, the generator it was
+    trained against)."""
+    return json.loads((Path(bundle_dir) / component / "model_ref.json").read_text())
+
+
+def component_sha256(bundle_dir: str | Path, component: str) -> str:
+    """sha256 of a component's adapter weights, as the bundle's manifest records it."""
+    files = json.loads((Path(bundle_dir) / "manifest.json").read_text())["files"]
+    return files[f"{component}/adapter_model.safetensors"]["sha256"]
 
 
 def verify_bundle(bundle_dir: Path) -> dict:
@@ -213,6 +231,12 @@ def verify_bundle(bundle_dir: Path) -> dict:
             problems += _check_privacy(_walk(data, _decode))
         elif rel.endswith("/model_ref.json") and data and not isinstance(data.get("base_model"), str):
             problems.append(f"{rel}: needs a string 'base_model' (name or path of the public base model)")
+        elif rel == "reward/model_ref.json" and data and "generator_sha256" in data:
+            generator = manifest.get("files", {}).get("generator/adapter_model.safetensors", {}).get("sha256")
+            if generator is not None and data["generator_sha256"] != generator:
+                problems.append(f"{rel}: the reward model was trained against the generator with adapter sha256 "
+                                f"{str(data['generator_sha256'])[:12]}…, but this bundle's generator is "
+                                f"{generator[:12]}…: run `ksg dp-reward` again against this generator")
     if problems:
         raise BundleError(root, problems)
     return manifest

@@ -53,6 +53,9 @@ def build_parser() -> tuple[argparse.ArgumentParser, dict[str, argparse.Argument
 
     add_bundle_args(sub)
     add_canary_args(sub.add_parser("canary", help="[client] inject fake-PII canaries into records for audits"))
+    from ksg_ray.client.privacy.ledger import add_privacy_args
+
+    add_privacy_args(sub.add_parser("privacy", help="[client] every DP run on these records, composed ε, budget"))
     from ksg_ray.audit.report import add_report_args
 
     add_report_args(sub.add_parser("report", help="Markdown report + plots from a run directory (eval/, synth/)"))
@@ -85,6 +88,10 @@ def main(argv: list[str] | None = None) -> int:
         from ksg_ray.client.canary import run_canary
 
         return run_canary(args) or 0
+    if args.command == "privacy":
+        from ksg_ray.client.privacy.ledger import run_privacy
+
+        return run_privacy(args)
     if args.command == "report":
         from ksg_ray.audit.report import run_report
 

@@ -227,3 +227,31 @@ def test_cli_verify(bundle, capsys):
     (bundle / "notes.txt").write_text("hi")
     assert B.run_bundle(parser.parse_args(["bundle", "verify", str(bundle)])) == 1
     assert "notes.txt: not allowed" in capsys.readouterr().err
+
+
+def test_a_reward_model_trained_against_another_generator_is_refused(bundle, tmp_path):
+    from ksg_ray.bundle import add_component, component_sha256
+
+    reward = make_component(tmp_path / "rew", head=True)
+    ref = json.loads((reward / "model_ref.json").read_text())
+    ref["generator_sha256"] = component_sha256(bundle, "generator")
+    (reward / "model_ref.json").write_text(json.dumps(ref))
+    add_component(bundle, "reward", reward)
+    verify_bundle(bundle)  # trained against this very generator: fine
+    stale = make_component(tmp_path / "gen2")  # the generator retrained; the reward model was not
+    shutil.rmtree(bundle / "generator")
+    shutil.copytree(stale, bundle / "generator", ignore=shutil.ignore_patterns("README.md"))
+    rehash(bundle)
+    assert "trained against the generator with adapter sha256" in problems_of(bundle)
+
+
+def test_publishing_a_new_generator_drops_the_stale_reward_model(bundle, tmp_path):
+    from ksg_ray.bundle import add_component, component_sha256
+
+    reward = make_component(tmp_path / "rew", head=True)
+    ref = json.loads((reward / "model_ref.json").read_text())
+    ref["generator_sha256"] = component_sha256(bundle, "generator")
+    (reward / "model_ref.json").write_text(json.dumps(ref))
+    add_component(bundle, "reward", reward)
+    add_component(bundle, "generator", make_component(tmp_path / "gen2"))  # retrained
+    assert set(verify_bundle(bundle)["components"]) == {"generator"}

@@ -93,3 +93,87 @@ def test_a_run_directory_cannot_be_resumed_by_another_mechanism(tmp_path):
     with pytest.raises(ValueError, match="other DP numbers.*mechanism"):
         fit_dp(task, spec, num_workers=1, use_gpu=False, cpus_per_worker=1, output_dir=tmp_path, name="generator",
                max_failures=0)
+
+
+def _plan(tmp_path, run_name: str, eps: float = 4.0):
+    from ksg_ray.client.config import DPFinetuneConfig
+    from ksg_ray.client.privacy.engine import PrivacyEngine
+    from ksg_ray.common.config import load_config
+
+    cfg = load_config(DPFinetuneConfig, None, [f"run.output_dir={tmp_path}", f"run.name={run_name}",
+                                               f"privacy.target_epsilon={eps}", "train.expected_batch_size=4"])
+    engine = PrivacyEngine(cfg.privacy, cfg.run.output_dir, "demo")
+    spec = engine.make_private("generator", 40, cfg.train, cfg.scaling, cfg.run)
+    return engine, spec
+
+
+def _record(engine, spec) -> None:
+    engine.ledger.record(Mechanism("generator", spec.noise_multiplier, spec.sample_rate, spec.steps, engine.run_id))
+    engine.ledger.save()
+
+
+def test_two_generator_runs_on_one_client_dir_count_twice(tmp_path):
+    """A second run (another run.name, or the same name after its directory was deleted) touched the data again:
+    it is another ledger entry. Only a resume of the same run (its dp_run.json) replaces its own entry."""
+    first, spec = _plan(tmp_path, "generator")
+    _record(first, spec)
+    alone = open_ledger(tmp_path, "demo", DELTA).epsilon()
+    second, spec2 = _plan(tmp_path, "trial-2")
+    assert second.run_id != first.run_id and spec2.prior_history == first.ledger.history()
+    _record(second, spec2)
+    third, spec3 = _plan(tmp_path, "generator")  # its directory was never kept (or was deleted): a fresh id
+    _record(third, spec3)
+    ledger = open_ledger(tmp_path, "demo", DELTA)
+    assert len(ledger.mechanisms) == 3 and ledger.epsilon() > alone * 1.3
+    # a resume reads its run id back from the run's dp_run.json and replaces its own entry
+    run_dir = tmp_path / "trial-2"
+    run_dir.mkdir()
+    (run_dir / "dp_run.json").write_text(json.dumps({"run_id": second.run_id}))
+    resumed, spec4 = _plan(tmp_path, "trial-2")
+    assert resumed.run_id == second.run_id
+    _record(resumed, spec4)
+    assert len(open_ledger(tmp_path, "demo", DELTA).mechanisms) == 3
+
+
+def test_two_jobs_saving_the_ledger_both_count(tmp_path):
+    a, b = open_ledger(tmp_path, "demo", DELTA), open_ledger(tmp_path, "demo", DELTA)  # opened at the same time
+    a.record(Mechanism("generator", 1.0, 0.1, 10, "generator:aaa"))
+    b.record(Mechanism("reward", 1.0, 0.1, 10, "reward:bbb"))
+    a.save()
+    b.save()  # reloads under the lock and merges: a's run is kept
+    assert sorted(m.key for m in open_ledger(tmp_path, "demo", DELTA).mechanisms) == ["generator:aaa", "reward:bbb"]
+
+
+def test_a_reward_job_with_another_ledger_is_refused_with_the_numbers(tmp_path):
+    from ksg_ray.client.privacy.ledger import check_recorded
+
+    generator_dir, reward_dir = tmp_path / "gen", tmp_path / "rew"
+    gen = open_ledger(generator_dir, "demo", DELTA)
+    gen.record(Mechanism("generator", 0.8, 0.2, 25, "generator:abc"))
+    released = privacy_report(gen)["mechanisms"]
+    check_recorded(gen, released, "the generator bundle's privacy.json")  # the generator's own ledger: fine
+    with pytest.raises(ValueError, match=r"generator:abc \(σ=0\.8000, q=0\.2000, 25 steps\) is not in this ledger"):
+        check_recorded(open_ledger(reward_dir, "demo", DELTA), released, "the generator bundle's privacy.json")
+    other = open_ledger(tmp_path / "other", "demo", DELTA)
+    other.record(Mechanism("generator", 0.9, 0.2, 25, "generator:abc"))
+    with pytest.raises(ValueError, match="the ledger says σ=0.9"):
+        check_recorded(other, released, "the generator bundle's privacy.json")
+
+
+def test_privacy_show_lists_every_run_and_the_composed_epsilon(tmp_path, capsys):
+    from ksg_ray import cli
+
+    runs = [Mechanism("generator", calibrate_noise(4.0, DELTA, 0.02, 150), 0.02, 150, "generator:one"),
+            Mechanism("generator", calibrate_noise(2.0, DELTA, 0.05, 60), 0.05, 60, "generator:two"),
+            Mechanism("reward", calibrate_noise(4.0, DELTA, 0.04, 50), 0.04, 50, "reward:three")]
+    ledger = open_ledger(tmp_path, "demo", DELTA)
+    for m in runs:
+        ledger.record(m)
+    ledger.save()
+    assert cli.main(["privacy", "show", str(tmp_path), "--budget", "20"]) == 0
+    out = capsys.readouterr().out
+    assert all(m.run_id in out for m in runs)
+    shown = float(out.split("composed    ε=")[1].split()[0])
+    independent = pld.PLDAccountant().compose(dpa.ComposedDpEvent([_event(m) for m in runs])).get_epsilon(DELTA)
+    assert shown == pytest.approx(independent, rel=0.01)
+    assert f"{20 - shown:.3f} left" in out

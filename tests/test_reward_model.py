@@ -99,21 +99,48 @@ def test_non_dp_proxy_is_used_and_marks_the_ledger_not_dp(tmp_path, tiny_model_p
 
     from ksg_ray.client.config import DPRewardConfig
     from ksg_ray.client.privacy.ledger import open_ledger, privacy_report
-    from ksg_ray.client.reward_candidates import NOT_DP_PROXY, build_reward_examples
+    from ksg_ray.client.reward_candidates import NOT_DP_PROXY, GeneratorRef, build_reward_examples, candidate_cache_key
     from ksg_ray.common.config import load_config
     from ksg_ray.common.records import load_records
 
     records = load_records("demo", limit=2)
     run_dir = tmp_path / "reward"
     run_dir.mkdir()
-    cached = {"records": [r.source for r in records], "base": ["b1", "b2"], "dp_generator": ["d1", "d2"],
-              "non_dp_proxy": ["p1", "p2"]}
-    (run_dir / "candidates.json").write_text(json.dumps(cached))  # no generation needed
+    generator = GeneratorRef(tiny_model_path, str(tmp_path / "generator"), "sha-of-the-test-generator")
     tok = AutoTokenizer.from_pretrained(tiny_model_path)
     for proxy, rows, pairs, flagged in ((None, 3, 3, False), (tmp_path / "proxy", 4, 5, True)):
         override = f"candidates.non_dp_proxy_adapter={proxy}" if proxy else "data.limit=2"
         cfg = load_config(DPRewardConfig, None, [override])
         ledger = open_ledger(tmp_path, "demo", 1e-5)
-        examples, _, failed = build_reward_examples(cfg, records, tok, tiny_model_path, run_dir, ledger)
+        key = candidate_cache_key(cfg, generator, ledger.fingerprint)
+        cached = {"records": [r.source for r in records], "key": key, "base": ["b1", "b2"],
+                  "dp_generator": ["d1", "d2"], "non_dp_proxy": ["p1", "p2"]}
+        (run_dir / "candidates.json").write_text(json.dumps(cached))  # no generation needed
+        examples, _, failed = build_reward_examples(cfg, records, tok, generator, run_dir, ledger)
         assert not failed and all(len(e.rows) == rows and len(e.pairs) == pairs for e in examples)
         assert (NOT_DP_PROXY in privacy_report(ledger)["not_dp"]) is flagged
+
+
+def test_a_retrained_generator_invalidates_the_candidate_cache(tmp_path, monkeypatch):
+    """Candidates are cached per record; another generator (or other data, other settings) must not reuse them."""
+    import json
+
+    from ksg_ray.client import reward_candidates as rc
+    from ksg_ray.client.config import DPRewardConfig
+    from ksg_ray.common.config import load_config
+    from ksg_ray.common.records import load_records
+
+    calls = []
+    monkeypatch.setattr(rc, "generate_answers", lambda records, **kw: calls.append(kw["adapter_path"]) or
+                        [f"{kw['adapter_path']}:{i}" for i in range(len(records))])
+    records, cache = load_records("demo", limit=2), tmp_path / "candidates.json"
+    cfg = load_config(DPRewardConfig, None, [])
+    old, new = (rc.GeneratorRef("base", "gen", sha) for sha in ("sha-old", "sha-new"))
+    sources = {"dp_generator": {"adapter_path": "gen"}}
+    first = rc.load_or_generate_candidates(records, cache, rc.candidate_cache_key(cfg, old, "d"), **sources)
+    again = rc.load_or_generate_candidates(records, cache, rc.candidate_cache_key(cfg, old, "d"), **sources)
+    assert first == again and len(calls) == 1  # same generator: cached
+    rc.load_or_generate_candidates(records, cache, rc.candidate_cache_key(cfg, new, "d"), **sources)
+    rc.load_or_generate_candidates(records, cache, rc.candidate_cache_key(cfg, new, "other-data"), **sources)
+    assert len(calls) == 3  # a retrained generator, then other data: generated again
+    assert json.loads(cache.read_text())["key"]["generator_sha256"] == "sha-new"

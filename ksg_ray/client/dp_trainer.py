@@ -33,7 +33,7 @@ from ksg_ray.common.ray_train import to_device as _to_device
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["DPRunSpec", "DPTask", "dp_worker_loop", "fit_dp", "plan_dp_run", "steps_for"]
+__all__ = ["DPRunSpec", "DPTask", "dp_worker_loop", "fit_dp", "plan_dp_run", "read_run_id", "steps_for"]
 
 STATE_FILE = "dp_state.pt"
 DS_TAG = "deepspeed"
@@ -218,7 +218,7 @@ def _report_with_checkpoint(metrics, state, task, model, dp, optimizer, engine, 
 
 
 def fit_dp(task: DPTask, spec: DPRunSpec, *, num_workers: int, use_gpu: bool, cpus_per_worker: float,
-           output_dir: Path, name: str, max_failures: int) -> tuple[Path, dict[str, Any]]:
+           output_dir: Path, name: str, max_failures: int, run_id: str = "") -> tuple[Path, dict[str, Any]]:
     """Run `dp_worker_loop` on a Ray Train `TorchTrainer`; returns (final checkpoint dir, last metrics).
 
     A rerun with the same `output_dir`/`name` resumes from the run's latest checkpoint (Ray Train V2 restores
@@ -234,14 +234,14 @@ def fit_dp(task: DPTask, spec: DPRunSpec, *, num_workers: int, use_gpu: bool, cp
     numbers_file = run_dir / "dp_run.json"
     if numbers_file.exists():
         before = json.loads(numbers_file.read_text())
-        changed = {k: (before.get(k), v) for k, v in numbers.items() if before.get(k) != v}
+        changed = {k: (before.get(k), v) for k, v in numbers.items() if before.get(k) != v and k != "run_id"}
         if changed:
             raise ValueError(
                 f"{run_dir} holds a run with other DP numbers {changed} (before, now): resuming it would break the "
                 "accounting. Use another run.name or delete that directory."
             )
-    else:
-        numbers_file.write_text(json.dumps(numbers, indent=2))
+    else:  # the run id is written once, when the run starts fresh; a resume reads it back (`read_run_id`)
+        numbers_file.write_text(json.dumps(numbers | {"run_id": run_id or task.name}, indent=2))
 
     result = run_torch_trainer(dp_worker_loop, {"task": task, "spec": spec}, num_workers=num_workers,
                                use_gpu=use_gpu, cpus_per_worker=cpus_per_worker, storage=storage, name=name,
@@ -251,19 +251,30 @@ def fit_dp(task: DPTask, spec: DPRunSpec, *, num_workers: int, use_gpu: bool, cp
     return Path(result.checkpoint.path), dict(result.metrics or {})
 
 
+def read_run_id(run_dir: Path, name: str) -> str:
+    """The id of the run in `run_dir` if it exists (a resume keeps it), else a fresh one: `<name>:<nonce>`, so a
+    second run on the same records (another run.name, or this one after its directory was deleted) is a second
+    ledger entry."""
+    numbers_file = Path(run_dir) / "dp_run.json"
+    if numbers_file.exists():
+        return json.loads(numbers_file.read_text()).get("run_id", name)  # older runs: keyed by name
+    return f"{name}:{secrets.token_hex(6)}"
+
+
 def steps_for(epochs: float, sample_rate: float, max_steps: int | None) -> int:
     """Poisson sampling sees each record `q` of the time per step, so an epoch is 1/q steps."""
     steps = max(1, math.ceil(epochs / sample_rate))
     return min(steps, max_steps) if max_steps else steps
 
 
-def plan_dp_run(name: str, num_records: int, privacy, train, scaling, ledger) -> DPRunSpec:
+def plan_dp_run(name: str, num_records: int, privacy, train, scaling, ledger, run_id: str = "") -> DPRunSpec:
     """Fix a run's numbers before anything trains: q, steps, σ for the whole run, δ < 1/N, the budget.
 
     Args:
         name: the mechanism's name in the ledger ("generator", "reward").
         privacy, train, scaling: the job's config sections (`ksg_ray.client.config`).
         ledger: the `PrivacyLedger` of these records; earlier mechanisms count against the budget.
+        run_id: this run's ledger key (`read_run_id`); only its own earlier entry (a resume) is not counted.
 
     Raises:
         ValueError: δ ≥ 1/N, ε unreachable, or the composed ε would exceed `privacy.total_epsilon_budget`.
@@ -275,12 +286,13 @@ def plan_dp_run(name: str, num_records: int, privacy, train, scaling, ledger) ->
     q = min(1.0, train.expected_batch_size / num_records)
     steps = steps_for(train.epochs, q, train.max_steps)
     sigma = calibrate_noise(privacy.target_epsilon, privacy.delta, q, steps, privacy.accountant)
-    check_budget(ledger, Mechanism(name, sigma, q, steps), privacy.total_epsilon_budget, privacy.accountant)
+    check_budget(ledger, Mechanism(name, sigma, q, steps, run_id), privacy.total_epsilon_budget, privacy.accountant)
     return DPRunSpec(
         steps=steps, sample_rate=q, noise_multiplier=sigma, max_grad_norm=privacy.max_grad_norm, delta=privacy.delta,
         lr=train.lr, physical_batch_size=train.physical_batch_size, checkpoint_every=train.checkpoint_every,
         strategy=scaling.strategy, zero_stage=scaling.zero_stage, bf16=scaling.use_bf16,
         weight_decay=train.weight_decay, optimizer=train.optimizer, num_records=num_records,
-        accountant=privacy.accountant, noise_seed=privacy.noise_seed, prior_history=ledger.history(exclude=name),
+        accountant=privacy.accountant, noise_seed=privacy.noise_seed,
+        prior_history=ledger.history(exclude=run_id or name),
         sampling_seed=privacy.sampling_seed if privacy.sampling_seed is not None else secrets.randbits(63),
     )

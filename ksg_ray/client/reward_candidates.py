@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import logging
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -18,8 +19,8 @@ from ksg_ray.common.records import Record
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["NOT_DP_PROXY", "build_reward_examples", "generate_answers", "load_or_generate_candidates",
-           "question_messages"]
+__all__ = ["NOT_DP_PROXY", "GeneratorRef", "build_reward_examples", "candidate_cache_key", "generate_answers",
+           "load_or_generate_candidates", "question_messages"]
 
 
 def question_messages(record: Record) -> list[dict[str, str]]:
@@ -48,15 +49,20 @@ def generate_answers(records: list[Record], *, engine: str, model_path: str, ada
     return answers
 
 
-def load_or_generate_candidates(records: list[Record], cache: Path, **sources: dict) -> dict[str, list[str | None]]:
+def load_or_generate_candidates(records: list[Record], cache: Path, key: dict | None = None,
+                                **sources: dict) -> dict[str, list[str | None]]:
     """For each named source (`base`, `dp_generator`, ...: kwargs of `generate_answers`), answers per record.
 
-    A source already in `cache` for the same records is not generated again.
+    A source already in `cache` is not generated again, but only for the same records and the same `key`
+    (`candidate_cache_key`: the generator adapter's sha256, the data fingerprint, the engine settings): a
+    retrained generator, other data or other settings invalidate the whole cache.
     """
     cached = json.loads(cache.read_text()) if cache.exists() else {}
-    key = [r.source for r in records]
-    if cached.get("records") != key:
-        cached = {"records": key}
+    identity = {"records": [r.source for r in records], "key": key or {}}
+    if {k: cached.get(k) for k in identity} != identity:
+        if cached:
+            logger.info("%s: made for other records, another generator or other settings; generating again", cache)
+        cached = dict(identity)
     for name, kwargs in sources.items():
         if name not in cached:
             logger.info("generating %s answers for %d private questions", name, len(records))
@@ -68,23 +74,54 @@ def load_or_generate_candidates(records: list[Record], cache: Path, **sources: d
 NOT_DP_PROXY = "reward candidates from a non-DP proxy model trained on the private records"
 
 
-def build_reward_examples(cfg: Any, records: list[Record], tokenizer: Any, model_path: str, run_dir: Path,
+@dataclass(frozen=True)
+class GeneratorRef:
+    """The DP generator the candidates come from: its own public base, its adapter, the adapter's sha256."""
+
+    base_path: str
+    adapter_path: str
+    sha256: str
+
+    @classmethod
+    def from_bundle(cls, bundle_dir: Path) -> GeneratorRef:
+        """From the generator bundle: the base is the generator's own (its `model_ref.json`), not the reward
+        model's (on the GPU configs a 7B generator and a 0.5B reward model)."""
+        from ksg_ray.bundle import component_sha256, read_model_ref
+        from ksg_ray.common.hub import resolve_model
+
+        return cls(resolve_model(read_model_ref(bundle_dir, "generator")["base_model"]),
+                   str(Path(bundle_dir) / "generator"), component_sha256(bundle_dir, "generator"))
+
+
+def candidate_cache_key(cfg: Any, generator: GeneratorRef, data_fingerprint: str) -> dict[str, Any]:
+    """What the cached candidates depend on besides the records (`load_or_generate_candidates`)."""
+    c = cfg.candidates
+    return {"generator_sha256": generator.sha256, "generator_base": generator.base_path, "data": data_fingerprint,
+            "engine": c.engine, "max_new_tokens": c.max_new_tokens,
+            "non_dp_proxy": str(c.non_dp_proxy_adapter) if c.non_dp_proxy_adapter else None}
+
+
+def build_reward_examples(cfg: Any, records: list[Record], tokenizer: Any, generator: GeneratorRef, run_dir: Path,
                           privacy: Any) -> tuple[list[Any], dict[str, list[str | None]], list[str]]:
     """Candidates per record in `CANDIDATES` order (truth, DP generator, base[, non-DP proxy]) → one example each.
 
-    `cfg` is the `DPRewardConfig`; `privacy` (the job's `PrivacyEngine`) is told when the non-DP proxy is used.
+    `cfg` is the `DPRewardConfig`; `tokenizer` the reward model's; `privacy` (the job's `PrivacyEngine`, or its
+    ledger) is told when the non-DP proxy is used. The base and DP-generator answers come from `generator`.
+
     Returns (examples, answers by source, sources of the records that lost a candidate to an engine error).
     """
     from ksg_ray.common.reward_model import tokenize_reward_example
 
-    gen = dict(engine=cfg.candidates.engine, model_path=model_path, max_new_tokens=cfg.candidates.max_new_tokens,
-               batch_size=cfg.candidates.batch_size, max_actors=cfg.candidates.max_actors)
-    sources = {"base": gen | {"adapter_path": None},
-               "dp_generator": gen | {"adapter_path": str(cfg.candidates.generator_bundle / "generator")}}
+    gen = dict(engine=cfg.candidates.engine, model_path=generator.base_path,
+               max_new_tokens=cfg.candidates.max_new_tokens, batch_size=cfg.candidates.batch_size,
+               max_actors=cfg.candidates.max_actors)
+    sources = {"base": gen | {"adapter_path": None}, "dp_generator": gen | {"adapter_path": generator.adapter_path}}
     if cfg.candidates.non_dp_proxy_adapter is not None:
         sources["non_dp_proxy"] = gen | {"adapter_path": str(cfg.candidates.non_dp_proxy_adapter)}
         privacy.mark_not_dp(NOT_DP_PROXY)
-    answers = load_or_generate_candidates(records, run_dir / "candidates.json", **sources)
+    fingerprint = getattr(getattr(privacy, "ledger", privacy), "fingerprint", "")
+    answers = load_or_generate_candidates(records, run_dir / "candidates.json",
+                                          key=candidate_cache_key(cfg, generator, fingerprint), **sources)
     examples, failed = [], []
     for i, r in enumerate(records):
         cands = [r.output, answers["dp_generator"][i], answers["base"][i]]

@@ -6,12 +6,11 @@ The bundle names its public base model in each component's `model_ref.json`; the
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import torch
 
-from ksg_ray.bundle import verify_bundle
+from ksg_ray.bundle import read_model_ref, verify_bundle
 from ksg_ray.common.hub import resolve_model
 
 __all__ = ["component_base", "load_generator", "load_reward"]
@@ -19,8 +18,7 @@ __all__ = ["component_base", "load_generator", "load_reward"]
 
 def component_base(bundle_dir: str | Path, component: str) -> str:
     """Local path of the component's public base model."""
-    ref = json.loads((Path(bundle_dir) / component / "model_ref.json").read_text())
-    return resolve_model(ref["base_model"])
+    return resolve_model(read_model_ref(bundle_dir, component)["base_model"])
 
 
 def load_generator(bundle_dir: str | Path, device: str = "cpu"):

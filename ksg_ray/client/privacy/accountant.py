@@ -21,12 +21,22 @@ ACCOUNTANTS = ("prv", "rdp")
 
 @dataclass
 class Mechanism:
-    """One DP training run: `steps` Poisson-subsampled Gaussian steps with noise multiplier σ and rate q."""
+    """One DP training run: `steps` Poisson-subsampled Gaussian steps with noise multiplier σ and rate q.
+
+    `run_id` names the run (its kind, and a nonce drawn when it started fresh): a resume keeps it, any other run
+    on the same records gets a new one, so the ledger counts it again.
+    """
 
     name: str
     noise_multiplier: float
     sample_rate: float
     steps: int
+    run_id: str = ""
+
+    @property
+    def key(self) -> str:
+        """What identifies this run in a ledger (legacy entries without a run id: their name)."""
+        return self.run_id or self.name
 
     def history(self) -> list[tuple[float, float, int]]:
         """Opacus accountant history entries; a σ=0 (non-private) run has no finite ε and no entry."""

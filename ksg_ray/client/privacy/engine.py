@@ -3,7 +3,7 @@
 Every DP job on the client (the generator, the reward model) goes through the same calls, in this order:
 
     engine = PrivacyEngine(cfg.privacy, cfg.run.output_dir, cfg.data.path)   # opens the records' ledger
-    spec = engine.make_private("generator", n, cfg.train, cfg.scaling)       # σ for the whole run, δ, budget
+    spec = engine.make_private("generator", n, cfg.train, cfg.scaling, cfg.run)  # σ for the whole run, budget
     ckpt, metrics = engine.fit(task, cfg.scaling, cfg.run)                   # DP-SGD on Ray Train, then recorded
     bundle, report = engine.publish(bundle_dir, "generator", ckpt / "model", staging, model_ref)
 
@@ -16,9 +16,9 @@ from pathlib import Path
 from typing import Any
 
 from ksg_ray.bundle import publish_component
-from ksg_ray.client.dp_trainer import DPRunSpec, DPTask, fit_dp, plan_dp_run
+from ksg_ray.client.dp_trainer import DPRunSpec, DPTask, fit_dp, plan_dp_run, read_run_id
 from ksg_ray.client.privacy.accountant import Mechanism
-from ksg_ray.client.privacy.ledger import PrivacyLedger, open_ledger, privacy_report
+from ksg_ray.client.privacy.ledger import PrivacyLedger, check_recorded, open_ledger, privacy_report
 
 __all__ = ["PrivacyEngine"]
 
@@ -36,18 +36,28 @@ class PrivacyEngine:
         self.privacy = privacy
         self.ledger: PrivacyLedger = open_ledger(output_dir, data_path, privacy.delta)
         self.name: str | None = None
+        self.run_id = ""
         self.spec: DPRunSpec | None = None
 
-    def make_private(self, name: str, num_records: int, train: Any, scaling: Any) -> DPRunSpec:
+    def make_private(self, name: str, num_records: int, train: Any, scaling: Any, run: Any) -> DPRunSpec:
         """Fix the run's numbers (q, steps, σ calibrated for the whole run) and check δ < 1/N and the budget
         against everything already spent on these records, before anything is generated or trained.
+
+        The run's ledger key is read from `<run.output_dir>/<run.name>` when it is a resume, else drawn fresh:
+        every run but a resume counts.
 
         Raises:
             ValueError: δ ≥ 1/N, ε unreachable, or the composed ε would exceed `privacy.total_epsilon_budget`.
         """
         self.name = name
-        self.spec = plan_dp_run(name, num_records, self.privacy, train, scaling, self.ledger)
+        self.run_id = read_run_id(Path(run.output_dir) / run.name, name)
+        self.spec = plan_dp_run(name, num_records, self.privacy, train, scaling, self.ledger, self.run_id)
         return self.spec
+
+    def require_recorded(self, released: dict[str, Any], source: str) -> None:
+        """Refuse (ValueError, with the numbers) unless every mechanism of a released `privacy.json` is in this
+        ledger: what this job publishes must compose with everything that was spent on these records."""
+        check_recorded(self.ledger, list(released.get("mechanisms", [])), source)
 
     def fit(self, task: DPTask, scaling: Any, run: Any) -> tuple[Path, dict[str, Any]]:
         """Train `task` under the planned spec on Ray Train (resumes a run that died), then record the
@@ -55,8 +65,8 @@ class PrivacyEngine:
         spec = self._planned()
         ckpt, metrics = fit_dp(task, spec, num_workers=scaling.num_workers, use_gpu=scaling.use_gpu,
                                cpus_per_worker=scaling.cpus_per_worker, output_dir=run.output_dir, name=run.name,
-                               max_failures=run.max_failures)
-        self.ledger.record(Mechanism(self.name, spec.noise_multiplier, spec.sample_rate, spec.steps))
+                               max_failures=run.max_failures, run_id=self.run_id)
+        self.ledger.record(Mechanism(self.name, spec.noise_multiplier, spec.sample_rate, spec.steps, self.run_id))
         self.ledger.save()
         return ckpt, metrics
 

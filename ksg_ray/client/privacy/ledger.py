@@ -1,29 +1,37 @@
-"""The privacy ledger: every DP mechanism run on one private dataset, persisted on the client, and its ε.
+"""CLIENT SIDE — the privacy ledger: every DP run on one private dataset, persisted on the client, and its ε.
 
-Two models trained on the same records (the generator, the reward model) compose: the ledger keeps each run's
-(σ, q, steps) and reports ε of the concatenated history, computed by the PRV accountant (RDP beside it as a
-cross-check). A run that would push the composed ε over the budget is refused before it starts.
+Models trained on the same records compose: the ledger keeps each run's (σ, q, steps) and reports ε of the
+concatenated history, computed by the PRV accountant (RDP beside it as a cross-check). A run that would push the
+composed ε over the budget is refused before it starts.
+
+One entry per *run*, keyed by its run id (`Mechanism.run_id`: the run's kind and a nonce drawn when it started
+fresh, kept in its `dp_run.json`). Only a resume of the same run replaces its entry; a second run on the same
+records, under another name or after its directory was deleted, is another entry and is counted again.
 The ledger lives next to the client's runs (`<output_dir>/privacy_ledger.json`), keyed by a fingerprint of the
-data, so a second job on the same records cannot forget the first.
+data, and is written under a file lock with reload-and-merge, so two jobs writing at once both count.
 """
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import hashlib
 import json
+from collections.abc import Iterator
 from dataclasses import asdict
 from pathlib import Path
 
 from ksg_ray.client.privacy.accountant import Mechanism, epsilon_for
 from ksg_ray.common.jsonl import write_json_atomic
 
-__all__ = ["PrivacyLedger", "check_budget", "check_delta", "data_fingerprint", "open_ledger", "privacy_report"]
+__all__ = ["PrivacyLedger", "add_privacy_args", "check_budget", "check_delta", "check_recorded", "data_fingerprint",
+           "open_ledger", "privacy_report", "run_privacy", "show_ledger"]
 
 LEDGER_FILE = "privacy_ledger.json"
 
 
 class PrivacyLedger:
-    """Every mechanism run on one dataset (by name: a resumed or rerun job replaces its own entry)."""
+    """Every DP run on one dataset (a resumed run replaces its own entry; any other run appends)."""
 
     def __init__(self, delta: float, mechanisms: list[Mechanism] | None = None, not_dp: list[str] | None = None,
                  path: Path | None = None, fingerprint: str = ""):
@@ -34,13 +42,15 @@ class PrivacyLedger:
         self.fingerprint = fingerprint
 
     def history(self, exclude: str | None = None) -> list[tuple[float, float, int]]:
-        return [h for m in self.mechanisms if m.name != exclude for h in m.history()]
+        """The composed (σ, q, steps) history, without the run whose key is `exclude` (the one being resumed)."""
+        return [h for m in self.mechanisms if m.key != exclude for h in m.history()]
 
     def epsilon(self, accountant: str = "prv") -> float:
         return epsilon_for(self.history(), self.delta, accountant)
 
     def record(self, mechanism: Mechanism) -> None:
-        self.mechanisms = [m for m in self.mechanisms if m.name != mechanism.name] + [mechanism]
+        """Add a run; a run with the same key (a resume of it) is replaced, never counted twice."""
+        self.mechanisms = [m for m in self.mechanisms if m.key != mechanism.key] + [mechanism]
 
     def mark_not_dp(self, what: str) -> None:
         """Record that something read the private data without DP (it voids the guarantee for the bundle)."""
@@ -48,10 +58,33 @@ class PrivacyLedger:
             self.not_dp.append(what)
 
     def save(self) -> None:
+        """Write under the ledger's lock, merged with what other jobs wrote since this ledger was read."""
         assert self.path is not None, "ledger has no file"
-        data = {"fingerprint": self.fingerprint, "delta": self.delta, "not_dp": self.not_dp,
-                "mechanisms": [asdict(m) for m in self.mechanisms]}
-        write_json_atomic(self.path, data)
+        with _locked(self.path):
+            if self.path.exists():
+                on_disk = _read(self.path)
+                mine = {m.key for m in self.mechanisms}
+                self.mechanisms = [m for m in on_disk["mechanisms"] if m.key not in mine] + self.mechanisms
+                self.not_dp = list(dict.fromkeys(on_disk["not_dp"] + self.not_dp))
+            data = {"fingerprint": self.fingerprint, "delta": self.delta, "not_dp": self.not_dp,
+                    "mechanisms": [asdict(m) for m in self.mechanisms]}
+            write_json_atomic(self.path, data)
+
+
+@contextlib.contextmanager
+def _locked(path: Path) -> Iterator[None]:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path.with_name(path.name + ".lock"), "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(lock, fcntl.LOCK_UN)
+
+
+def _read(path: Path) -> dict:
+    data = json.loads(path.read_text())
+    return data | {"mechanisms": [Mechanism(**m) for m in data["mechanisms"]], "not_dp": data.get("not_dp", [])}
 
 
 def data_fingerprint(data_path: str) -> str:
@@ -73,14 +106,13 @@ def open_ledger(output_dir: str | Path, data_path: str, delta: float) -> Privacy
     if not path.exists():
         path.parent.mkdir(parents=True, exist_ok=True)
         return PrivacyLedger(delta, path=path, fingerprint=fingerprint)
-    data = json.loads(path.read_text())
+    data = _read(path)
     if data["fingerprint"] != fingerprint:
         raise ValueError(f"{path} is the privacy ledger of other data ({data['fingerprint']}); "
                          f"{data_path} is {fingerprint}. Use another run.output_dir for other data.")
     if data["delta"] != delta:
         raise ValueError(f"{path} accounts at δ={data['delta']}; this run asks δ={delta}: use the same δ")
-    mechs = [Mechanism(**m) for m in data["mechanisms"]]
-    return PrivacyLedger(delta, mechs, data.get("not_dp", []), path=path, fingerprint=fingerprint)
+    return PrivacyLedger(delta, data["mechanisms"], data["not_dp"], path=path, fingerprint=fingerprint)
 
 
 def check_delta(delta: float, num_records: int) -> None:
@@ -92,15 +124,39 @@ def check_delta(delta: float, num_records: int) -> None:
 def check_budget(ledger: PrivacyLedger, planned: Mechanism, budget: float | None, accountant: str = "prv") -> float:
     """Composed ε once `planned` joins the ledger; refuses (ValueError, before anything is trained) if it would
     exceed `budget` (None = no cap beyond each model's own target)."""
-    eps = epsilon_for(ledger.history(exclude=planned.name) + planned.history(), ledger.delta, accountant)
+    eps = epsilon_for(ledger.history(exclude=planned.key) + planned.history(), ledger.delta, accountant)
     if budget is not None and eps > budget * 1.001:  # calibration tolerance
-        spent = epsilon_for(ledger.history(exclude=planned.name), ledger.delta, accountant)
+        spent = epsilon_for(ledger.history(exclude=planned.key), ledger.delta, accountant)
         raise ValueError(
             f"refused: training {planned.name!r} (σ={planned.noise_multiplier:.4f}, q={planned.sample_rate:.4f}, "
             f"{planned.steps} steps) would bring the composed ε on these records to {eps:.3f} > budget {budget} "
-            f"(already spent by {[m.name for m in ledger.mechanisms if m.name != planned.name]}: ε={spent:.3f})"
+            f"(already spent by {[m.name for m in ledger.mechanisms if m.key != planned.key]}: ε={spent:.3f})"
         )
     return eps
+
+
+def check_recorded(ledger: PrivacyLedger, released: list[dict], source: str) -> None:
+    """Every mechanism a bundle's `privacy.json` lists must be in this ledger, with the same numbers: a reward
+    model composed against a ledger that lacks the generator would under-report ε.
+
+    Raises:
+        ValueError: naming each missing or disagreeing mechanism and where the ledger is.
+    """
+    mine = {m.key: m for m in ledger.mechanisms}
+    problems = []
+    for entry in released:
+        m = Mechanism(**{k: entry[k] for k in ("name", "noise_multiplier", "sample_rate", "steps")},
+                      run_id=entry.get("run_id", ""))
+        have = mine.get(m.key)
+        if have is None:
+            problems.append(f"{m.key} (σ={m.noise_multiplier:.4f}, q={m.sample_rate:.4f}, {m.steps} steps) is not in "
+                            "this ledger")
+        elif (have.noise_multiplier, have.sample_rate, have.steps) != (m.noise_multiplier, m.sample_rate, m.steps):
+            problems.append(f"{m.key}: {source} says σ={m.noise_multiplier}, q={m.sample_rate}, {m.steps} steps; "
+                            f"the ledger says σ={have.noise_multiplier}, q={have.sample_rate}, {have.steps} steps")
+    if problems:
+        raise ValueError(f"refused: {source} accounts for runs that the ledger {ledger.path} does not: "
+                         + "; ".join(problems) + ". Run this job with the generator's run.output_dir (its ledger).")
 
 
 def privacy_report(ledger: PrivacyLedger, **extra) -> dict:
@@ -115,3 +171,39 @@ def privacy_report(ledger: PrivacyLedger, **extra) -> dict:
         "not_dp": list(ledger.not_dp),
         **extra,
     }
+
+
+def show_ledger(client_dir: str | Path, budget: float | None = None) -> str:
+    """`ksg privacy show`: every DP run on these records, its own ε, the composed ε so far and the budget left."""
+    path = Path(client_dir)
+    path = path if path.is_file() else path / LEDGER_FILE
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: no privacy ledger (a DP job's run.output_dir holds one)")
+    data = _read(path)
+    ledger = PrivacyLedger(data["delta"], data["mechanisms"], data["not_dp"], path=path,
+                           fingerprint=data["fingerprint"])
+    lines = [f"ledger      {path} (data {ledger.fingerprint}, δ={ledger.delta:g})",
+             f"{'run':<32} {'σ':>8} {'q':>8} {'steps':>6} {'ε alone':>8}"]
+    for m in ledger.mechanisms:
+        lines.append(f"{m.key:<32} {m.noise_multiplier:>8.4f} {m.sample_rate:>8.4f} {m.steps:>6d} "
+                     f"{epsilon_for(m.history(), ledger.delta):>8.3f}")
+    eps = ledger.epsilon("prv")
+    lines.append(f"composed    ε={eps:.3f} (PRV; RDP {ledger.epsilon('rdp'):.3f}) over {len(ledger.mechanisms)} runs")
+    if budget is not None:
+        over = " (EXCEEDED)" if eps > budget else ""
+        lines.append(f"budget      {budget:g}: {max(budget - eps, 0.0):.3f} left{over}")
+    if ledger.not_dp:
+        lines.append(f"NOT DP      {'; '.join(ledger.not_dp)}")
+    return "\n".join(lines)
+
+
+def add_privacy_args(parser) -> None:
+    """Arguments of `ksg privacy show CLIENT_DIR [--budget EPS]`."""
+    parser.add_argument("action", choices=["show"], help="show: every run on these records and the composed ε")
+    parser.add_argument("client_dir", help="a DP job's run.output_dir (holds privacy_ledger.json), or the file")
+    parser.add_argument("--budget", type=float, default=None, help="the total ε budget, to print what is left")
+
+
+def run_privacy(args) -> int:
+    print(show_ledger(args.client_dir, args.budget))
+    return 0
