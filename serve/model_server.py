@@ -11,7 +11,8 @@ answer as one chunk — NOT token-by-token on vLLM yet.
 import asyncio
 import logging
 import threading
-from collections import defaultdict
+import time
+from collections import defaultdict, deque
 from collections.abc import AsyncIterator, Iterator
 from typing import Any
 
@@ -23,13 +24,40 @@ from ksg_ray.serve.openai_protocol import (
     APIError,
 )
 
-__all__ = ["ModelServer"]
+__all__ = ["LoadGauge", "ModelServer"]
 
 logger = logging.getLogger("ray.serve")  # Serve's logger: lines land in each replica's log with the request id
 
 # Consecutive engine failures (after a request passed every check) that mark a replica broken, so Serve
 # replaces it; a single failure may be transient (e.g. an out-of-memory batch).
 _FAILURES_BEFORE_UNHEALTHY = 3
+
+
+
+class LoadGauge:
+    """Whether a replica is under load: have two or more other requests arrived within the last cycle?
+
+    A fixed batch wait costs a lone client its full length on every request (+96 ms p50 at 0.1 s); with no wait
+    at all, 16 clients whose answers just came back miss the next batch (half the throughput). A cycle is one
+    engine call plus the batch wait: a lone sequential client has one earlier arrival in it (its own last
+    request), several clients have several, so only they get the wait.
+    """
+
+    def __init__(self, wait_s: float, cycle_s: float = 0.0) -> None:
+        self.wait_s = wait_s
+        self.cycle_s = cycle_s  # the last engine call's duration
+        self.arrivals: deque[float] = deque(maxlen=256)
+
+    def arrived(self, n: int = 1, now: float | None = None) -> bool:
+        """Note `n` new requests; True when they should wait for more (several requests in flight or arriving)."""
+        now = time.monotonic() if now is None else now
+        window = 1.5 * (self.cycle_s + self.wait_s)
+        recent = sum(1 for t in self.arrivals if now - t <= window)
+        self.arrivals.extend([now] * n)
+        return n > 1 or recent >= 2
+
+    def engine_call(self, seconds: float) -> None:
+        self.cycle_s = seconds
 
 
 @serve.deployment
@@ -56,6 +84,7 @@ class ModelServer:
             load_engine)
         self._generate_batch.set_max_batch_size(cfg.batching.max_batch_size)
         self._generate_batch.set_batch_wait_timeout_s(cfg.batching.batch_wait_timeout_s)
+        self._load = LoadGauge(cfg.batching.batch_wait_timeout_s)
 
     async def generate(self, prompts: list[list[dict]], params: SamplingParams) -> dict[str, Any]:
         """`params.n` answers per prompt, for the model id this request was routed with.
@@ -66,6 +95,9 @@ class ModelServer:
         try:
             engine = await self._engine()
             counts = await asyncio.gather(*(self._check_prompt(engine, p, params) for p in prompts))
+            # A lone request goes at once; a batch waits for more only while other requests are arriving.
+            busy = self._load.arrived(len(prompts))
+            self._generate_batch.set_batch_wait_timeout_s(self.cfg.batching.batch_wait_timeout_s if busy else 0.0)
             gens = await asyncio.gather(*(self._generate_batch((p, params)) for p in prompts))
         except Exception as e:
             return _server_error(e).to_payload()
@@ -120,8 +152,10 @@ class ModelServer:
             groups[params].append(i)
         out: list[list[Generation]] = [[] for _ in items]
         for params, rows in groups.items():
+            started = time.monotonic()
             try:
                 gens = await asyncio.to_thread(engine.generate, [items[i][0] for i in rows], params)
+                self._load.engine_call(time.monotonic() - started)
             except Exception as e:
                 self._note_engine_failure(e, engine)
                 raise

@@ -382,3 +382,17 @@ def test_ksg_serve_arguments_build_the_app_config(model_dirs):
     cfg = app_config_from_args(args)
     assert cfg.models["ksg-distilled"] == model_dirs["tiny-lora"] and cfg.models["base"] == "tiny-random"
     assert cfg.limits.max_tokens == 32 and not cfg.auth.enabled and args.port == 8123
+
+
+def test_a_lone_client_never_waits_for_a_batch_but_several_do():
+    from ksg_ray.serve.model_server import LoadGauge
+
+    gauge = LoadGauge(wait_s=0.1, cycle_s=2.0)
+    lone = [gauge.arrived(now=t) for t in (0.0, 2.2, 4.4, 6.6)]  # one client, one request per answer
+    assert lone == [False] * 4
+    crowd = LoadGauge(wait_s=0.1, cycle_s=2.0)
+    first = [crowd.arrived(now=0.001 * k) for k in range(16)]  # 16 clients at once
+    assert first[:2] == [False, False] and all(first[2:])
+    again = [crowd.arrived(now=2.2 + 0.001 * k) for k in range(16)]  # their next requests, one cycle later
+    assert all(again)
+    assert crowd.arrived(2, now=100.0)  # one request with several prompts batches them
