@@ -61,7 +61,7 @@ def main(argv: list[str] | None = None) -> dict:
         epsilon = bundle_privacy.get("epsilon")
     result = {
         "method": cfg.run.method, "family": cfg.run.family or cfg.run.method, "epsilon": epsilon,
-        "metrics": utility.metrics,
+        "metrics": utility.metrics, "metrics_ci": utility.ci,
         "privacy": {"canary_rate_synthetic": (audit["canary_synthetic"] or {}).get("rate"),
                     "canary_rate_generations": (audit["canary_generations"] or {}).get("rate"),
                     "mia_auc": (audit["mia"] or {}).get("auc")},

@@ -160,3 +160,17 @@ def test_eval_job_refuses_overlapping_members_and_nonmembers(tmp_path):
     with pytest.raises(ValueError, match="both members .* and non-members"):  # held-out = the same demo records
         evaluate.main([f"audit.secrets={tmp_path / 'secrets.json'}", f"audit.canary_records={tmp_path / 'train.jsonl'}",
                        f"run.dir={tmp_path}"])
+
+
+def test_bootstrap_interval_is_seeded_and_covers_the_mean():
+    from ksg_ray.audit.utility import bootstrap_ci
+
+    values = [0.1, 0.4, 0.35, None, 0.2, 0.5, 0.3, 0.25, 0.45]
+    lo, hi = bootstrap_ci(values)
+    known = [v for v in values if v is not None]
+    assert lo < sum(known) / len(known) < hi and 0.1 <= lo and hi <= 0.5
+    assert bootstrap_ci(values) == [lo, hi]  # seeded: the report is reproducible
+    assert bootstrap_ci([0.3]) is None  # one record has no interval
+    wide = bootstrap_ci([0.0, 1.0] * 4)
+    narrow = bootstrap_ci([0.0, 1.0] * 64)
+    assert wide[1] - wide[0] > narrow[1] - narrow[0]  # more records, a tighter interval

@@ -34,7 +34,7 @@ PLOTS = {"privacy_utility": "privacy_utility.png", "rewards": "rewards.png", "fu
 METRIC_LABELS = {"rouge1": "ROUGE-1", "rouge2": "ROUGE-2", "rougeL": "ROUGE-L", "bleu": "BLEU",
                  "embedding_cosine": "MiniLM cos", "judge": "judge (1-10)",
                  "canary_rate_synthetic": "canary rate (synthetic)", "canary_rate_generations": "canary rate (gen.)",
-                 "mia_auc": "MIA AUC"}
+                 "mia_auc": "MIA AUC", "answer_loss": "answer loss"}
 
 
 def build_report(run_dir: str | Path, *, epsilon_grid: Sequence[float] | None = None, utility_metric: str = "rougeL",
@@ -94,25 +94,32 @@ def _fmt(x: Any, spec: str = ".3f") -> str:
     return "—" if x is None or (isinstance(x, float) and math.isnan(x)) else format(x, spec)
 
 
+def _with_ci(x: Any, ci: list[float] | None, spec: str) -> str:
+    return _fmt(x, spec) + (f" [{format(ci[0], spec)}, {format(ci[1], spec)}]" if ci and x is not None else "")
+
+
 def _methods_section(results: list[dict], layout: RunLayout) -> list[str]:
     md = ["## Methods", ""]
     if not results:
         return md + [f"No evaluation results in `{layout.eval_dir}`.", ""]
-    head = ["method", "ε", "n", *(METRIC_LABELS[k] for k in METRIC_KEYS), "judge parsed",
+    keys = [*METRIC_KEYS, *(k for k in ("answer_loss",) if any(k in r["metrics"] for r in results))]
+    head = ["method", "ε", "n", *(METRIC_LABELS[k] for k in keys), "judge parsed",
             *(METRIC_LABELS[k] for k in ("canary_rate_synthetic", "canary_rate_generations", "mia_auc"))]
     md += ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for r in results:
-        m, p = r["metrics"], r["privacy"]
+        m, p, ci = r["metrics"], r["privacy"], r.get("metrics_ci") or {}
         judge = (r.get("counts") or {}).get("judge") or {}
         parsed = f"{judge['parsed']}/{judge['parsed'] + judge['unparsed'] + judge['failed']}" if judge else "—"
         cells = [f"`{r['method']}`", epsilon_label(r["epsilon"]), str(r["n"]),
-                 *(_fmt(m.get(k), ".2f" if k in ("bleu", "judge") else ".3f") for k in METRIC_KEYS), parsed,
+                 *(_with_ci(m.get(k), ci.get(k), ".2f" if k in ("bleu", "judge") else ".3f") for k in keys), parsed,
                  *(_fmt(p.get(k)) for k in ("canary_rate_synthetic", "canary_rate_generations", "mia_auc"))]
         md.append("| " + " | ".join(cells) + " |")
     md += ["", "ROUGE: F1 in [0, 1]; BLEU: corpus BLEU in [0, 100]; MiniLM cos: mean cosine of answer and reference; "
            "judge: the professional model's mean 1–10 grade over the replies it could be parsed from (parsed / "
            "graded). Canary rates: share of planted secrets found in the synthetic data / in answers to targeted "
-           "prompts. MIA AUC: loss-based membership inference (0.5 = no signal). — = not computed.", ""]
+           "prompts. MIA AUC: loss-based membership inference (0.5 = no signal). answer loss: mean negative "
+           "log-likelihood per token of the held-out reference answers (lower is better). [lo, hi]: 95% bootstrap "
+           "interval over the held-out records. — = not computed.", ""]
     return md
 
 

@@ -13,6 +13,7 @@ through the engine contract, so the same code runs on a local `Engine` or batche
 from __future__ import annotations
 
 import logging
+import math
 import re
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -113,6 +114,26 @@ def generate_answers(model: Any, records: Sequence[Record], sampling: SamplingPa
     answers = [None if g is None else g[0].text for g in generations]
     unfinished = sum(1 for g in generations if g is not None and not g[0].finished)
     return answers, unfinished
+
+
+def bootstrap_ci(values: Sequence[float | None], resamples: int = 1000, seed: int = 0,
+                 statistic: Any = None) -> list[float] | None:
+    """95% percentile-bootstrap interval of the mean of `values` (None left out) over the records, seeded.
+
+    `statistic` (indices -> float) replaces the mean for corpus-level metrics such as BLEU.
+    """
+    idx = np.array([i for i, v in enumerate(values) if v is not None and not math.isnan(v)])
+    if len(idx) < 2:
+        return None
+    rng = np.random.default_rng(seed)
+    draws = rng.integers(0, len(idx), size=(resamples, len(idx)))
+    if statistic is None:
+        arr = np.array([values[i] for i in idx], dtype=float)
+        stats = arr[draws].mean(axis=1)
+    else:
+        stats = np.array([statistic(idx[d]) for d in draws])
+    lo, hi = np.percentile(stats, [2.5, 97.5])
+    return [float(lo), float(hi)]
 
 
 def utility_metrics(predictions: Sequence[str | None], references: Sequence[str],
@@ -227,6 +248,7 @@ class UtilityResult:
     metrics: dict[str, float | None]
     counts: dict[str, Any]
     rows: list[dict[str, Any]] = field(default_factory=list)
+    ci: dict[str, list[float] | None] = field(default_factory=dict)
 
 
 def evaluate_utility(model: Any, records: Sequence[Record], sampling: SamplingParams, judge: Any | None = None,
@@ -253,13 +275,25 @@ def evaluate_utility(model: Any, records: Sequence[Record], sampling: SamplingPa
     graded = judge_answers(judge, records, answers, judge_max_new_tokens) if judge is not None else None
     metrics = {k: utility[k] for k in ("rouge1", "rouge2", "rougeL", "bleu", "embedding_cosine")}
     metrics["judge"] = graded.mean if graded is not None else None
+    # held-out answer loss: mean negative log-likelihood per answer token of the reference answers
+    scores = model.score(answer_prompts(records), [r.output for r in records]) if records else []
+    losses = [None if s is None or math.isnan(s) else -float(s) for s in scores]
+    known = [x for x in losses if x is not None]
+    metrics["answer_loss"] = float(np.mean(known)) if known else None
+    per = utility["per_record"]
+    ci = {k: bootstrap_ci([p[k] if p else None for p in per]) for k in ("rouge1", "rouge2", "rougeL",
+                                                                       "embedding_cosine")}
+    ci["answer_loss"] = bootstrap_ci(losses)
+    answered = [i for i, a in enumerate(answers) if a is not None]
+    ci["bleu"] = bootstrap_ci([1.0 if a is not None else None for a in answers], resamples=300, statistic=lambda ix: (
+        bleu([answers[answered[k]] for k in ix], [records[answered[k]].output for k in ix]))) if answered else None
     counts = {"records": len(records), "answered": len(records) - failed, "failed": failed,
               "unfinished": unfinished, "judge": graded.summary() if graded is not None else None}
     rows = []
     for i, r in enumerate(records):
         rows.append({"source": r.source, "question": r.input, "reference": r.output, "answer": answers[i],
-                     "metrics": utility["per_record"][i],
+                     "metrics": utility["per_record"][i], "answer_loss": losses[i],
                      "judge_reply": graded.replies[i] if graded else None,
                      "judge_score": graded.scores[i] if graded else None})
-    return UtilityResult(metrics, counts, rows)
+    return UtilityResult(metrics, counts, rows, ci)
 
