@@ -16,7 +16,9 @@ from ksg_ray.server.synth.config import SynthConfig
 
 ROOT = Path(__file__).resolve().parents[1]
 SCHEMAS = {"dp_finetune": DPFinetuneConfig, "dp_reward": DPRewardConfig, "synthesize": SynthConfig,
-           "pipeline": PipelineConfig, "finetune": FinetuneConfig, "evaluate": EvalConfig}
+           "pipeline": PipelineConfig, "finetune": FinetuneConfig, "evaluate": EvalConfig, "study": PipelineConfig}
+STAGE_SCHEMAS = {"dp_train": DPFinetuneConfig, "dp_reward": DPRewardConfig, "synthesize": SynthConfig,
+                 "finetune": FinetuneConfig, "evaluate": EvalConfig}
 
 
 @pytest.mark.parametrize("path", sorted((ROOT / "configs").glob("*.yaml")), ids=lambda p: p.name)
@@ -26,6 +28,20 @@ def test_config_validates_and_names_its_entrypoint(path):
     entry = re.search(r"python (jobs/\w+\.py) --config (configs/\S+\.yaml)", path.read_text())
     assert entry, f"{path.name}: header lacks its `ray job submit ... -- python jobs/X.py --config ...` line"
     assert (ROOT / entry.group(1)).is_file() and (ROOT / entry.group(2)) == path
+
+
+@pytest.mark.parametrize("path", sorted([*(ROOT / "configs").glob("pipeline*.yaml"),
+                                         *(ROOT / "configs").glob("study*.yaml")]), ids=lambda p: p.name)
+def test_every_stage_of_a_pipeline_config_validates_with_its_overrides(path):
+    """A typo in a stage's overrides fails here, not an hour into a study."""
+    cfg = load_config(PipelineConfig, path)
+    for stage, schema in STAGE_SCHEMAS.items():
+        section = getattr(cfg, stage)
+        load_config(schema, ROOT / section.config if section.config else None, list(section.overrides))
+    from ksg_ray.pipeline.config import SYNTH_VARIANTS
+
+    for variant in SYNTH_VARIANTS.values():  # the baselines' synthesis overrides on top of the pipeline's
+        load_config(SynthConfig, ROOT / cfg.synthesize.config, [*cfg.synthesize.overrides, *variant])
 
 
 def test_overrides_parse_yaml_values_and_reject_bad_forms():

@@ -63,6 +63,8 @@ class PipelineConfig(StrictModel):
 
     run_dir: Path = Field(Path("runs/pipeline"), description="every stage's output (see ksg_ray.common.run_layout)")
     data: str = Field("demo", description="CLIENT SIDE: the private records (read by dp_train and dp_reward only)")
+    data_limit: int | None = Field(None, gt=0, description="CLIENT SIDE: use only the first N records (before the "
+                                                            "held-out split); None = all")
     held_out: int = Field(8, ge=1, description="CLIENT SIDE: the last N private records are held out of training "
                                                "and used as the evaluation (and fine-tuning dev) split")
     canaries: CanarySection = CanarySection()

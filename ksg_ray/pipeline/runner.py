@@ -35,7 +35,7 @@ def split_client_data(cfg: PipelineConfig, layout: RunLayout) -> tuple[Path, Pat
     from ksg_ray.client.canary import inject_canaries, write_secrets
     from ksg_ray.common.records import DataError, load_records, write_jsonl
 
-    records = load_records(cfg.data)
+    records = load_records(cfg.data, limit=cfg.data_limit)
     if len(records) <= cfg.held_out:
         raise DataError(f"{cfg.data}: {len(records)} records, but held_out={cfg.held_out}: nothing left to train on")
     train, held_out = records[:-cfg.held_out], records[-cfg.held_out:]

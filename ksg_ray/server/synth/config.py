@@ -40,7 +40,12 @@ class DomainSection(StrictModel):
         [], description="PUBLIC example questions shown to the generator (never private records); empty = seedless")
     answer_system_prompt: str = Field(
         "You are a helpful, careful medical doctor. Answer the patient's question clearly and specifically.",
-        description="system message of every answer (the domain-expert persona); also the trained instruction")
+        description="system message of every answer request (the domain-expert persona); also the rows' "
+                    "instruction unless `train_instruction` is set")
+    train_instruction: str | None = Field(
+        None, description="the system message of the written rows, which the target is trained with: set it to the "
+                          "domain's public task preamble, the one held-out questions and users come with; "
+                          "None = answer_system_prompt")
 
 
 class QueriesSection(StrictModel):

@@ -468,13 +468,14 @@ def _finalise(cfg: SynthConfig, pool: list[dict], queries: dict[str, dict], mode
     funnel.append((f"after duplicate removal ({cfg.dedup.method} < {cfg.dedup.threshold})",
                    len(ordered) - len(dropped)))
     scrub = PIIScrubber(cfg.dedup.pii_patterns)
+    instruction = cfg.domain.train_instruction or cfg.domain.answer_system_prompt
     rows = []
     for i, p in enumerate(ordered):
         if i in dropped:
             continue
         query, n_q = scrub(queries[p["query_id"]]["query"])
         answer, n_a = scrub(p["answer"])
-        rows.append({"id": p["id"], "instruction": cfg.domain.answer_system_prompt, "input": query, "output": answer,
+        rows.append({"id": p["id"], "instruction": instruction, "input": query, "output": answer,
                      "round": p["round"], "stage": p["stage"], "reward": p["reward"], "perplexity": p["perplexity"],
                      "query_id": p["query_id"], "answer_model": p["answer_model"],
                      "generator_model": models.ids["generator"], "reward_model": models.ids["reward"],
