@@ -43,10 +43,19 @@ COMPONENTS = ("generator", "reward")
 COMPONENT_FILES = ("adapter_model.safetensors", "adapter_config.json", "model_ref.json",
                    "score_head.safetensors")
 REQUIRED_FILES = COMPONENT_FILES[:3]
-PRIVACY_KEYS = ("epsilon", "delta", "not_dp", "mechanisms")
+PRIVACY_KEYS = ("epsilon", "delta", "not_dp", "mechanisms", "adapters")  # adapters: written by write_bundle
 MAX_JSON_BYTES = 64 * 1024  # configs and reports are a few KiB; the cap keeps free text from carrying records
 _NAME_PART = re.compile(r"[A-Za-z_][A-Za-z0-9_]{0,63}|\d{1,6}")  # tensor names are module paths
 _TENSOR_FIELDS = {"dtype", "shape", "data_offsets"}
+# Every JSON value in a bundle is one of these shapes, so no file can carry free text (a record, a secret).
+_MODEL_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._/-]{0,199}")  # a hub id or an embedded model name
+_IDENT = re.compile(r"[A-Za-z0-9_.:/-]{0,128}")  # identifiers in a peft config (class paths, versions, enums)
+_SHA256 = re.compile(r"[0-9a-f]{64}")
+_RUN_ID = re.compile(r"(generator|reward)(:[0-9a-f]{12})?")
+COMPOSITION = "PRV accountant over the concatenated (σ, q, steps) history of all mechanisms"
+# What may be named as a non-DP use of the data (set by client code, never free text).
+NOT_DP_REASONS = ("reward candidates from a non-DP proxy model trained on the private records",)
+MODEL_KINDS = ("causal-lm-lora", "reward-lora-seq-cls")
 
 
 class BundleError(ValueError):
@@ -126,7 +135,9 @@ def write_bundle(out_dir: Path, components: dict[str, Path], privacy: dict, *,
             left = sorted(p.name for p in src.iterdir() if not (p.name in COMPONENT_FILES and p.is_file()))
             if left:
                 logger.info("bundle: left out of %s (not bundle files): %s", name, ", ".join(left))
-        (tmp / "privacy.json").write_text(dump_privacy(privacy))
+        # the report names the adapters it accounts for: a privacy.json copied from another bundle fails verify
+        adapters = {name: _digest(tmp / name / "adapter_model.safetensors")["sha256"] for name in srcs}
+        (tmp / "privacy.json").write_text(dump_privacy(privacy | {"adapters": adapters}))
         _write_manifest(tmp)  # last: a directory without it never verifies
         try:
             verify_bundle(tmp)
@@ -186,6 +197,9 @@ def publish_component(bundle_dir: Path, name: str, adapter_dir: Path, model_ref:
     shutil.rmtree(staging, ignore_errors=True)
     shutil.copytree(adapter_dir, staging)
     (staging / "model_ref.json").write_text(json.dumps(model_ref, indent=2))
+    config = json.loads((staging / "adapter_config.json").read_text())  # peft writes the client's local path here
+    config["base_model_name_or_path"] = model_ref["base_model"]
+    (staging / "adapter_config.json").write_text(json.dumps(config, indent=2))
     if (Path(bundle_dir) / "manifest.json").exists():
         return add_component(Path(bundle_dir), name, staging, privacy=privacy)
     return write_bundle(Path(bundle_dir), {name: staging}, privacy, overwrite=True)
@@ -229,9 +243,17 @@ def verify_bundle(bundle_dir: Path) -> dict:
         problems += found
         if rel == "privacy.json" and data is not None:
             problems += _check_privacy(_walk(data, _decode))
-        elif rel.endswith("/model_ref.json") and data and not isinstance(data.get("base_model"), str):
-            problems.append(f"{rel}: needs a string 'base_model' (name or path of the public base model)")
-        elif rel == "reward/model_ref.json" and data and "generator_sha256" in data:
+            listed = manifest.get("files", {})
+            shas = {c: listed[f"{c}/adapter_model.safetensors"]["sha256"] for c in COMPONENTS
+                    if isinstance(listed.get(f"{c}/adapter_model.safetensors"), dict)}
+            if "adapters" in data and data["adapters"] != shas:
+                problems.append("privacy.json: accounts for other adapters than this bundle's (copied from "
+                                "another bundle, or a component changed after it was written)")
+        elif rel.endswith("/model_ref.json") and data is not None:
+            problems += _check_model_ref(data, rel)
+        elif rel.endswith("/adapter_config.json") and data is not None:
+            problems += _check_adapter_config(root, rel, data)
+        if rel == "reward/model_ref.json" and data and "generator_sha256" in data:
             generator = manifest.get("files", {}).get("generator/adapter_model.safetensors", {}).get("sha256")
             if generator is not None and data["generator_sha256"] != generator:
                 problems.append(f"{rel}: the reward model was trained against the generator with adapter sha256 "
@@ -345,17 +367,140 @@ def _check_safetensors(path: Path, rel: str) -> list[str]:
     return problems + [f"{rel}: holds no tensors"] * (not header)
 
 
-def _check_privacy(p: dict) -> list[str]:
-    def num(x: Any) -> bool:
-        return isinstance(x, int | float) and not isinstance(x, bool) and not math.isnan(x)
+def _num(x: Any) -> bool:
+    return isinstance(x, int | float) and not isinstance(x, bool) and not math.isnan(x)
 
+
+def _check_model_ref(data: dict, rel: str) -> list[str]:
+    """Public model names, the component's kind, and the generator a reward model was trained against."""
+    problems = [f"{rel}: key {k[:40]!r} not allowed (base_model, tokenizer, kind, generator_sha256)"
+                for k in data if k not in ("base_model", "tokenizer", "kind", "generator_sha256")]
+    if not isinstance(data.get("base_model"), str):
+        problems.append(f"{rel}: needs a string 'base_model' (name or path of the public base model)")
+    for key in ("base_model", "tokenizer"):
+        if isinstance(data.get(key), str) and not _MODEL_NAME.fullmatch(data[key]):
+            problems.append(f"{rel}: {key} {data[key][:60]!r} is not a public model name")
+    if "kind" in data and data["kind"] not in MODEL_KINDS:
+        problems.append(f"{rel}: kind must be one of {', '.join(MODEL_KINDS)}")
+    if "generator_sha256" in data and not (isinstance(data["generator_sha256"], str)
+                                           and _SHA256.fullmatch(data["generator_sha256"])):
+        problems.append(f"{rel}: generator_sha256 must be a sha256 hex digest")
+    return problems
+
+
+def _check_adapter_config(root: Path, rel: str, data: dict) -> list[str]:
+    """peft LoraConfig fields with identifier-like values only; and the adapter's tensors must be exactly what
+    this config describes (names under its target modules or modules to save, LoRA shapes of its rank)."""
+    import dataclasses
+
+    from peft import LoraConfig
+
+    fields = {f.name for f in dataclasses.fields(LoraConfig)}
+    problems = [f"{rel}: key {k[:40]!r} is not a peft LoraConfig field" for k in data if k not in fields]
+
+    def plain(v: Any, depth: int = 0) -> bool:
+        if v is None or isinstance(v, bool | int | float):
+            return True
+        if isinstance(v, str):
+            return bool(_IDENT.fullmatch(v))
+        if isinstance(v, list):
+            return depth < 2 and len(v) <= 64 and all(plain(x, depth + 1) for x in v)
+        if isinstance(v, dict):
+            return depth < 2 and len(v) <= 64 and all(isinstance(k, str) and _IDENT.fullmatch(k) and
+                                                      plain(x, depth + 1) for k, x in v.items())
+        return False
+
+    problems += [f"{rel}: value of {k!r} is not an identifier, number or list of them" for k, v in data.items()
+                 if k in fields and not plain(v)]
+    if data.get("peft_type") != "LORA" or not isinstance(data.get("r"), int):
+        return problems + [f"{rel}: must be a LORA config with an integer r"]
+    base = data.get("base_model_name_or_path")
+    ref = root / rel.rsplit("/", 1)[0] / "model_ref.json"
+    if base is not None and ref.is_file():
+        try:
+            ref_base = json.loads(ref.read_text()).get("base_model")
+        except (ValueError, AttributeError):
+            ref_base = None  # reported by the model_ref.json check
+        if ref_base is not None and base != ref_base:
+            problems.append(f"{rel}: base_model_name_or_path {str(base)[:60]!r} is not model_ref.json's base_model "
+                            "(a local path of the client's?)")
+    problems += _check_tensors_match(root, rel.rsplit("/", 1)[0], data)
+    return problems
+
+
+def _check_tensors_match(root: Path, component: str, cfg: dict) -> list[str]:
+    from safetensors import safe_open
+
+    rel = f"{component}/adapter_model.safetensors"
+    if not (root / rel).is_file():
+        return []
+    targets = cfg.get("target_modules") or []
+    saved = set(cfg.get("modules_to_save") or [])
+
+    def targeted(path: str) -> bool:  # peft's rule: a regex string, or a list of names / dotted suffixes
+        if isinstance(targets, str):
+            return re.fullmatch(targets, path) is not None
+        return any(path == t or path.endswith("." + t) for t in targets)
+
+    rank, ranks = cfg["r"], cfg.get("rank_pattern") or {}
+    problems = []
+    try:
+        with safe_open(str(root / rel), framework="pt") as f:
+            shapes = {k: list(f.get_slice(k).get_shape()) for k in f.keys()}
+    except Exception:  # reported by _check_safetensors
+        return []
+    for name, shape in shapes.items():
+        parts = name.split(".")
+        if len(parts) >= 3 and parts[-2] in ("lora_A", "lora_B") and parts[-1] == "weight":
+            module = parts[-3]
+            r = next((v for k, v in ranks.items() if name.find(k) >= 0), rank)
+            if not targeted(".".join(parts[:-2])):
+                problems.append(f"{rel}: {name[:80]!r} adapts {module!r}, not a target module of the config")
+            elif len(shape) != 2 or shape[0 if parts[-2] == "lora_A" else 1] != r:
+                problems.append(f"{rel}: {name[:80]!r} has shape {shape}, not that of a rank-{r} LoRA matrix")
+        elif not any(m in parts for m in saved):
+            problems.append(f"{rel}: tensor {name[:80]!r} is neither a LoRA matrix nor a module to save")
+    return problems
+
+
+def _check_privacy(p: dict) -> list[str]:
+    num = _num
+    allowed = {"epsilon", "epsilon_rdp", "delta", "accountant", "composition", "mechanisms", "not_dp", "records",
+               "adapters"}
     problems = [f"privacy.json: missing key {k!r}" for k in PRIVACY_KEYS if k not in p]
+    problems += [f"privacy.json: key {k[:40]!r} not allowed ({', '.join(sorted(allowed))})" for k in p
+                 if k not in allowed]
+    if "epsilon_rdp" in p and not (num(p["epsilon_rdp"]) and p["epsilon_rdp"] >= 0):
+        problems.append("privacy.json: epsilon_rdp must be a number >= 0 or \"inf\"")
+    if "accountant" in p and p["accountant"] not in ("prv", "rdp"):
+        problems.append("privacy.json: accountant must be prv or rdp")
+    if "composition" in p and p["composition"] != COMPOSITION:
+        problems.append("privacy.json: composition must be the fixed description, not free text")
+    if "records" in p and not (isinstance(p["records"], int) and not isinstance(p["records"], bool)
+                               and p["records"] > 0):
+        problems.append("privacy.json: records must be a positive integer (N)")
+    if "adapters" in p and not (isinstance(p["adapters"], dict) and all(
+            k in COMPONENTS and isinstance(v, str) and _SHA256.fullmatch(v) for k, v in p["adapters"].items())):
+        problems.append("privacy.json: adapters must map generator/reward to sha256 digests")
+    for i, m in enumerate(p.get("mechanisms") if isinstance(p.get("mechanisms"), list) else []):
+        keys = {"name", "noise_multiplier", "sample_rate", "steps", "run_id", "mechanism"}
+        if not isinstance(m, dict) or not set(m) <= keys or not {"name", "noise_multiplier", "sample_rate",
+                                                                  "steps"} <= set(m):
+            problems.append(f"privacy.json: mechanisms[{i}] must hold name, noise_multiplier, sample_rate, steps "
+                            "(and run_id, mechanism) only")
+            continue
+        if m["name"] not in COMPONENTS or not all(num(m[k]) for k in ("noise_multiplier", "sample_rate", "steps")):
+            problems.append(f"privacy.json: mechanisms[{i}]: name generator/reward and numeric σ, q, steps")
+        if "run_id" in m and not (isinstance(m["run_id"], str) and _RUN_ID.fullmatch(m["run_id"])):
+            problems.append(f"privacy.json: mechanisms[{i}].run_id must be <name>[:<12 hex>]")
+        if "mechanism" in m and m["mechanism"] != "poisson-subsampled-gaussian":
+            problems.append(f"privacy.json: mechanisms[{i}].mechanism must be poisson-subsampled-gaussian")
     if "epsilon" in p and not (num(p["epsilon"]) and p["epsilon"] >= 0):
         problems.append(f"privacy.json: epsilon must be a number >= 0 or \"inf\", got {p['epsilon']!r}")
     if "delta" in p and not (num(p["delta"]) and 0 <= p["delta"] < 1):
         problems.append(f"privacy.json: delta must be a number in [0, 1), got {p['delta']!r}")
-    if "not_dp" in p and not (isinstance(p["not_dp"], list) and all(isinstance(s, str) for s in p["not_dp"])):
-        problems.append("privacy.json: not_dp must be a list of strings")
+    if "not_dp" in p and not (isinstance(p["not_dp"], list) and all(s in NOT_DP_REASONS for s in p["not_dp"])):
+        problems.append("privacy.json: not_dp must list known non-DP uses only (NOT_DP_REASONS), not free text")
     if "mechanisms" in p and not isinstance(p["mechanisms"], list):
         problems.append("privacy.json: mechanisms must be a list")
     return problems

@@ -16,9 +16,9 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from ksg_ray import bundle as B
-from ksg_ray.bundle import BundleError, add_component, read_privacy, verify_bundle, write_bundle
+from ksg_ray.bundle import NOT_DP_REASONS, BundleError, add_component, read_privacy, verify_bundle, write_bundle
 
-PRIVACY = {"epsilon": 8.0, "epsilon_rdp": 9.1, "delta": 1e-5, "not_dp": ["inf"],
+PRIVACY = {"epsilon": 8.0, "epsilon_rdp": 9.1, "delta": 1e-5, "not_dp": [],
            "mechanisms": [{"name": "generator", "noise_multiplier": 0.9, "sample_rate": 0.01, "steps": 6}]}
 LORA = "base_model.model.model.layers.0.self_attn.q_proj.lora_{}.weight"
 
@@ -28,7 +28,7 @@ def make_component(d: Path, *, head: bool = False) -> Path:
     d.mkdir(parents=True)
     save_file({LORA.format("A"): torch.randn(2, 8), LORA.format("B"): torch.randn(8, 2)},
               str(d / "adapter_model.safetensors"), metadata={"format": "pt"})
-    (d / "adapter_config.json").write_text(json.dumps({"peft_type": "LORA", "r": 2, "target_modules": ["q"]}))
+    (d / "adapter_config.json").write_text(json.dumps({"peft_type": "LORA", "r": 2, "target_modules": ["q_proj"]}))
     (d / "model_ref.json").write_text(json.dumps({"base_model": "tiny-random", "tokenizer": "tiny-random"}))
     (d / "README.md").write_text("model card")
     if head:
@@ -67,7 +67,8 @@ def test_round_trip(bundle, tmp_path):
     src = load_file(str(tmp_path / "gen" / "adapter_model.safetensors"))
     out = load_file(str(bundle / "generator" / "adapter_model.safetensors"))
     assert src.keys() == out.keys() and all(torch.equal(src[k], out[k]) for k in src)
-    assert read_privacy(bundle) == PRIVACY  # "inf" inside not_dp stays a string
+    adapters = {"generator": manifest["files"]["generator/adapter_model.safetensors"]["sha256"]}
+    assert read_privacy(bundle) == PRIVACY | {"adapters": adapters}  # the report names the adapter it covers
     assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".")] == []  # no temp dirs left
 
 
@@ -204,7 +205,7 @@ def test_add_component_refuses_a_tampered_bundle(bundle, tmp_path):
 
 def test_infinite_epsilon_round_trips(tmp_path):
     out = write_bundle(tmp_path / "b", {"generator": make_component(tmp_path / "gen")},
-                       {**PRIVACY, "epsilon": math.inf, "not_dp": ["trained without DP"]})
+                       {**PRIVACY, "epsilon": math.inf, "not_dp": list(NOT_DP_REASONS)})
     assert json.loads((out / "privacy.json").read_text())["epsilon"] == "inf"  # standard JSON, no Infinity
     assert read_privacy(out)["epsilon"] == math.inf
     verify_bundle(out)
@@ -255,3 +256,42 @@ def test_publishing_a_new_generator_drops_the_stale_reward_model(bundle, tmp_pat
     add_component(bundle, "reward", reward)
     add_component(bundle, "generator", make_component(tmp_path / "gen2"))  # retrained
     assert set(verify_bundle(bundle)["components"]) == {"generator"}
+
+
+def test_json_values_carrying_free_text_are_rejected(bundle):
+    privacy = json.loads((bundle / "privacy.json").read_text())
+    privacy["not_dp"] = ["Patient Jane Roe, 41, HIV positive"]
+    privacy["note"] = "anything"
+    (bundle / "privacy.json").write_text(json.dumps(privacy))
+    ref = json.loads((bundle / "generator" / "model_ref.json").read_text())
+    ref["base_model"] = "my knee hurts when I run, what should I do"
+    (bundle / "generator" / "model_ref.json").write_text(json.dumps(ref))
+    config = json.loads((bundle / "generator" / "adapter_config.json").read_text())
+    config["revision"] = "the patient said: I have chest pain"
+    (bundle / "generator" / "adapter_config.json").write_text(json.dumps(config))
+    rehash(bundle)
+    problems = problems_of(bundle)
+    assert "not_dp must list known non-DP uses only" in problems and "key 'note' not allowed" in problems
+    assert "is not a public model name" in problems
+    assert "value of 'revision' is not an identifier" in problems
+
+
+def test_a_tensor_that_does_not_match_the_adapter_config_is_rejected(bundle):
+    path = bundle / "generator" / "adapter_model.safetensors"
+    tensors = load_file(str(path))
+    tensors[LORA.format("A").replace("q_proj", "o_proj")] = torch.randn(2, 8)  # not a target module
+    tensors[LORA.format("B")] = torch.randn(8, 3)  # rank 3, the config says 2
+    tensors["base_model.model.secret_bits.weight"] = torch.randn(4)  # neither LoRA nor a module to save
+    save_file(tensors, str(path), metadata={"format": "pt"})
+    rehash(bundle)
+    problems = problems_of(bundle)
+    assert "adapts 'o_proj', not a target module" in problems
+    assert "not that of a rank-2 LoRA matrix" in problems
+    assert "neither a LoRA matrix nor a module to save" in problems
+
+
+def test_a_privacy_report_copied_from_another_bundle_is_rejected(bundle, tmp_path):
+    other = write_bundle(tmp_path / "other", {"generator": make_component(tmp_path / "gen-other")}, PRIVACY)
+    shutil.copyfile(other / "privacy.json", bundle / "privacy.json")
+    rehash(bundle)
+    assert "accounts for other adapters than this bundle's" in problems_of(bundle)

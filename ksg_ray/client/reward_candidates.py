@@ -13,6 +13,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from ksg_ray.bundle import NOT_DP_REASONS
 from ksg_ray.common.chat_format import build_messages
 from ksg_ray.common.jsonl import write_json_atomic
 from ksg_ray.common.records import Record
@@ -71,7 +72,7 @@ def load_or_generate_candidates(records: list[Record], cache: Path, key: dict | 
     return {name: cached[name] for name in sources}
 
 
-NOT_DP_PROXY = "reward candidates from a non-DP proxy model trained on the private records"
+NOT_DP_PROXY = NOT_DP_REASONS[0]  # the bundle accepts only known non-DP uses, never free text
 
 
 @dataclass(frozen=True)

@@ -21,6 +21,7 @@ from collections.abc import Iterator
 from dataclasses import asdict
 from pathlib import Path
 
+from ksg_ray.bundle import COMPOSITION
 from ksg_ray.client.privacy.accountant import Mechanism, epsilon_for
 from ksg_ray.common.jsonl import write_json_atomic
 
@@ -166,7 +167,7 @@ def privacy_report(ledger: PrivacyLedger, **extra) -> dict:
         "epsilon_rdp": ledger.epsilon("rdp"),
         "delta": ledger.delta,
         "accountant": "prv",
-        "composition": "PRV accountant over the concatenated (σ, q, steps) history of all mechanisms",
+        "composition": COMPOSITION,
         "mechanisms": [asdict(m) | {"mechanism": "poisson-subsampled-gaussian"} for m in ledger.mechanisms],
         "not_dp": list(ledger.not_dp),
         **extra,
