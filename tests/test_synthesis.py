@@ -93,12 +93,13 @@ def test_an_answer_cut_at_the_budget_is_trimmed_to_its_last_sentence():
 
     assert trim_to_sentence("Rest the knee. Ice it twice a day. If it swells, see a") == \
         "Rest the knee. Ice it twice a day."
-    assert trim_to_sentence("no sentence ends here") == ""
-    batch = {"answers_p": [["Rest it. Then se", "no end", "Done."]], "answers_p_finished": [[False, False, True]]}
+    assert trim_to_sentence("no sentence ends here") == "no sentence ends here"  # kept, not rejected
+    batch = {"answers_p": [["Rest it. Then se", "no end", "Done.", " "]],
+             "answers_p_finished": [[False, False, True, False]]}
     kept = _merge_candidates(dict(batch), ["p"], require_finished=False)
-    assert kept["candidates"] == [["Rest it.", "Done."]] and kept["unfinished_dropped"] == [1]
+    assert kept["candidates"] == [["Rest it.", "no end", "Done."]] and kept["unfinished_dropped"] == [1]
     strict = _merge_candidates(dict(batch), ["p"], require_finished=True)
-    assert strict["candidates"] == [["Done."]] and strict["unfinished_dropped"] == [2]
+    assert strict["candidates"] == [["Done."]] and strict["unfinished_dropped"] == [3]
 
 
 def test_too_few_rows_names_the_step_that_lost_them(tmp_path):

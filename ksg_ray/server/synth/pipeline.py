@@ -307,19 +307,20 @@ def _skip_rejected(batch: dict) -> dict:
 
 
 def trim_to_sentence(text: str) -> str:
-    """An answer cut at the token budget, up to its last complete sentence ('' if it has none).
+    """An answer cut at the token budget, up to its last complete sentence (unchanged if it has none).
 
     Such an answer is kept only when `answers.require_finished` is off; trimmed, it ends where a sentence ends,
-    so the target trained on it (answer + end-of-turn) learns to stop at a sentence, not mid-word.
+    so the target trained on it (answer + end-of-turn) learns to stop at a sentence, not mid-word. One with no
+    sentence end at all is kept as it is (never turned into a rejection: that is what require_finished is for).
     """
     ends = [m.end() for m in re.finditer(r"[.!?](?:[\"')\]]*)(?=\s|$)", text)]
-    return text[:ends[-1]].strip() if ends else ""
+    return text[:ends[-1]].strip() if ends else text
 
 
 def _merge_candidates(batch: dict, sources: list[str], require_finished: bool) -> dict:
     """All sources' answers of a row as one candidate list; empty ones (and, if required, unfinished ones) are
     left out and counted in `unfinished_dropped`. An unfinished answer that is kept is trimmed to its last
-    complete sentence (`trim_to_sentence`); one with no complete sentence is dropped and counted too."""
+    complete sentence (`trim_to_sentence`)."""
     out = passthrough(batch)
     n = len(next(iter(out.values())))
     texts, origins, finished, dropped = [[] for _ in range(n)], [[] for _ in range(n)], [[] for _ in range(n)], [0] * n
