@@ -230,14 +230,19 @@ def test_cli_verify(bundle, capsys):
     assert "notes.txt: not allowed" in capsys.readouterr().err
 
 
-def test_a_reward_model_trained_against_another_generator_is_refused(bundle, tmp_path):
-    from ksg_ray.bundle import add_component, component_sha256
+def add_reward_trained_against_its_generator(bundle: Path, tmp_path: Path) -> None:
+    """A reward component whose model_ref.json names the bundle's generator, as `ksg dp-reward` writes it."""
+    from ksg_ray.bundle import component_sha256
 
     reward = make_component(tmp_path / "rew", head=True)
     ref = json.loads((reward / "model_ref.json").read_text())
     ref["generator_sha256"] = component_sha256(bundle, "generator")
     (reward / "model_ref.json").write_text(json.dumps(ref))
     add_component(bundle, "reward", reward)
+
+
+def test_a_reward_model_trained_against_another_generator_is_refused(bundle, tmp_path):
+    add_reward_trained_against_its_generator(bundle, tmp_path)
     verify_bundle(bundle)  # trained against this very generator: fine
     stale = make_component(tmp_path / "gen2")  # the generator retrained; the reward model was not
     shutil.rmtree(bundle / "generator")
@@ -247,13 +252,7 @@ def test_a_reward_model_trained_against_another_generator_is_refused(bundle, tmp
 
 
 def test_publishing_a_new_generator_drops_the_stale_reward_model(bundle, tmp_path):
-    from ksg_ray.bundle import add_component, component_sha256
-
-    reward = make_component(tmp_path / "rew", head=True)
-    ref = json.loads((reward / "model_ref.json").read_text())
-    ref["generator_sha256"] = component_sha256(bundle, "generator")
-    (reward / "model_ref.json").write_text(json.dumps(ref))
-    add_component(bundle, "reward", reward)
+    add_reward_trained_against_its_generator(bundle, tmp_path)
     add_component(bundle, "generator", make_component(tmp_path / "gen2"))  # retrained
     assert set(verify_bundle(bundle)["components"]) == {"generator"}
 

@@ -130,7 +130,10 @@ def test_eval_job_end_to_end_then_report(ray_cluster, tmp_path, capsys):
 
     raw = json.loads(layout.eval_file("nondp").read_text())
     assert raw["epsilon"] == "inf" and raw["family"] == "ksg" and raw["n"] == 4
-    assert set(raw["metrics"]) == {"rouge1", "rouge2", "rougeL", "bleu", "embedding_cosine", "judge"}
+    assert set(raw["metrics"]) == {"rouge1", "rouge2", "rougeL", "bleu", "embedding_cosine", "judge", "answer_loss"}
+    assert raw["metrics"]["answer_loss"] > 0  # the held-out answer loss (mean NLL per reference-answer token)
+    lo, hi = raw["metrics_ci"]["rougeL"]
+    assert lo <= raw["metrics"]["rougeL"] <= hi  # its 95% bootstrap interval over the held-out records
     assert raw["counts"]["answered"] == 4
     judge = raw["counts"]["judge"]
     assert judge["parsed"] + judge["unparsed"] + judge["failed"] == 4
