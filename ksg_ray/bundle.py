@@ -32,6 +32,8 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
+from ksg_ray.common.errors import KsgError
+
 __all__ = ["BundleError", "add_bundle_args", "add_component", "component_sha256", "dump_privacy", "load_privacy",
            "publish_component", "read_model_ref", "read_privacy", "run_bundle", "verify_bundle", "write_bundle"]
 
@@ -58,12 +60,13 @@ NOT_DP_REASONS = ("reward candidates from a non-DP proxy model trained on the pr
 MODEL_KINDS = ("causal-lm-lora", "reward-lora-seq-cls")
 
 
-class BundleError(ValueError):
+class BundleError(KsgError, ValueError):
     """A bundle is invalid or cannot be written; `problems` lists every problem, each naming its file."""
 
     def __init__(self, where: str | Path, problems: list[str]):
         self.where, self.problems = str(where), list(problems)
-        super().__init__(f"invalid bundle {where}:\n" + "\n".join(f"  - {p}" for p in self.problems))
+        super().__init__(f"invalid bundle {where}: {self.problems[0]}" if len(self.problems) == 1
+                         else f"invalid bundle {where}:\n" + "\n".join(f"  - {p}" for p in self.problems))
 
 
 def _walk(x: Any, leaf) -> Any:
@@ -510,15 +513,22 @@ def add_bundle_args(subparsers: argparse._SubParsersAction) -> None:
     """Register `ksg bundle verify DIR` on the `ksg` subparsers."""
     p = subparsers.add_parser("bundle", help="[client/server] check a transfer bundle before sending/loading")
     sub = p.add_subparsers(dest="bundle_command", required=True)
-    v = sub.add_parser("verify", help="check layout, hashes, weights and privacy.json; exit 1 on any problem")
+    v = sub.add_parser("verify", help="check layout, hashes, weights and privacy.json; exit 1 on any problem, "
+                                      "2 when DIR is not a directory")
     v.add_argument("dir", type=Path, help="bundle directory")
 
 
 def run_bundle(args: argparse.Namespace) -> int:
-    """Run a `ksg bundle` subcommand; returns the exit status (0 valid, 1 problems printed to stderr)."""
+    """Run a `ksg bundle` subcommand; returns the exit status (0 valid, 1 problems printed to stderr).
+
+    Raises:
+        BundleError: there is no bundle directory to verify (`ksg` prints it as a usage error, exit 2).
+    """
     try:
         manifest = verify_bundle(args.dir)
     except BundleError as e:
+        if not Path(args.dir).is_dir():
+            raise
         print(e, file=sys.stderr)
         return 1
     p = read_privacy(args.dir)

@@ -1,10 +1,22 @@
-"""`ksg`: one command for every stage. Each stage is a recipe in jobs/ that also runs under `ray job submit`."""
+"""`ksg`: one command for every stage. Each stage is a recipe in jobs/ that also runs under `ray job submit`.
+
+`main` is the one error boundary: an error in what the user gave (a config, a data file, a bundle, the ledger or
+budget, too few rows: a `KsgError`; or a missing file) prints one `ksg: error: MESSAGE` line and exits 2, like a
+usage error; anything else is a bug and keeps its traceback (exit 1). `KSG_DEBUG=1` shows every traceback.
+"""
 
 from __future__ import annotations
 
 import argparse
 import importlib
+import os
 import sys
+import traceback
+
+from ksg_ray.common.errors import KsgError
+
+USER_ERRORS = (KsgError, FileNotFoundError)
+USER_ERROR_STATUS = 2  # argparse's status for a usage error
 
 # command -> (recipe module, side of the trust boundary, what it does)
 STAGES = {
@@ -67,18 +79,67 @@ def build_parser() -> tuple[argparse.ArgumentParser, dict[str, argparse.Argument
     return parser, dict(sub.choices)
 
 
+def subcommands(parser: argparse.ArgumentParser) -> argparse._SubParsersAction | None:
+    """The group of subcommands under `parser` (`ksg`'s commands, `ksg bundle`'s), or None."""
+    return next((a for a in parser._actions if isinstance(a, argparse._SubParsersAction)), None)
+
+
+def command_path(parser: argparse.ArgumentParser,
+                 argv: list[str]) -> tuple[list[tuple[str, str]], argparse.ArgumentParser]:
+    """The subcommands that start `argv`, each as (dest, name) (`ksg bundle verify` has two), and the parser of
+    the last one (`parser` itself when there is none)."""
+    chosen: list[tuple[str, str]] = []
+    leaf = parser
+    while len(chosen) < len(argv) and (group := subcommands(leaf)) is not None and argv[len(chosen)] in group.choices:
+        chosen.append((group.dest, argv[len(chosen)]))
+        leaf = group.choices[argv[len(chosen) - 1]]
+    return chosen, leaf
+
+
+def parse_args(argv: list[str]) -> argparse.Namespace:
+    """Parse a `ksg` command line; a command's options and key=value overrides come in any order.
+
+    The command's own parser, below any group (`ksg bundle verify`), parses the rest of the line intermixed.
+    A group cannot (argparse refuses intermixed parsing with subcommands), so `ksg --version`, `ksg bundle
+    --help` and a line that stops at a group go through the plain parser.
+    """
+    parser, _ = build_parser()
+    chosen, leaf = command_path(parser, argv)
+    if not chosen or subcommands(leaf) is not None:
+        return parser.parse_args(argv)
+    args = leaf.parse_intermixed_args(argv[len(chosen):])
+    for dest, name in chosen:
+        setattr(args, dest, name)
+    if args.command in STAGES or args.command == "config":
+        args.config, args.overrides = split_positionals(leaf, [args.config, *args.overrides])
+    return args
+
+
+def error_message(error: BaseException) -> str:
+    """The `ksg: error:` text of a user error (a missing file says which)."""
+    if isinstance(error, FileNotFoundError) and error.filename is not None:
+        return f"{error.filename}: file not found"
+    return str(error)
+
+
 def main(argv: list[str] | None = None) -> int:
+    """Run `ksg`; returns the exit status (2 and one `ksg: error:` line for a user error)."""
     argv = list(sys.argv[1:] if argv is None else argv)
-    parser, commands = build_parser()
-    if argv and argv[0] in commands:  # options and key=value overrides in any order (intermixed parsing)
-        args = commands[argv[0]].parse_intermixed_args(argv[1:])
-        args.command = argv[0]
-    else:
-        args = parser.parse_args(argv)
+    try:
+        return run(parse_args(argv))
+    except USER_ERRORS as e:
+        if os.environ.get("KSG_DEBUG", "0") not in ("", "0"):
+            traceback.print_exc()
+        cause = getattr(e, "cause", None)  # a Ray task's error that is also the job's own: show the job's message
+        print(f"ksg: error: {error_message(cause if isinstance(cause, USER_ERRORS) else e)}", file=sys.stderr)
+        return USER_ERROR_STATUS
+
+
+def run(args: argparse.Namespace) -> int:
+    """Run a parsed `ksg` command; returns the exit status."""
     if args.command in STAGES:
         recipe = importlib.import_module(STAGES[args.command][0])
-        config, overrides = split_positionals(parser, [args.config, *args.overrides])
-        recipe.main((["--config", config] if config else []) + overrides)
+        recipe.main((["--config", args.config] if args.config else []) + args.overrides)
         return 0
     if args.command == "bundle":
         from ksg_ray.bundle import run_bundle
@@ -103,7 +164,6 @@ def main(argv: list[str] | None = None) -> int:
     if args.command == "config":
         from ksg_ray.common.config import run_config_show
 
-        args.config, args.overrides = split_positionals(parser, [args.config, *args.overrides])
         return run_config_show(args, {name: module for name, (module, _, _) in STAGES.items()})
     if args.command == "models":
         from ksg_ray.common.hub import resolve_model

@@ -13,20 +13,23 @@ from typing import Any, TypeVar
 import yaml
 from pydantic import BaseModel, ConfigDict, ValidationError
 
+from ksg_ray.common.errors import KsgError
+
 __all__ = ["KsgConfigError", "StrictModel", "add_config_args", "apply_overrides", "describe_config", "job_config",
            "load_config", "parse_override", "run_config_show"]
 
 T = TypeVar("T", bound=BaseModel)
 
 
-class KsgConfigError(ValueError):
+class KsgConfigError(KsgError, ValueError):
     """A config is invalid; `problems` lists every problem found, each naming its key."""
 
     def __init__(self, source: str, problems: list[str]):
         self.source = source
         self.problems = problems
         lines = "\n".join(f"  - {p}" for p in problems)
-        super().__init__(f"invalid config {source}:\n{lines}")
+        super().__init__(f"invalid config {source}: {problems[0]}" if len(problems) == 1
+                         else f"invalid config {source}:\n{lines}")
 
 
 class StrictModel(BaseModel):

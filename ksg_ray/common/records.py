@@ -16,6 +16,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from ksg_ray.common.errors import KsgError
 from ksg_ray.common.jsonl import read_jsonl, write_jsonl_atomic
 
 __all__ = ["DEMO_DATASETS", "DataError", "Record", "load_records", "write_jsonl"]
@@ -42,7 +43,7 @@ class Record:
     source: str = ""
 
 
-class DataError(ValueError):
+class DataError(KsgError, ValueError):
     """Bad input data. The message names the file and, where relevant, the 1-based line (or row) and field."""
 
 

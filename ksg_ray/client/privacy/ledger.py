@@ -23,12 +23,17 @@ from pathlib import Path
 
 from ksg_ray.bundle import COMPOSITION
 from ksg_ray.client.privacy.accountant import Mechanism, epsilon_for
+from ksg_ray.common.errors import KsgError
 from ksg_ray.common.jsonl import write_json_atomic
 
-__all__ = ["PrivacyLedger", "add_privacy_args", "check_budget", "check_delta", "check_recorded", "data_fingerprint",
-           "open_ledger", "privacy_report", "run_privacy", "show_ledger"]
+__all__ = ["LedgerError", "PrivacyLedger", "add_privacy_args", "check_budget", "check_delta", "check_recorded",
+           "data_fingerprint", "open_ledger", "privacy_report", "run_privacy", "show_ledger"]
 
 LEDGER_FILE = "privacy_ledger.json"
+
+
+class LedgerError(KsgError, ValueError):
+    """A DP run the ledger refuses: other data or another δ, δ ≥ 1/N, over the budget, or a bundle it lacks."""
 
 
 class PrivacyLedger:
@@ -100,7 +105,7 @@ def open_ledger(output_dir: str | Path, data_path: str, delta: float) -> Privacy
     """Load (or start) the ledger of `data_path` under `output_dir`.
 
     Raises:
-        ValueError: the ledger belongs to other data, or was kept at another δ.
+        LedgerError: the ledger belongs to other data, or was kept at another δ.
     """
     path = Path(output_dir) / LEDGER_FILE
     fingerprint = data_fingerprint(data_path)
@@ -109,26 +114,26 @@ def open_ledger(output_dir: str | Path, data_path: str, delta: float) -> Privacy
         return PrivacyLedger(delta, path=path, fingerprint=fingerprint)
     data = _read(path)
     if data["fingerprint"] != fingerprint:
-        raise ValueError(f"{path} is the privacy ledger of other data ({data['fingerprint']}); "
+        raise LedgerError(f"{path} is the privacy ledger of other data ({data['fingerprint']}); "
                          f"{data_path} is {fingerprint}. Use another run.output_dir for other data.")
     if data["delta"] != delta:
-        raise ValueError(f"{path} accounts at δ={data['delta']}; this run asks δ={delta}: use the same δ")
+        raise LedgerError(f"{path} accounts at δ={data['delta']}; this run asks δ={delta}: use the same δ")
     return PrivacyLedger(delta, data["mechanisms"], data["not_dp"], path=path, fingerprint=fingerprint)
 
 
 def check_delta(delta: float, num_records: int) -> None:
     """δ must be below 1/N, or "leak one record in the clear" would satisfy the guarantee."""
     if not delta < 1 / num_records:
-        raise ValueError(f"privacy.delta={delta} must be < 1/N = {1 / num_records:.2e} for N={num_records} records")
+        raise LedgerError(f"privacy.delta={delta} must be < 1/N = {1 / num_records:.2e} for N={num_records} records")
 
 
 def check_budget(ledger: PrivacyLedger, planned: Mechanism, budget: float | None, accountant: str = "prv") -> float:
-    """Composed ε once `planned` joins the ledger; refuses (ValueError, before anything is trained) if it would
+    """Composed ε once `planned` joins the ledger; refuses (LedgerError, before anything is trained) if it would
     exceed `budget` (None = no cap beyond each model's own target)."""
     eps = epsilon_for(ledger.history(exclude=planned.key) + planned.history(), ledger.delta, accountant)
     if budget is not None and eps > budget * 1.001:  # calibration tolerance
         spent = epsilon_for(ledger.history(exclude=planned.key), ledger.delta, accountant)
-        raise ValueError(
+        raise LedgerError(
             f"refused: training {planned.name!r} (σ={planned.noise_multiplier:.4f}, q={planned.sample_rate:.4f}, "
             f"{planned.steps} steps) would bring the composed ε on these records to {eps:.3f} > budget {budget} "
             f"(already spent by {[m.name for m in ledger.mechanisms if m.key != planned.key]}: ε={spent:.3f})"
@@ -141,7 +146,7 @@ def check_recorded(ledger: PrivacyLedger, released: list[dict], source: str) -> 
     model composed against a ledger that lacks the generator would under-report ε.
 
     Raises:
-        ValueError: naming each missing or disagreeing mechanism and where the ledger is.
+        LedgerError: naming each missing or disagreeing mechanism and where the ledger is.
     """
     mine = {m.key: m for m in ledger.mechanisms}
     problems = []
@@ -156,7 +161,7 @@ def check_recorded(ledger: PrivacyLedger, released: list[dict], source: str) -> 
             problems.append(f"{m.key}: {source} says σ={m.noise_multiplier}, q={m.sample_rate}, {m.steps} steps; "
                             f"the ledger says σ={have.noise_multiplier}, q={have.sample_rate}, {have.steps} steps")
     if problems:
-        raise ValueError(f"refused: {source} accounts for runs that the ledger {ledger.path} does not: "
+        raise LedgerError(f"refused: {source} accounts for runs that the ledger {ledger.path} does not: "
                          + "; ".join(problems) + ". Run this job with the generator's run.output_dir (its ledger).")
 
 

@@ -31,6 +31,7 @@ from typing import Any
 import ray
 
 from ksg_ray.bundle import verify_bundle
+from ksg_ray.common.errors import KsgError
 from ksg_ray.common.hub import model_dir_engine_args, resolve_model
 from ksg_ray.common.jsonl import atomic_open, write_json_atomic, write_jsonl_atomic
 from ksg_ray.engines import SamplingParams
@@ -127,7 +128,7 @@ def run_synthesis(cfg: SynthConfig) -> dict[str, Any]:
     return summary
 
 
-class TooFewRows(RuntimeError):
+class TooFewRows(KsgError, RuntimeError):
     """The synthesis wrote fewer than `min_rows` rows: says which funnel step lost the most, and why."""
 
     def __init__(self, out: Path, rows: int, min_rows: int, funnel: list[tuple[str, int]],
