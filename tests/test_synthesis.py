@@ -89,7 +89,8 @@ def test_a_patient_description_is_a_query_without_a_question_mark():
 
 
 def test_an_answer_cut_at_the_budget_is_trimmed_to_its_last_sentence():
-    from ksg_ray.server.synth.pipeline import _merge_candidates, trim_to_sentence
+    from ksg_ray.common.chat_format import trim_to_sentence
+    from ksg_ray.server.synth.pipeline import _merge_candidates
 
     assert trim_to_sentence("Rest the knee. Ice it twice a day. If it swells, see a") == \
         "Rest the knee. Ice it twice a day."
@@ -100,6 +101,18 @@ def test_an_answer_cut_at_the_budget_is_trimmed_to_its_last_sentence():
     assert kept["candidates"] == [["Rest it.", "no end", "Done."]] and kept["unfinished_dropped"] == [1]
     strict = _merge_candidates(dict(batch), ["p"], require_finished=True)
     assert strict["candidates"] == [["Done."]] and strict["unfinished_dropped"] == [3]
+
+
+def test_answer_filters_drop_candidates_with_their_reason():
+    from ksg_ray.server.synth.filters import DegenerateTextFilter, LanguageFilter
+    from ksg_ray.server.synth.pipeline import _merge_candidates
+
+    loop = "Drink water and rest well. Drink water and rest well. Drink water and rest well."
+    batch = {"answers_p": [["Ho mal di testa da tre giorni e non riesco a dormire bene.", loop, "Rest it."]],
+             "answers_p_finished": [[True, True, True]]}
+    out = _merge_candidates(batch, ["p"], require_finished=True, filters=(LanguageFilter(), DegenerateTextFilter(1)))
+    assert out["candidates"] == [["Rest it."]]
+    assert [r.split(":")[0] for r in out["candidates_rejected"][0]] == ["language", "degenerate"]
 
 
 def test_too_few_rows_names_the_step_that_lost_them(tmp_path):
@@ -202,7 +215,8 @@ TINY_SYNTH = ["professional.model=tiny-random", "queries.num_prompts=4", "querie
               "queries.require_question=false",
               "professional.min_yes_probability=0.3", "answers.n=2", "answers.max_new_tokens=8",
               "answers.require_finished=false", "scoring.keep_fraction=0.5", "refine.rounds=1", "refine.n=2",
-              "refine.critique_max_new_tokens=8", "refine.max_new_tokens=8", "engine.batch_size=2"]
+              "refine.critique_max_new_tokens=8", "refine.max_new_tokens=8", "engine.batch_size=2",
+              "filters.language=false", "filters.degenerate=false"]  # a random model writes no language
 
 
 # The funnel's stages under TINY_SYNTH, names without their measured values ("... (reward >= pool min -0.3)"):

@@ -18,7 +18,7 @@ from pathlib import Path
 import numpy as np
 
 __all__ = ["SIMILARITY_METHODS", "bleu", "embed_texts", "embedding_cosine", "minilm_path", "pairwise_similarity",
-           "rouge_l", "rouge_n", "tfidf_cosine", "words"]
+           "repeated_ngram", "rouge_l", "rouge_n", "tfidf_cosine", "words"]
 
 SIMILARITY_METHODS = ("tfidf", "rouge_l", "embedding")
 _WORD = re.compile(r"\w+", re.UNICODE)
@@ -27,6 +27,18 @@ _WORD = re.compile(r"\w+", re.UNICODE)
 def words(text: str) -> list[str]:
     """Lower-cased word tokens (letters, digits, underscore); punctuation is ignored."""
     return _WORD.findall(text.lower())
+
+
+def repeated_ngram(text: str, n: int = 6) -> str | None:
+    """The first word n-gram that occurs twice in `text` (lower-cased), or None: the mark of a loop."""
+    tokens = words(text)
+    seen: set[tuple[str, ...]] = set()
+    for i in range(len(tokens) - n + 1):
+        gram = tuple(tokens[i:i + n])
+        if gram in seen:
+            return " ".join(gram)
+        seen.add(gram)
+    return None
 
 
 def _f1(overlap: int, n_pred: int, n_ref: int) -> float:

@@ -15,7 +15,7 @@ from pydantic import Field, field_validator, model_validator
 
 from ksg_ray.common.config import StrictModel
 
-__all__ = ["AnswersSection", "DEFAULT_PII_PATTERNS", "DedupSection", "DomainSection", "EngineSection",
+__all__ = ["AnswersSection", "DEFAULT_PII_PATTERNS", "DedupSection", "DomainSection", "EngineSection", "FiltersSection",
            "ProfessionalSection", "QueriesSection", "RefineSection", "ScoringSection", "SynthConfig",
            "SynthRunSection"]
 
@@ -42,6 +42,13 @@ class DomainSection(StrictModel):
         "You are a helpful, careful medical doctor. Answer the patient's question clearly and specifically.",
         description="system message of every answer request (the domain-expert persona); also the rows' "
                     "instruction unless `train_instruction` is set")
+    language: str = Field("en", description="the domain's language (ISO 639-1), kept by the language filter")
+    topics: list[str] = Field(
+        [], description="PUBLIC in-domain anchors for the domain filter, beside the seed questions: short texts of "
+                        "what the domain's users write about")
+    off_topics: list[str] = Field(
+        [], description="PUBLIC off-domain anchors for the domain filter: what the domain is not (other domains' "
+                        "kinds of question); empty = no domain filter")
     train_instruction: str | None = Field(
         None, description="the system message of the written rows, which the target is trained with: set it to the "
                           "domain's public task preamble, the one held-out questions and users come with; "
@@ -57,6 +64,10 @@ class QueriesSection(StrictModel):
         "If you are a doctor, please answer the medical questions based on the patient's description.",
         description="sample mode: the PUBLIC system message the generator's training records carry (the task "
                     "preamble of the domain's data)")
+    user_prefixes: list[str] = Field(
+        [], description="sample mode: PUBLIC openings of the user's message (prompt i starts with prefix i mod "
+                        "len); the generator continues them. A small or weakly trained generator drifts off the "
+                        "domain from an empty user turn; an opening such as 'Hi doctor, my son has' keeps it there")
     num_prompts: int = Field(8, gt=0, description="prompts to the DP generator (each yields `per_prompt` samples)")
     per_prompt: int = Field(6, gt=0, description="samples per prompt (RewardDS: 6)")
     seeds_per_prompt: int = Field(2, ge=0, description="public seed questions shown per prompt (RewardDS: 2)")
@@ -81,6 +92,23 @@ class ProfessionalSection(StrictModel):
     filter: bool = Field(True, description="KnowledgeSG's professional filter: drop invalid or off-domain queries")
     min_yes_probability: float = Field(
         0.5, gt=0, lt=1, description="keep a query when P(yes) / (P(yes) + P(no)) reaches this")
+
+
+class FiltersSection(StrictModel):
+    """The cheap filters of every query and answer (`ksg_ray.server.synth.filters`), each a funnel step."""
+
+    language: bool = Field(True, description="drop text py3langid places in another language than domain.language")
+    min_language_confidence: float = Field(0.5, gt=0, le=1, description="how sure the detector must be to drop")
+    degenerate: bool = Field(True, description="drop loops (a repeated word n-gram), mostly non-alphabetic text, "
+                                               "too few or too many words")
+    repeat_ngram: int = Field(6, ge=0, description="a word n-gram of this length seen twice is a loop (0 = off)")
+    max_non_alpha: float = Field(0.25, gt=0, le=1, description="largest share of non-alphabetic characters")
+    max_query_words: int = Field(250, gt=0, description="longer queries are dropped")
+    domain: bool = Field(True, description="drop queries closer to domain.off_topics than to the domain's anchors "
+                                           "(MiniLM); needs domain.off_topics")
+    min_domain_margin: float = Field(
+        0.0, description="max cosine to an in-domain anchor minus max cosine to an off-domain anchor must reach "
+                         "this (calibrated on public data: README 'Filters')")
 
 
 class AnswersSection(StrictModel):
@@ -167,6 +195,7 @@ class SynthConfig(StrictModel):
     domain: DomainSection = DomainSection()
     queries: QueriesSection = QueriesSection()
     professional: ProfessionalSection = ProfessionalSection()
+    filters: FiltersSection = FiltersSection()
     answers: AnswersSection = AnswersSection()
     scoring: ScoringSection = ScoringSection()
     refine: RefineSection = RefineSection()

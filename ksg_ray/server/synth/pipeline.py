@@ -22,7 +22,6 @@ import hashlib
 import json
 import logging
 import math
-import re
 import time
 from collections import Counter
 from pathlib import Path
@@ -31,6 +30,7 @@ from typing import Any
 import ray
 
 from ksg_ray.bundle import verify_bundle
+from ksg_ray.common.chat_format import trim_to_sentence
 from ksg_ray.common.errors import KsgError
 from ksg_ray.common.hub import model_dir_engine_args, resolve_model
 from ksg_ray.common.jsonl import atomic_open, write_json_atomic, write_jsonl_atomic
@@ -40,6 +40,7 @@ from ksg_ray.server.bundle_models import component_base
 from ksg_ray.server.synth import prompts
 from ksg_ray.server.synth.config import DomainSection, EngineSection, SynthConfig
 from ksg_ray.server.synth.dedup import near_duplicates, normalise, similar_to_any
+from ksg_ray.server.synth.filters import answer_filters, apply_filters, query_filters
 from ksg_ray.server.synth.judge_stage import JudgeUDF
 from ksg_ray.server.synth.pii import PIIScrubber
 from ksg_ray.server.synth.reward_filter import best_rewrite, keep_top, positive_negative
@@ -173,10 +174,10 @@ def _run_queries(cfg: SynthConfig, models: SynthModels, out: Path, errors: Jsonl
     store = JsonlStore(out / "queries_raw.jsonl", key="prompt_id")
     def messages(i: int) -> list[dict]:
         if cfg.queries.mode == "sample":
-            return prompts.sample_query_messages(cfg.queries.system_prompt)
+            return prompts.sample_query_messages(cfg.queries.system_prompt, _user_prefix(cfg, i))
         return prompts.query_messages(cfg.domain, i, cfg.queries.seeds_per_prompt, cfg.queries.seed)
 
-    todo = [{"prompt_id": f"p{i:05d}", "messages": messages(i)}
+    todo = [{"prompt_id": f"p{i:05d}", "messages": messages(i), "user_prefix": _user_prefix(cfg, i)}
             for i in range(cfg.queries.num_prompts) if f"p{i:05d}" not in store]
     if todo:
         q = cfg.queries
@@ -186,9 +187,15 @@ def _run_queries(cfg: SynthConfig, models: SynthModels, out: Path, errors: Jsonl
         ds = _stage(ray.data.from_items(todo), GenerateUDF, cfg.engine, model=models.generator, sampling=sampling,
                     messages_column="messages", output_column="samples", seed_column="prompt_id")
         _drain(ds, "queries", len(todo), cfg, store, errors, key="prompt_id",
-               keep=("prompt_id", "samples", "samples_finished"))
+               keep=("prompt_id", "user_prefix", "samples", "samples_finished"))
     logger.info("queries: %d/%d prompts done", len(store), cfg.queries.num_prompts)
     return store
+
+
+def _user_prefix(cfg: SynthConfig, i: int) -> str:
+    """Prompt i's public opening of the user message (sample mode; "" without prefixes)."""
+    prefixes = cfg.queries.user_prefixes if cfg.queries.mode == "sample" else []
+    return prefixes[i % len(prefixes)] if prefixes else ""
 
 
 def _run_answers(cfg: SynthConfig, models: SynthModels, out: Path, errors: JsonlStore,
@@ -209,12 +216,14 @@ def _run_answers(cfg: SynthConfig, models: SynthModels, out: Path, errors: Jsonl
         for source in a.sources:
             ds = _stage(ds, GenerateUDF, cfg.engine, model=getattr(models, source), sampling=sampling,
                         messages_column="answer_messages", output_column=f"answers_{source}", seed_column="id")
-        ds = ds.map_batches(_merge_candidates, fn_kwargs=dict(sources=a.sources, require_finished=a.require_finished),
-                            num_cpus=LIGHT_TASK_CPUS)
+        ds = ds.map_batches(_merge_candidates, num_cpus=LIGHT_TASK_CPUS,
+                            fn_kwargs=dict(sources=a.sources, require_finished=a.require_finished,
+                                           filters=answer_filters(cfg)))
         ds = _stage(ds, ScoreUDF, cfg.engine, bundle_dir=str(cfg.bundle), candidates_column="candidates",
                     prompt_column="answer_messages")
         keep = ("id", "query", "judge_yes_probability", "judge_pass", "candidates", "candidates_source",
-                "candidates_finished", "candidates_reward", "candidates_logprob", "unfinished_dropped")
+                "candidates_finished", "candidates_reward", "candidates_logprob", "unfinished_dropped",
+                "candidates_rejected")
         _drain(ds, "answers", len(todo), cfg, store, errors, key="id", keep=keep)
     logger.info("answers: %d/%d queries done", len(store), len(queries))
     return store
@@ -244,12 +253,12 @@ def _run_refine_round(cfg: SynthConfig, models: SynthModels, out: Path, errors: 
                                  n=rf.n, seed=None if cfg.seed is None else cfg.seed + r)
         ds = _stage(ds, GenerateUDF, cfg.engine, model=models.rewriter, sampling=rewrite,
                     messages_column="rewrite_messages", output_column="answers_rewriter", seed_column="id")
-        ds = ds.map_batches(_merge_candidates, num_cpus=LIGHT_TASK_CPUS,
-                            fn_kwargs=dict(sources=["rewriter"], require_finished=cfg.answers.require_finished))
+        merge = dict(sources=["rewriter"], require_finished=cfg.answers.require_finished, filters=answer_filters(cfg))
+        ds = ds.map_batches(_merge_candidates, num_cpus=LIGHT_TASK_CPUS, fn_kwargs=merge)
         ds = _stage(ds, ScoreUDF, cfg.engine, bundle_dir=str(cfg.bundle), candidates_column="candidates",
                     prompt_column="answer_messages")
         keep = ("id", "critique", "candidates", "candidates_finished", "candidates_reward", "candidates_logprob",
-                "unfinished_dropped")
+                "unfinished_dropped", "candidates_rejected")
         _drain(ds, f"refine round {r}", len(todo), cfg, store, errors, key="id", keep=keep)
     return store
 
@@ -307,21 +316,11 @@ def _skip_rejected(batch: dict) -> dict:
     return out
 
 
-def trim_to_sentence(text: str) -> str:
-    """An answer cut at the token budget, up to its last complete sentence (unchanged if it has none).
-
-    Such an answer is kept only when `answers.require_finished` is off; trimmed, it ends where a sentence ends,
-    so the target trained on it (answer + end-of-turn) learns to stop at a sentence, not mid-word. One with no
-    sentence end at all is kept as it is (never turned into a rejection: that is what require_finished is for).
-    """
-    ends = [m.end() for m in re.finditer(r"[.!?](?:[\"')\]]*)(?=\s|$)", text)]
-    return text[:ends[-1]].strip() if ends else text
-
-
-def _merge_candidates(batch: dict, sources: list[str], require_finished: bool) -> dict:
-    """All sources' answers of a row as one candidate list; empty ones (and, if required, unfinished ones) are
-    left out and counted in `unfinished_dropped`. An unfinished answer that is kept is trimmed to its last
-    complete sentence (`trim_to_sentence`)."""
+def _merge_candidates(batch: dict, sources: list[str], require_finished: bool, filters: tuple = ()) -> dict:
+    """All sources' answers of a row as one candidate list. Empty ones (and, if required, unfinished ones) are
+    left out and counted in `unfinished_dropped`; ones the answer filters reject (another language, a loop) are
+    left out with their reason in `candidates_rejected`. An unfinished answer that is kept is trimmed to its
+    last complete sentence (`trim_to_sentence`)."""
     out = passthrough(batch)
     n = len(next(iter(out.values())))
     texts, origins, finished, dropped = [[] for _ in range(n)], [[] for _ in range(n)], [[] for _ in range(n)], [0] * n
@@ -340,8 +339,14 @@ def _merge_candidates(batch: dict, sources: list[str], require_finished: bool) -
                 origins[i].append(source)
                 finished[i].append(done)
         del out[f"answers_{source}"], out[f"answers_{source}_finished"]
+    rejected: list[list[str]] = [[] for _ in range(n)]
+    for i in range(n):
+        reasons = apply_filters(filters, texts[i])
+        rejected[i] = [r for r in reasons if r is not None]
+        texts[i], origins[i], finished[i] = ([x for x, r in zip(col, reasons, strict=True) if r is None]
+                                             for col in (texts[i], origins[i], finished[i]))
     out |= {"candidates": texts, "candidates_source": origins, "candidates_finished": finished,
-            "unfinished_dropped": dropped}
+            "unfinished_dropped": dropped, "candidates_rejected": rejected}
     return out
 
 
@@ -363,7 +368,13 @@ def _derive_queries(cfg: SynthConfig, raw: dict[str, dict],
     funnel += [("prompts", cfg.queries.num_prompts), ("query samples generated", len(samples))]
     rejected, parsed = [], {}
     for pid, k, text, finished in samples:
-        query, reason = prompts.parse_query(text, cfg.queries.min_words, cfg.queries.require_question)
+        prefix = raw[pid].get("user_prefix") or ""
+        if not finished and not cfg.queries.require_question:  # a description cut mid-sentence: to its last sentence
+            trimmed = trim_to_sentence(text)
+            finished = finished or (trimmed != text and len(trimmed) > 0)
+            text = trimmed
+        query, reason = prompts.parse_query(prompts.join_prefix(prefix, text), cfg.queries.min_words,
+                                            cfg.queries.require_question)
         qid = None if query is None else hashlib.sha256(normalise(query).encode()).hexdigest()[:16]
         if reason is None and not finished and cfg.queries.require_finished and not cfg.queries.require_question:
             reason = "cut at max_new_tokens"  # (a question that ended at its '?' is whole even if the sample is not)
@@ -374,6 +385,14 @@ def _derive_queries(cfg: SynthConfig, raw: dict[str, dict],
         else:
             parsed[qid] = {"id": qid, "query": query, "prompt_id": pid, "sample": k}
     funnel.append(("unique well-formed queries", len(parsed)))
+    for f in query_filters(cfg):
+        ids = list(parsed)
+        for qid, reason in zip(ids, f([parsed[q]["query"] for q in ids]), strict=True):
+            if reason is not None:
+                q = parsed.pop(qid)
+                rejected.append({"prompt_id": q["prompt_id"], "sample": q["sample"], "text": q["query"],
+                                 "reason": reason.split(":")[0], "detail": reason})
+        funnel.append((f"passed the {f.name} filter", len(parsed)))
     ids = list(parsed)
     similar = similar_to_any([parsed[q]["query"] for q in ids], cfg.domain.seed_questions,
                              cfg.queries.similarity_method, cfg.queries.max_seed_similarity)
@@ -402,8 +421,12 @@ def _candidates_by_query(cfg: SynthConfig, scored: dict[str, dict], queries: dic
         candidates[row["id"]] = _candidate_list(row, round_=0)
     if cfg.professional.filter:
         funnel.append(("passed the professional filter", passed))
+    for row in answered:
+        for reason in (row.get("candidates_rejected") or []) if row["id"] in candidates else []:
+            rejected.append({"id": row["id"], "text": row["query"], "reason": f"answer {reason.split(':')[0]}",
+                             "detail": reason})
     n_answers = sum(len(c) for c in candidates.values())
-    funnel.append(("finished answer candidates", n_answers))
+    funnel.append(("finished answer candidates", n_answers))  # the filters' drops: rejected_reasons "answer ..."
     funnel.append(("queries with a scored candidate", sum(1 for c in candidates.values() if c)))
     for row in answered:
         if row["id"] in candidates and not candidates[row["id"]]:

@@ -12,7 +12,7 @@ import re
 from ksg_ray.engines import CONTINUE_KEY
 from ksg_ray.server.synth.config import DomainSection
 
-__all__ = ["answer_messages", "critique_messages", "judge_messages", "parse_query", "query_messages",
+__all__ = ["answer_messages", "critique_messages", "join_prefix", "judge_messages", "parse_query", "query_messages",
            "rewrite_messages", "sample_query_messages"]
 
 # Role markers and template tokens: a "query" holding them copied the prompt's markup (KnowledgeSG drops these).
@@ -23,11 +23,20 @@ _LEAD = re.compile(r"^\s*(?:new question|question|q)\s*\d*\s*[:.)-]\s*", re.IGNO
 _INTRO = re.compile(r"^[^.?!\n]{0,80}\bquestion\b[^.?!\n]{0,20}:\s*", re.IGNORECASE)
 
 
-def sample_query_messages(system_prompt: str) -> list[dict]:
-    """KnowledgeSG-style query synthesis: the prompt stops where a user's question starts, and the DP generator
-    (trained with a loss on questions too) writes the question itself, ending it with its end-of-turn token."""
+def sample_query_messages(system_prompt: str, user_prefix: str = "") -> list[dict]:
+    """KnowledgeSG-style query synthesis: the prompt stops where a user's question starts (after a public
+    opening such as "Hi doctor, my son has", if given), and the DP generator (trained with a loss on questions
+    too) writes the question itself, ending it with its end-of-turn token."""
     system = [{"role": "system", "content": system_prompt}] if system_prompt else []
-    return [*system, {"role": "user", "content": "", CONTINUE_KEY: True}]
+    return [*system, {"role": "user", "content": user_prefix, CONTINUE_KEY: True}]
+
+
+def join_prefix(prefix: str, continuation: str) -> str:
+    """The whole user message: the public opening and what the generator wrote after it."""
+    if not prefix:
+        return continuation
+    glue = "" if not continuation or continuation[0] in ",.;:!?'" or prefix[-1].isspace() else " "
+    return f"{prefix}{glue}{continuation}"
 
 
 def query_messages(domain: DomainSection, prompt_index: int, seeds_per_prompt: int,

@@ -1,0 +1,89 @@
+"""The synthesis funnel's cheap filters: each rejects its planted bad rows and keeps real medical questions.
+
+The keep-rate checks read the real medical dev split (`../shared/data`, public for model selection) and the
+embedded config's public anchors, the same the embedded default runs with.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from ksg_ray.common.config import job_config
+from ksg_ray.common.text_metrics import repeated_ngram
+from ksg_ray.server.synth.config import SynthConfig
+from ksg_ray.server.synth.filters import (
+    DegenerateTextFilter,
+    LanguageFilter,
+    answer_filters,
+    apply_filters,
+    query_filters,
+)
+
+SHARED = Path(__file__).resolve().parents[2] / "shared" / "data"
+needs_shared = pytest.mark.skipif(not (SHARED / "medical" / "dev.jsonl").is_file(),
+                                  reason="shared domain data not present")
+
+PLANTED = {
+    "language": "Il crudelitore è il cielo mafrono, la cosa più importante è bere acqua e riposare molto.",
+    "loop": ("I have a pain in my chest and I have a pain in my chest and I have a pain in my chest and "
+             "I do not know what to do."),
+    "phones": "Can you tell me about the main features of the new phone and which laptop I should buy?",
+    "travel": "What is the best way to travel in Italy in the summer with children?",
+    "symbols": "Pain: 1/2/3 -- 4%%% ==> 5/6/7 ### 8:9:10 ***** ?!?!",
+}
+
+
+@pytest.fixture(scope="module")
+def cfg() -> SynthConfig:
+    return job_config(SynthConfig, ["--config", "configs/synthesize.yaml"], "test")
+
+
+def _dev(domain: str) -> list[dict]:
+    return [json.loads(line) for line in (SHARED / domain / "dev.jsonl").read_text().splitlines()]
+
+
+def test_repeated_ngram_finds_loops_only():
+    assert repeated_ngram("one two three four five six one two three four five six") == "one two three four five six"
+    assert repeated_ngram("one two three four five six seven one two three four five") is None
+
+
+def test_each_filter_rejects_its_planted_row(cfg):
+    lang, degenerate, domain = query_filters(cfg)
+    assert lang([PLANTED["language"]])[0].startswith("language: it")
+    assert "repeated 6-gram" in degenerate([PLANTED["loop"]])[0]
+    assert "non-alphabetic" in degenerate([PLANTED["symbols"]])[0]
+    assert all(r.startswith("off-domain") for r in domain([PLANTED["phones"], PLANTED["travel"]]))
+    reasons = apply_filters(query_filters(cfg), [*PLANTED.values(), "Hi doctor, my son has had a fever for "
+                                                 "three days and a cough. Should I take him to hospital?"])
+    assert [r.split(":")[0] if r else None for r in reasons] == [
+        "language", "degenerate", "off-domain", "off-domain", "degenerate", None]
+    # answers: the same language and loop rules, no domain rule
+    assert [r is None for r in apply_filters(answer_filters(cfg), [PLANTED["language"], PLANTED["loop"],
+                                                                   "Rest and drink water."])] == [False, False, True]
+
+
+@needs_shared
+def test_filters_keep_real_medical_questions_and_answers(cfg):
+    rows = _dev("medical")
+    kept = [r is None for r in apply_filters(query_filters(cfg), [r["input"] for r in rows])]
+    assert sum(kept) / len(rows) >= 0.95
+    kept = [r is None for r in apply_filters(answer_filters(cfg), [r["output"] for r in rows])]
+    assert sum(kept) / len(rows) >= 0.95
+
+
+@needs_shared
+def test_the_domain_filter_rejects_most_finance_questions(cfg):
+    domain = query_filters(cfg)[-1]
+    finance = [r["input"] for r in _dev("financial")]
+    rejected = [r is not None for r in domain(finance)]
+    assert sum(rejected) / len(finance) >= 0.75
+
+
+def test_filters_are_configurable():
+    cfg = job_config(SynthConfig, ["--config", "configs/synthesize.yaml", "filters.domain=false",
+                                   "filters.language=false"], "test")
+    assert [type(f) for f in query_filters(cfg)] == [DegenerateTextFilter]
+    assert LanguageFilter("en")(["Hello, how are you today?"]) == [None]
