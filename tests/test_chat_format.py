@@ -9,6 +9,7 @@ from ksg_ray.common.chat_format import (
     IGNORE_INDEX,
     MIN_ANSWER_TOKENS,
     TokenizedExample,
+    answer_end_ids,
     build_messages,
     collate,
     prompt_text,
@@ -66,7 +67,8 @@ def test_labels_mask_exactly_the_prompt(smollm2_tokenizer, record):
     assert tok.decode(ex.input_ids) == tok.apply_chat_template(build_messages(record), tokenize=False)
 
 
-def test_long_answer_is_cut_from_the_right(smollm2_tokenizer):
+def test_a_long_answer_is_cut_inside_its_content_and_keeps_its_end_of_turn(smollm2_tokenizer):
+    """A model that never sees an answer end does not learn to stop: the cut keeps the template's end."""
     tok = smollm2_tokenizer
     record = Record("Sys", "Tell me a lot.", "word " * 200)
     ex = tokenize_record(tok, record, max_seq_len=64)
@@ -74,7 +76,14 @@ def test_long_answer_is_cut_from_the_right(smollm2_tokenizer):
     assert ex.truncated and len(ex.input_ids) == len(ex.labels) == 64
     assert ex.input_ids[: len(prompt)] == prompt and n_prompt(ex) == len(prompt)
     assert ex.labels[len(prompt):] == ex.input_ids[len(prompt):]
-    assert record.output.startswith(tok.decode(ex.input_ids[len(prompt):]))  # the answer's start, no end
+    answer = tok.decode(ex.input_ids[len(prompt):])
+    assert answer.endswith(END) and record.output.startswith(answer[: -len(END)])
+    assert answer_end_ids(tok) == ids(tok, END)
+    # with sentences, the cut falls at the last sentence end that fits
+    record = Record("Sys", "Tell me a lot.", "Rest the knee today. " * 40)
+    ex = tokenize_record(tok, record, max_seq_len=64)
+    answer = tok.decode(ex.labels[len(prompt):])
+    assert answer.endswith("today." + END) and len(ex.input_ids) <= 64
 
 
 @pytest.mark.parametrize("answer, kept", [("token " * 100, MIN_ANSWER_TOKENS), ("Short.", None)])
@@ -87,7 +96,8 @@ def test_long_prompt_is_cut_from_the_left_keeping_answer(smollm2_tokenizer, answ
     kept = kept or n_answer  # a short answer is kept whole
     assert ex.truncated and len(ex.input_ids) == 64
     assert n_prompt(ex) == 64 - kept
-    assert ex.input_ids == full.input_ids[n_prompt(full) - (64 - kept): n_prompt(full) + kept]
+    assert ex.input_ids[:n_prompt(ex)] == full.input_ids[n_prompt(full) - (64 - kept): n_prompt(full)]
+    assert tok.decode(ex.input_ids[n_prompt(ex):]).endswith(END)  # the answer, cut or not, keeps its end
     prompt_end = "So what now?<|im_end|>\n<|im_start|>assistant\n"
     assert tok.decode(ex.input_ids[: n_prompt(ex)]).endswith(prompt_end)
 

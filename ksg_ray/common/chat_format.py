@@ -10,6 +10,7 @@ header stay unlabelled.
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 from typing import Any
 
@@ -17,8 +18,8 @@ import torch
 
 from ksg_ray.common.records import Record
 
-__all__ = ["IGNORE_INDEX", "MIN_ANSWER_TOKENS", "TokenizedExample", "build_messages", "collate",
-           "prompt_text", "question_prefix", "tokenize_record", "tokenize_records"]
+__all__ = ["IGNORE_INDEX", "MIN_ANSWER_TOKENS", "TokenizedExample", "answer_end_ids", "build_messages", "collate",
+           "prompt_text", "question_prefix", "tokenize_record", "tokenize_records", "trim_to_sentence"]
 
 IGNORE_INDEX = -100  # label of tokens without loss (prompt, padding): the value torch's cross-entropy skips
 MIN_ANSWER_TOKENS = 16  # a truncated example keeps at least this much answer, or it would teach nothing
@@ -74,8 +75,10 @@ def tokenize_record(tokenizer: Any, record: Record, max_seq_len: int,
     """Tokenize one record for causal-LM training with the loss on the answer tokens only.
 
     The prompt is the template's generation prompt; the answer is the rest of the rendered conversation
-    (for ChatML: the output, `<|im_end|>` and a newline). Over `max_seq_len`, the answer is cut from the right
-    first; if the prompt alone exceeds `max_seq_len - MIN_ANSWER_TOKENS`, the prompt is cut from the left (its
+    (for ChatML: the output, `<|im_end|>` and a newline). Over `max_seq_len`, the answer's content is cut
+    first, at its last sentence end that fits, and the template's end of turn is kept (`_cut_answer`; the
+    record is kept, so N and the DP sampling rate do not change); if the prompt alone exceeds
+    `max_seq_len - MIN_ANSWER_TOKENS`, the prompt is cut from the left (its
     end, the question and the assistant header, is what the answer depends on) keeping `MIN_ANSWER_TOKENS` of
     answer. With `question_loss`, the question's tokens (all of the prompt after `question_prefix`) are
     labelled as well.
@@ -104,7 +107,8 @@ def tokenize_record(tokenizer: Any, record: Record, max_seq_len: int,
     keep_prompt = min(n_prompt, max_seq_len - keep_answer)
     truncated = keep_answer < n_answer or keep_prompt < n_prompt
     prompt_ids = prompt_ids[n_prompt - keep_prompt:]
-    answer_ids = answer_ids[:keep_answer]
+    if keep_answer < n_answer:
+        answer_ids = _cut_answer(tokenizer, answer_ids, keep_answer)
     prompt_labels = [IGNORE_INDEX] * keep_prompt
     if question_loss:
         prefix = question_prefix(tokenizer, record.instruction)
@@ -114,6 +118,39 @@ def tokenize_record(tokenizer: Any, record: Record, max_seq_len: int,
         masked = max(0, n_prefix - (n_prompt - keep_prompt))  # what is left of the prefix after a left cut
         prompt_labels = [IGNORE_INDEX] * masked + prompt_ids[masked:]
     return TokenizedExample(prompt_ids + answer_ids, prompt_labels + answer_ids, truncated)
+
+
+def answer_end_ids(tokenizer: Any) -> list[int]:
+    """The tokens the chat template puts after an assistant message's content (ChatML: `<|im_end|>` and a
+    newline): the end of turn that a model must see at the end of every answer to learn to stop."""
+    messages = [{"role": "user", "content": "q"}, {"role": "assistant", "content": _SENTINEL}]
+    text = tokenizer.apply_chat_template(messages, tokenize=False)
+    if _SENTINEL not in text:
+        raise ValueError("the chat template does not render the assistant's content verbatim")
+    tail = text[text.index(_SENTINEL) + len(_SENTINEL):]
+    return tokenizer(tail, add_special_tokens=False)["input_ids"]
+
+
+def trim_to_sentence(text: str) -> str:
+    """`text` up to its last complete sentence (unchanged if it has none): an answer cut at a budget then
+    ends where a sentence ends, and a model trained on it (answer + end of turn) stops at a sentence."""
+    ends = [m.end() for m in re.finditer(r"[.!?](?:[\"')\]]*)(?=\s|$)", text)]
+    return text[:ends[-1]].strip() if ends else text
+
+
+def _cut_answer(tokenizer: Any, answer_ids: list[int], keep: int) -> list[int]:
+    """An over-long answer cut to `keep` tokens inside its content, at its last sentence end, with the
+    template's end of turn kept: cut from the right, an answer would lose the very token that teaches a model
+    to stop (at seq 256, half of the medical records had none left in their labels)."""
+    end = answer_end_ids(tokenizer)
+    if not end or answer_ids[-len(end):] != end or keep <= len(end):
+        return answer_ids[:keep]
+    content = answer_ids[:keep - len(end)]
+    text = tokenizer.decode(content)
+    trimmed = trim_to_sentence(text)
+    if trimmed != text and trimmed:
+        content = tokenizer(trimmed, add_special_tokens=False)["input_ids"][:keep - len(end)]
+    return content + end
 
 
 def tokenize_records(

@@ -210,7 +210,9 @@ class PipelineRunner:
         out = self.layout.client_baseline_dir("non_private" if grid_epsilon is None else f"dp_eps{grid_epsilon:g}")
         self.stage(f"{method} fine-tune (baseline)", dp_finetune.main, stage_args(
             self.cfg.dp_train, f"data.path={self.private}", f"run.output_dir={out}", f"run.bundle_dir={out / 'bundle'}",
-            f"privacy.target_epsilon={encode_epsilon(epsilon)}"),
+            f"privacy.target_epsilon={encode_epsilon(epsilon)}",
+            # the non-private baseline is answer-only like every other fine-tune; grid points stay DP generators
+            *(["data.question_loss=false"] if grid_epsilon is None else [])),
             done=has_component(out / "bundle", "generator"))
         family = [] if grid_epsilon is None else ["run.family=dp_finetune"]
         return [f"model.bundle={out / 'bundle'}", f"run.epsilon={encode_epsilon(epsilon)}", *family]
