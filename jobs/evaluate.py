@@ -17,7 +17,14 @@ import time
 from pathlib import Path
 
 from ksg_ray.audit.config import EvalConfig, resolve_eval_model
-from ksg_ray.audit.method_eval import audit_inputs, format_summary, load_model, run_privacy_audit
+from ksg_ray.audit.method_eval import (
+    audit_inputs,
+    budget_coverage,
+    format_summary,
+    load_model,
+    run_privacy_audit,
+    synthetic_fidelity,
+)
 from ksg_ray.common.config import job_config
 from ksg_ray.common.jsonl import write_jsonl_atomic
 from ksg_ray.common.records import load_records
@@ -49,11 +56,14 @@ def main(argv: list[str] | None = None) -> dict:
 
     timings: dict[str, float] = {}
     started = time.perf_counter()
+    coverage = budget_coverage(model_path, records, cfg.data.max_new_tokens)
     utility = evaluate_utility(model, records, SamplingParams(temperature=0.0, max_new_tokens=cfg.data.max_new_tokens),
                                judge=judge, judge_max_new_tokens=cfg.judge.max_new_tokens, embeddings=cfg.embeddings)
     timings["utility_s"] = time.perf_counter() - started
+    utility.counts["reference_coverage"] = coverage
 
     audit = run_privacy_audit(cfg, model, inputs, bundle_privacy, timings)
+    fidelity = synthetic_fidelity(cfg, inputs, records, layout.fidelity_plot(cfg.run.method), timings)
     timings["total_s"] = time.perf_counter() - started
 
     epsilon = cfg.run.epsilon
@@ -65,11 +75,15 @@ def main(argv: list[str] | None = None) -> dict:
         "privacy": {"canary_rate_synthetic": (audit["canary_synthetic"] or {}).get("rate"),
                     "canary_rate_generations": (audit["canary_generations"] or {}).get("rate"),
                     "mia_auc": (audit["mia"] or {}).get("auc")},
+        "fidelity": fidelity,
         "model": model_desc, "n": len(records), "data": cfg.data.path, "counts": utility.counts,
         "judge_model": cfg.judge.model, "engine": cfg.engine.kind, "audit": audit,
         "timings": {k: round(v, 1) for k, v in timings.items()},
     }
-    write_jsonl_atomic(Path(out).with_suffix(".predictions.jsonl"), utility.rows)
+    # the predictions hold the held-out questions and references: on the client's side of the run layout
+    predictions = layout.eval_predictions(cfg.run.method) if cfg.run.output is None else \
+        Path(out).with_suffix(".predictions.jsonl")
+    write_jsonl_atomic(predictions, utility.rows)
     write_eval_result(out, result)
     print(format_summary(result, out))
     return result

@@ -5,6 +5,7 @@ Run where the audit inputs (canary secrets, member records) may be read: the cli
 
 from __future__ import annotations
 
+import logging
 import math
 import time
 from pathlib import Path
@@ -15,7 +16,10 @@ from ksg_ray.common.records import Record, load_records
 from ksg_ray.common.run_layout import RunLayout, epsilon_label
 from ksg_ray.engines import SamplingParams, build_engine
 
-__all__ = ["audit_inputs", "format_summary", "load_model", "run_privacy_audit"]
+__all__ = ["audit_inputs", "budget_coverage", "format_summary", "load_model", "run_privacy_audit",
+           "synthetic_fidelity"]
+
+logger = logging.getLogger(__name__)
 
 
 def load_model(cfg: EvalConfig, model_path: str, adapter_path: str | None) -> Any:
@@ -98,6 +102,37 @@ def run_privacy_audit(cfg: EvalConfig, model: Any, inputs: dict[str, Any], bundl
     return audit
 
 
+def budget_coverage(model_path: str, records: list[Record], max_new_tokens: int) -> float | None:
+    """The share of reference answers that fit in the answer budget; warns below 90% (the budget would cut the
+    fine-tuned models, which imitate the references' length, more than the base)."""
+    from transformers import AutoTokenizer
+
+    from ksg_ray.audit.utility import reference_coverage
+
+    coverage = reference_coverage(AutoTokenizer.from_pretrained(model_path), records, max_new_tokens)
+    if coverage is not None and coverage < 0.9:
+        logger.warning("data.max_new_tokens=%d covers only %.0f%% of the reference answers (aim for >= 90%%)",
+                       max_new_tokens, 100 * coverage)
+    return coverage
+
+
+def synthetic_fidelity(cfg: EvalConfig, inputs: dict[str, Any], held_out: list[Record], plot: Path,
+                       timings: dict[str, float]) -> dict[str, Any] | None:
+    """The synthetic set's fidelity and copy figures against the training records (`audit.canary_records` or
+    `audit.members`, read whole) and the held-out split; None without a synthetic set or training records."""
+    source = cfg.audit.members or cfg.audit.canary_records
+    if inputs["synthetic"] is None or source is None or not held_out:
+        return None
+    from ksg_ray.audit.fidelity import fidelity_report
+    from ksg_ray.audit.privacy_audit import read_dataset_rows
+
+    t = time.perf_counter()
+    rows = read_dataset_rows(inputs["synthetic"])
+    out = fidelity_report(rows, load_records(source), held_out, plot=plot) | {"dataset": str(inputs["synthetic"])}
+    timings["fidelity_s"] = time.perf_counter() - t
+    return out
+
+
 def format_summary(result: dict, out: Path) -> str:
     def f(x: Any, spec: str = ".3f") -> str:
         return "—" if x is None or (isinstance(x, float) and math.isnan(x)) else format(x, spec)
@@ -113,7 +148,18 @@ def format_summary(result: dict, out: Path) -> str:
         f"unparseable, {judge.get('failed', 0)} failed)" if result["judge_model"] else "judge       not run",
         f"privacy     canary rate synthetic {f(p['canary_rate_synthetic'])}  generations "
         f"{f(p['canary_rate_generations'])}  MIA AUC {f(p['mia_auc'])}",
+        f"finishing   unfinished {f(m.get('unfinished_rate'))}  loops (repeated 6-gram) {f(m.get('loop_rate'))}  "
+        f"answer loss {f(m.get('answer_loss'))}  budget covers {f(c.get('reference_coverage'), '.0%')} of references",
+        *_fidelity_lines(result.get("fidelity")),
         f"time        {result['timings']}",
         f"written     {out}",
     ]
     return "\n".join(lines)
+
+
+def _fidelity_lines(fid: dict | None) -> list[str]:
+    if not fid or not fid.get("rows"):
+        return []
+    mauve = "—" if fid["mauve"] is None else f"{fid['mauve']:.3f}"
+    return [f"fidelity    {fid['rows']} synthetic rows: nearest-real share {fid['nearest_real_share']:.2f} "
+            f"(cosine >= {fid['nearest_real_threshold']:.3f})  MAUVE {mauve}  copy share {fid['copy_share']:.3f}"]

@@ -44,7 +44,8 @@ from ksg_ray.engines import SamplingParams
 logger = logging.getLogger(__name__)
 
 __all__ = ["SECRET_FIELDS", "CanaryScan", "MembershipInference", "bundle_privacy_flags", "canary_rate_generations",
-           "find_secrets", "membership_inference", "mia_auc", "mia_p_value", "read_dataset_texts", "scan_canaries",
+           "find_secrets", "membership_inference", "mia_auc", "mia_p_value", "read_dataset_rows", "read_dataset_texts",
+           "scan_canaries",
            "targeted_prompts"]
 
 SECRET_FIELDS = ("name", "phone", "record_id")
@@ -141,6 +142,11 @@ def read_dataset_texts(path: str | Path) -> list[str]:
         ValueError: unsupported format, or a JSONL line is not valid JSON (file and line named).
         FileNotFoundError: no such file.
     """
+    return ["\n".join(_strings(row)) for row in read_dataset_rows(path)]
+
+
+def read_dataset_rows(path: str | Path) -> list[dict]:
+    """The rows of a JSONL or Parquet dataset (errors as `read_dataset_texts`)."""
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"{path}: synthetic dataset not found")
@@ -159,7 +165,7 @@ def read_dataset_texts(path: str | Path) -> list[str]:
                         raise ValueError(f"{path}:{lineno}: not valid JSON: {e}") from e
     else:
         raise ValueError(f"{path}: unsupported format for a synthetic dataset; use .jsonl or .parquet")
-    return ["\n".join(_strings(row)) for row in rows]
+    return list(rows)
 
 
 def _strings(x: Any) -> Iterable[str]:

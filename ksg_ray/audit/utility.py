@@ -23,13 +23,14 @@ import numpy as np
 
 from ksg_ray.common.chat_format import build_messages
 from ksg_ray.common.records import Record
-from ksg_ray.common.text_metrics import bleu, embedding_cosine, rouge_l, rouge_n
+from ksg_ray.common.text_metrics import bleu, embedding_cosine, repeated_ngram, rouge_l, rouge_n
 from ksg_ray.engines import SamplingParams
 
 logger = logging.getLogger(__name__)
 
 __all__ = ["JUDGE_MAX_SCORE", "JUDGE_MIN_SCORE", "JUDGE_SYSTEM", "JudgeResult", "UtilityResult", "answer_prompts",
            "evaluate_utility", "generate_answers", "judge_answers", "judge_messages", "parse_judge_score",
+           "reference_coverage",
            "utility_metrics"]
 
 JUDGE_MIN_SCORE, JUDGE_MAX_SCORE = 1, 10
@@ -96,8 +97,8 @@ def judge_messages(record: Record, answer: str) -> list[dict]:
     return [{"role": "system", "content": JUDGE_SYSTEM}, {"role": "user", "content": user}]
 
 
-def generate_answers(model: Any, records: Sequence[Record], sampling: SamplingParams) -> tuple[list[str | None],
-                                                                                                int]:
+def generate_answers(model: Any, records: Sequence[Record],
+                     sampling: SamplingParams) -> tuple[list[str | None], list[bool | None]]:
     """One answer per record (the first of `sampling.n`), in order.
 
     Args:
@@ -106,14 +107,21 @@ def generate_answers(model: Any, records: Sequence[Record], sampling: SamplingPa
         sampling: how to sample; greedy (temperature 0) for evaluation.
 
     Returns:
-        (answers, None where generation failed; how many answers were cut by `max_new_tokens`).
+        (answers, None where generation failed; per answer, whether it ended with the end-of-turn token, False =
+        cut by `max_new_tokens`, None where generation failed).
     """
-    if not records:
-        return [], 0
-    generations = model.generate(answer_prompts(records), sampling)
+    generations = model.generate(answer_prompts(records), sampling) if records else []
     answers = [None if g is None else g[0].text for g in generations]
-    unfinished = sum(1 for g in generations if g is not None and not g[0].finished)
-    return answers, unfinished
+    return answers, [None if g is None else bool(g[0].finished) for g in generations]
+
+
+def reference_coverage(tokenizer: Any, records: Sequence[Record], max_new_tokens: int) -> float | None:
+    """The share of reference answers (in tokens, end of turn included) that fit in `max_new_tokens`: a budget
+    below the references' length cuts the fine-tuned models, which imitate those lengths, more than the base."""
+    if not records:
+        return None
+    lengths = [len(tokenizer(r.output, add_special_tokens=False)["input_ids"]) + 1 for r in records]
+    return float(np.mean([n <= max_new_tokens for n in lengths]))
 
 
 def bootstrap_ci(values: Sequence[float | None], resamples: int = 1000, seed: int = 0,
@@ -266,7 +274,8 @@ def evaluate_utility(model: Any, records: Sequence[Record], sampling: SamplingPa
     Returns:
         The result.
     """
-    answers, unfinished = generate_answers(model, records, sampling)
+    answers, finished = generate_answers(model, records, sampling)
+    unfinished = sum(f is False for f in finished)
     failed = sum(a is None for a in answers)
     if failed:
         logger.warning("%d of %d held-out answers failed to generate (left out of the means, counted)", failed,
@@ -280,10 +289,17 @@ def evaluate_utility(model: Any, records: Sequence[Record], sampling: SamplingPa
     losses = [None if s is None or math.isnan(s) else -float(s) for s in scores]
     known = [x for x in losses if x is not None]
     metrics["answer_loss"] = float(np.mean(known)) if known else None
+    # answers that never reached their end of turn, and answers with a repeated 6-gram (a greedy loop)
+    unfinished_flags = [None if f is None else float(not f) for f in finished]
+    loop_flags = [None if a is None else float(repeated_ngram(a, 6) is not None) for a in answers]
+    for key, flags in (("unfinished_rate", unfinished_flags), ("loop_rate", loop_flags)):
+        known_flags = [f for f in flags if f is not None]
+        metrics[key] = float(np.mean(known_flags)) if known_flags else None
     per = utility["per_record"]
     ci = {k: bootstrap_ci([p[k] if p else None for p in per]) for k in ("rouge1", "rouge2", "rougeL",
                                                                        "embedding_cosine")}
     ci["answer_loss"] = bootstrap_ci(losses)
+    ci["unfinished_rate"], ci["loop_rate"] = bootstrap_ci(unfinished_flags), bootstrap_ci(loop_flags)
     answered = [i for i, a in enumerate(answers) if a is not None]
     ci["bleu"] = bootstrap_ci([1.0 if a is not None else None for a in answers], resamples=300, statistic=lambda ix: (
         bleu([answers[answered[k]] for k in ix], [records[answered[k]].output for k in ix]))) if answered else None
@@ -292,7 +308,8 @@ def evaluate_utility(model: Any, records: Sequence[Record], sampling: SamplingPa
     rows = []
     for i, r in enumerate(records):
         rows.append({"source": r.source, "question": r.input, "reference": r.output, "answer": answers[i],
-                     "metrics": utility["per_record"][i], "answer_loss": losses[i],
+                     "metrics": utility["per_record"][i], "answer_loss": losses[i], "finished": finished[i],
+                     "loop": None if loop_flags[i] is None else bool(loop_flags[i]),
                      "judge_reply": graded.replies[i] if graded else None,
                      "judge_score": graded.scores[i] if graded else None})
     return UtilityResult(metrics, counts, rows, ci)

@@ -57,8 +57,13 @@ class RunLayout:
         return self.eval_dir / f"{method}.json"
 
     def eval_predictions(self, method: str) -> Path:
-        """`<run>/eval/<method>.predictions.jsonl`: per held-out record, the answer and its scores."""
-        return self.eval_file(method).with_suffix(".predictions.jsonl")
+        """`<run>/client/eval/<method>.predictions.jsonl`: per held-out record, the question, the reference, the
+        answer and its scores. They hold the held-out records' text, so they stay on the client's side."""
+        return self.client_dir / "eval" / self.eval_file(method).with_suffix(".predictions.jsonl").name
+
+    def fidelity_plot(self, method: str) -> Path:
+        """`<run>/eval/<method>.fidelity.png`: real vs synthetic embeddings in 2-D (points, no text)."""
+        return self.eval_file(method).with_suffix(".fidelity.png")
 
     @property
     def synth_dir(self) -> Path:
