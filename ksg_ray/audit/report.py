@@ -34,7 +34,9 @@ PLOTS = {"privacy_utility": "privacy_utility.png", "rewards": "rewards.png", "fu
 METRIC_LABELS = {"rouge1": "ROUGE-1", "rouge2": "ROUGE-2", "rougeL": "ROUGE-L", "bleu": "BLEU",
                  "embedding_cosine": "MiniLM cos", "judge": "judge (1-10)",
                  "canary_rate_synthetic": "canary rate (synthetic)", "canary_rate_generations": "canary rate (gen.)",
-                 "mia_auc": "MIA AUC", "answer_loss": "answer loss"}
+                 "mia_auc": "MIA AUC", "answer_loss": "answer loss", "unfinished_rate": "unfinished",
+                 "loop_rate": "loops"}
+EXTRA_METRICS = ("answer_loss", "unfinished_rate", "loop_rate")  # newer results carry them
 
 
 def build_report(run_dir: str | Path, *, epsilon_grid: Sequence[float] | None = None, utility_metric: str = "rougeL",
@@ -102,7 +104,7 @@ def _methods_section(results: list[dict], layout: RunLayout) -> list[str]:
     md = ["## Methods", ""]
     if not results:
         return md + [f"No evaluation results in `{layout.eval_dir}`.", ""]
-    keys = [*METRIC_KEYS, *(k for k in ("answer_loss",) if any(k in r["metrics"] for r in results))]
+    keys = [*METRIC_KEYS, *(k for k in EXTRA_METRICS if any(k in r["metrics"] for r in results))]
     head = ["method", "ε", "n", *(METRIC_LABELS[k] for k in keys), "judge parsed",
             *(METRIC_LABELS[k] for k in ("canary_rate_synthetic", "canary_rate_generations", "mia_auc"))]
     md += ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
@@ -118,8 +120,32 @@ def _methods_section(results: list[dict], layout: RunLayout) -> list[str]:
            "judge: the professional model's mean 1–10 grade over the replies it could be parsed from (parsed / "
            "graded). Canary rates: share of planted secrets found in the synthetic data / in answers to targeted "
            "prompts. MIA AUC: loss-based membership inference (0.5 = no signal). answer loss: mean negative "
-           "log-likelihood per token of the held-out reference answers (lower is better). [lo, hi]: 95% bootstrap "
-           "interval over the held-out records. — = not computed.", ""]
+           "log-likelihood per token of the held-out reference answers (lower is better). unfinished: share of "
+           "greedy answers cut at the budget before their end of turn; loops: share with a repeated word 6-gram. "
+           "[lo, hi]: 95% bootstrap interval over the held-out records. — = not computed.", ""]
+    return md + _fidelity_section(results, layout)
+
+
+def _fidelity_section(results: list[dict], layout: RunLayout) -> list[str]:
+    """The synthetic sets' fidelity (measured on the audit side, against the client's records) and the plots."""
+    rows = [(r["method"], r["fidelity"]) for r in results if (r.get("fidelity") or {}).get("rows")]
+    if not rows:
+        return []
+    md = ["## Synthetic data: fidelity and copying", "",
+          "| method | rows | nearest-real share | MAUVE | copy share (questions, answers) |", "|---|---|---|---|---|"]
+    for method, f in rows:
+        share = f"{f['nearest_real_share']:.2f} (cos ≥ {f['nearest_real_threshold']:.3f})"
+        copies = f"{f['copy_share']:.3f} ({f['copy_share_questions']:.3f}, {f['copy_share_answers']:.3f})"
+        md.append(f"| `{method}` | {f['rows']} | {share} | {_fmt(f['mauve'])} | {copies} |")
+    md += ["", "Nearest-real share: synthetic questions whose MiniLM cosine to their nearest training question "
+           "reaches the 5th percentile of the held-out questions' (their minimum below 20). MAUVE: synthetic vs "
+           "held-out question+answer texts on MiniLM features (1 = indistinguishable). Copy share: rows whose "
+           "question or answer near-copies a training record (cosine ≥ 0.95, or a 16-word run found in that record "
+           "alone).", ""]
+    for method, _ in rows:
+        plot = layout.fidelity_plot(method)
+        if plot.is_file():
+            md += [f"![{method}: real vs synthetic](../eval/{plot.name})", ""]
     return md
 
 

@@ -19,6 +19,7 @@ default: anyone who knows them can subtract the noise.
 
 from __future__ import annotations
 
+import os
 import secrets
 from collections.abc import Callable, Iterable
 
@@ -28,6 +29,10 @@ from opacus.grad_sample import GradSampleModule
 from opacus.optimizers.optimizer import _generate_noise
 
 __all__ = ["DPSGD", "poisson_sample"]
+
+# TEST ONLY: "1" drops the noise while σ, and so the claimed ε, stay as planned: a planted bug that the one-run
+# audit (`ksg audit one-run`, tests/test_one_run_audit.py) must catch. Never set it outside that test.
+TEST_ONLY_NO_NOISE_ENV = "KSG_TEST_ONLY_DISABLE_DP_NOISE"
 
 
 
@@ -131,6 +136,8 @@ class DPSGD:
     def noised_sum(self, sums: list[torch.Tensor]) -> list[torch.Tensor]:
         """Add the step's Gaussian noise on rank 0 (other ranks' sums pass through)."""
         if self.rank != 0:
+            return sums
+        if os.environ.get(TEST_ONLY_NO_NOISE_ENV) == "1":  # TEST ONLY: the planted bug (see above)
             return sums
         std = self.noise_multiplier * self.max_grad_norm
         return [s + _generate_noise(std=std, reference=s, generator=self.generator) for s in sums]
