@@ -25,10 +25,43 @@ TINY = {
                              "queries.max_new_tokens=12", "queries.min_words=1", "queries.require_question=false",
                              "queries.require_finished=false", "professional.filter=false", "answers.n=2",
                              "answers.max_new_tokens=8", "answers.require_finished=false", "refine.n=2",
-                             "refine.critique_max_new_tokens=8", "refine.max_new_tokens=8", "engine.batch_size=4"],
+                             "refine.critique_max_new_tokens=8", "refine.max_new_tokens=8", "engine.batch_size=4",
+                             "filters.language=false", "filters.degenerate=false", "filters.domain=false"],
     "finetune.overrides": ["model.name=tiny-random", "train.epochs=1", "dev.limit=2", "dev.max_new_tokens=4",
                            "data.max_seq_len=96", "scaling.num_workers=1"],
+    "evaluate.overrides": ["data.limit=4", "data.max_new_tokens=8", "audit.limit=4", "audit.max_new_tokens=4",
+                           "engine.ray=false", "judge.model=null"],
 }
+BINARY = {".safetensors", ".png", ".parquet", ".bin", ".pt", ".pkl", ".lock"}
+
+
+def private_text_outside_client(run_dir: Path, records: list, min_len: int = 40) -> list[str]:
+    """Files outside `client/` that share a substring of >= `min_len` characters with a record's question or
+    answer. Any such window contains one of the text's aligned blocks of min_len // 2 characters, so each block
+    found is extended both ways to measure the shared run."""
+    block = min_len // 2
+    texts = [t for r in records for t in (r.input, r.output) if len(t) >= min_len]
+    found = []
+    for path in run_dir.rglob("*"):
+        if not path.is_file() or "client" in path.relative_to(run_dir).parts or path.suffix in BINARY:
+            continue
+        content = path.read_text(errors="ignore")
+        for text in texts:
+            for start in range(0, len(text) - block + 1, block):
+                at = content.find(text[start:start + block])
+                while at >= 0:
+                    left = 0
+                    while left < start and at - left > 0 and content[at - left - 1] == text[start - left - 1]:
+                        left += 1
+                    right = block
+                    while start + right < len(text) and at + right < len(content) and \
+                            content[at + right] == text[start + right]:
+                        right += 1
+                    if left + right >= min_len:
+                        found.append(f"{path.relative_to(run_dir)}: {text[start - left:start + right][:60]!r}")
+                        break
+                    at = content.find(text[start:start + block], at + 1)
+    return found
 
 
 def _free_port() -> int:
@@ -68,8 +101,8 @@ def ray_head():
 def test_pipeline_submitted_as_a_ray_job_serves_a_model_the_openai_client_can_ask(ray_head, tmp_path):
     port = _free_port()
     run_dir = tmp_path / "run"
-    overrides = [f"run_dir={run_dir}", "held_out=4", "canaries.fraction=0", "rounds=0",
-                 "stages=[dp_train, dp_reward, synthesize, finetune, serve]", f"serve.port={port}"]
+    overrides = [f"run_dir={run_dir}", "held_out=4", "canaries.fraction=0", "rounds=0", "baselines=[pipeline]",
+                 "stages=[dp_train, dp_reward, synthesize, finetune, evaluate, report, serve]", f"serve.port={port}"]
     overrides += [f"{k}={_yaml_list(v)}" for k, v in TINY.items()]
     runtime_env = {"working_dir": str(ROOT),
                    "env_vars": {k: os.environ[k] for k in ("KSG_CACHE", "HF_HUB_OFFLINE", "RAY_AUTH_MODE",
@@ -90,6 +123,18 @@ def test_pipeline_submitted_as_a_ray_job_serves_a_model_the_openai_client_can_as
     reply = client.chat.completions.create(model="ksg-distilled", max_tokens=8,
                                            messages=[{"role": "user", "content": "Is a mild fever dangerous?"}])
     assert reply.choices[0].finish_reason in ("stop", "length") and reply.usage.completion_tokens >= 1
+
+    # private text stays on the client's side: no file outside client/ shares 40 characters with a training or
+    # held-out record's question or answer (the evaluation's predictions hold them, under client/eval)
+    from ksg_ray.common.records import load_records
+
+    client = run_dir / "client"
+    assert (client / "eval" / "pipeline.predictions.jsonl").is_file()
+    records = load_records(client / "private.jsonl") + load_records(client / "held_out.jsonl")
+    assert private_text_outside_client(run_dir, records) == []
+    planted = run_dir / "eval" / "leak.txt"  # the scan finds what it is for
+    planted.write_text("x " + records[-1].output[:45] + " y")
+    assert private_text_outside_client(run_dir, records) == [f"eval/leak.txt: {records[-1].output[:45]!r}"]
 
 
 def test_each_baseline_gets_its_own_synthesis_finetune_and_evaluation(ray_cluster, tmp_path, monkeypatch):
