@@ -60,9 +60,10 @@ def test_each_filter_rejects_its_planted_row(cfg):
                                                  "three days and a cough. Should I take him to hospital?"])
     assert [r.split(":")[0] if r else None for r in reasons] == [
         "language", "degenerate", "off-domain", "off-domain", "degenerate", None]
-    # answers: the same language and loop rules, no domain rule
-    assert [r is None for r in apply_filters(answer_filters(cfg), [PLANTED["language"], PLANTED["loop"],
-                                                                   "Rest and drink water."])] == [False, False, True]
+    # answers: the same language and loop rules, no domain rule, and no talk about the rewriting task
+    answers = [PLANTED["language"], PLANTED["loop"], "The improved answer is: rest.", "A (better) A (worst)",
+               "A good answer would be: rest.", "Rest and drink water. A better diet helps too."]
+    assert [r is None for r in apply_filters(answer_filters(cfg), answers)] == [False] * 5 + [True]
 
 
 @needs_shared

@@ -78,11 +78,15 @@ class PipelineRunner:
             self.times[name] = "skipped (output exists)"
             print(f"[pipeline] {name}: skipped, its output exists", flush=True)
             return
-        print(f"[pipeline] {name} ...", flush=True)
+        ran = sum(1 for t in self.times.values() if not isinstance(t, str))
+        print(f"[pipeline] {name} ... (stage {ran + 1}; {self.elapsed():.0f} s so far)", flush=True)
         started = time.perf_counter()
         fn(*args, **kwargs)
         self.times[name] = round(time.perf_counter() - started, 1)
         print(f"[pipeline] {name}: {self.times[name]} s", flush=True)
+
+    def elapsed(self) -> float:
+        return sum(t for t in self.times.values() if not isinstance(t, str))
 
     def run(self) -> dict[str, Any]:
         cfg, layout = self.cfg, self.layout
@@ -202,20 +206,26 @@ class PipelineRunner:
         return [f"model.name={self.models[method]}", f"run.epsilon={encode_epsilon(read_privacy(bundle)['epsilon'])}"]
 
     def client_baseline(self, method: str, grid_epsilon: float | None) -> list[str]:
-        """CLIENT SIDE: the same DP code at another ε (inf = non-private), in its own ledger and bundle: it must
-        not touch the real run's ε. Grid points join dp_finetune's line in the privacy-utility plot."""
+        """CLIENT SIDE: the same DP code at another ε (inf = non-private) as an evaluation-only run
+        (`privacy.publish=false`): the client's ledger records it as unpublished, so it counts toward no bundle's ε,
+        and its adapter stays on the client (no bundle). Grid points join dp_finetune's line in the
+        privacy-utility plot."""
+        from ksg_ray.client.config import DPFinetuneConfig
+        from ksg_ray.common.config import load_config
         from ksg_ray.jobs import dp_finetune
 
         epsilon = math.inf if grid_epsilon is None else grid_epsilon
         out = self.layout.client_baseline_dir("non_private" if grid_epsilon is None else f"dp_eps{grid_epsilon:g}")
+        adapter = out / "generator" / "adapter"
         self.stage(f"{method} fine-tune (baseline)", dp_finetune.main, stage_args(
-            self.cfg.dp_train, f"data.path={self.private}", f"run.output_dir={out}", f"run.bundle_dir={out / 'bundle'}",
-            f"privacy.target_epsilon={encode_epsilon(epsilon)}",
+            self.cfg.dp_train, f"data.path={self.private}", f"run.output_dir={out}", "run.name=generator",
+            "privacy.publish=false", f"privacy.target_epsilon={encode_epsilon(epsilon)}",
             # the non-private baseline is answer-only like every other fine-tune; grid points stay DP generators
             *(["data.question_loss=false"] if grid_epsilon is None else [])),
-            done=has_component(out / "bundle", "generator"))
+            done=(adapter / "adapter_model.safetensors").is_file())
+        base = load_config(DPFinetuneConfig, self.cfg.dp_train.config, list(self.cfg.dp_train.overrides)).model.name
         family = [] if grid_epsilon is None else ["run.family=dp_finetune"]
-        return [f"model.bundle={out / 'bundle'}", f"run.epsilon={encode_epsilon(epsilon)}", *family]
+        return [f"model.name={base}", f"model.adapter={adapter}", f"run.epsilon={encode_epsilon(epsilon)}", *family]
 
     def report_grid(self) -> list[float] | None:
         """The report's ε axis: the configured grid plus every ε the run has (None without a grid: every ε found)."""

@@ -27,8 +27,8 @@ from ksg_ray.common.text_metrics import repeated_ngram
 if TYPE_CHECKING:
     from ksg_ray.server.synth.config import SynthConfig
 
-__all__ = ["DegenerateTextFilter", "DomainFilter", "LanguageFilter", "TextFilter", "answer_filters", "apply_filters",
-           "query_filters"]
+__all__ = ["DegenerateTextFilter", "DomainFilter", "LanguageFilter", "MetaTextFilter", "TextFilter", "answer_filters",
+           "apply_filters", "query_filters"]
 
 _WORD = re.compile(r"\w+", re.UNICODE)
 
@@ -109,6 +109,20 @@ class DegenerateTextFilter:
         return None
 
 
+class MetaTextFilter:
+    """Rejects an answer that talks about the rewriting task instead of answering ("The improved answer is:",
+    "Answer A (better)", "the above answer is incorrect"): a small rewriter echoes the refinement prompt."""
+
+    name = "meta"
+    PATTERN = re.compile(r"\b(?:answer [ab]\b|(?:improved|revised|previous|above|better|original) (?:answer|"
+                         r"version|response)|(?:a )?good answer would|review of (?:that|the) answer)|\((?:better|"
+                         r"worse|worst)\)", re.IGNORECASE)
+
+    def __call__(self, texts: Sequence[str]) -> list[str | None]:
+        return [f"meta: talks about the task ('{m.group(0)}')" if (m := self.PATTERN.search(t)) else None
+                for t in texts]
+
+
 class DomainFilter:
     """Keeps text closer to the domain's public anchors than to public off-domain anchors, by `min_margin`.
 
@@ -157,9 +171,10 @@ def query_filters(cfg: SynthConfig) -> list[TextFilter]:
 
 
 def answer_filters(cfg: SynthConfig) -> list[TextFilter]:
-    """The answer candidates' filters: language and degenerate text (an answer need not restate the domain)."""
+    """The answer candidates' filters: language, degenerate text and talk about the task (an answer need not
+    restate the domain)."""
     f = cfg.filters
-    out: list[TextFilter] = []
+    out: list[TextFilter] = [MetaTextFilter()] if f.degenerate else []
     if f.language:
         out.append(LanguageFilter(cfg.domain.language, f.min_language_confidence))
     if f.degenerate:

@@ -300,8 +300,10 @@ def _drain(ds: ray.data.Dataset, phase: str, total: int, cfg: SynthConfig, store
         store.append({k: row.get(k) for k in keep})
         done += 1
         if done % cfg.run.log_every == 0 or done + failed == total:
-            logger.info("%s: %d/%d done, %d failed, %.1f rows/min", phase, done, total, failed,
-                        60 * done / max(time.perf_counter() - started, 1e-9))
+            elapsed = time.perf_counter() - started
+            eta = elapsed / (done + failed) * (total - done - failed)
+            print(f"[synthesize] {phase}: {done}/{total} done, {failed} failed, {60 * done / max(elapsed, 1e-9):.1f} "
+                  f"rows/min, ETA {eta:.0f} s", flush=True)
     print(f"[synthesize] {phase}: {done} done, {failed} failed of {total} in {time.perf_counter() - started:.1f} s",
           flush=True)
 
