@@ -4,7 +4,9 @@
     ray job submit --working-dir . -- python jobs/dp_finetune.py --config configs/dp_finetune.yaml
 
 Reads private records: run it only where the data may be read. Only the bundle (adapter, configs, privacy
-report) leaves this machine. A rerun with the same `run.output_dir`/`run.name` resumes where it died.
+report) leaves this machine. A rerun with the same `run.output_dir`/`run.name` resumes where it died. With
+`privacy.publish=false` (an evaluation-only run: the non-private baseline, the ε grid) nothing leaves: the
+adapter is kept in `<run.output_dir>/<run.name>/adapter`, and the client's ledger records the run as unpublished.
 """
 
 from __future__ import annotations
@@ -36,7 +38,7 @@ def prepare(cfg: DPFinetuneConfig):
     records = load_records(cfg.data.path, limit=cfg.data.limit)
     tokenizer = AutoTokenizer.from_pretrained(model_path)
     examples, truncated = tokenize_records(tokenizer, records, cfg.data.max_seq_len, cfg.data.question_loss)
-    return model_path, examples, truncated, partial(collate, pad_token_id=tokenizer.pad_token_id)
+    return model_path, records, examples, truncated, partial(collate, pad_token_id=tokenizer.pad_token_id)
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -44,9 +46,9 @@ def main(argv: list[str] | None = None) -> dict:
 
     from ksg_ray.common.lora import lm_builder, lm_loss, load_adapter, save_adapter
 
-    model_path, examples, truncated, collate_fn = prepare(cfg)
+    model_path, records, examples, truncated, collate_fn = prepare(cfg)
     n = len(examples)
-    engine = PrivacyEngine(cfg.privacy, cfg.run.output_dir, cfg.data.path)
+    engine = PrivacyEngine(cfg.privacy, records)
     spec = engine.make_private("generator", n, cfg.train, cfg.scaling, cfg.run)
     # The truncation count is a statistic of the private data: it stays in the client's log, not in the bundle.
     logger.info("%d private records (%d truncated to %d tokens); q=%.4f, %d steps, σ=%.4f", n, truncated,
@@ -54,13 +56,17 @@ def main(argv: list[str] | None = None) -> dict:
     task = DPTask(name="generator", build_model=lm_builder(model_path, cfg.lora, cfg.train.seed), examples=examples,
                   collate=collate_fn, loss_fn=lm_loss, save=save_adapter, load=load_adapter)
     ckpt, metrics = engine.fit(task, cfg.scaling, cfg.run)
-    bundle, report = engine.publish(cfg.run.bundle_dir, "generator", ckpt / "model",
-                                    staging=Path(cfg.run.output_dir) / cfg.run.name / "generator_component",
-                                    model_ref={"base_model": cfg.model.name, "tokenizer": cfg.model.name,
-                                               "kind": "causal-lm-lora"}, records=n)
+    run_dir = Path(cfg.run.output_dir) / cfg.run.name
+    if cfg.privacy.publish:
+        bundle, report = engine.publish(cfg.run.bundle_dir, "generator", ckpt / "model",
+                                        staging=run_dir / "generator_component",
+                                        model_ref={"base_model": cfg.model.name, "tokenizer": cfg.model.name,
+                                                   "kind": "causal-lm-lora"})
+    else:  # evaluation only: the adapter stays on the client, its ε is its own
+        bundle, report = engine.keep(ckpt / "model", run_dir / "adapter")
     summary = {"bundle": str(bundle), "epsilon": report["epsilon"], "epsilon_rdp": report["epsilon_rdp"],
                "noise_multiplier": spec.noise_multiplier, "sample_rate": spec.sample_rate, "steps": spec.steps,
-               "final_loss": metrics.get("loss"),
+               "final_loss": metrics.get("loss"), "published": cfg.privacy.publish,
                "checkpoint": str(ckpt)}
     print(format_summary(ckpt, summary))
     return summary
@@ -75,7 +81,8 @@ def format_summary(ckpt: Path, summary: dict) -> str:
     first, last = sum(losses[:k]) / k, sum(losses[-k:]) / k
     b_norm = adapter_b_norm(ckpt / "model" / "adapter_model.safetensors")
     return "\n".join([
-        f"bundle      {summary['bundle']}",
+        f"bundle      {summary['bundle']}" if summary["published"] else
+        f"adapter     {summary['bundle']} (evaluation only: unpublished, it stays on the client)",
         f"privacy     ε={summary['epsilon']:.3f} (PRV; RDP {summary['epsilon_rdp']:.3f}) "
         f"σ={summary['noise_multiplier']:.4f} q={summary['sample_rate']:.4f} steps={summary['steps']}",
         f"loss        on a fixed probe of records {progress['probe_loss_start']:.4f} → "

@@ -4,7 +4,7 @@
     ray job submit --working-dir . -- python jobs/dp_reward.py --config configs/dp_reward.yaml
 
 Reads private records. Runs after `ksg dp-train` on the same records: both models spend one privacy budget,
-kept in the ledger under `run.output_dir`; a run that would push the composed ε over
+kept in the client's ledger (`privacy.ledger_dir`); a run that would push the composed ε over
 `privacy.total_epsilon_budget` is refused before anything is generated or trained. The reward adapter and head
 join the generator in the transfer bundle.
 """
@@ -40,7 +40,7 @@ def main(argv: list[str] | None = None) -> dict:
 
     model_path = resolve_model(cfg.model.name)
     records = load_records(cfg.data.path, limit=cfg.data.limit)
-    engine = PrivacyEngine(cfg.privacy, cfg.run.output_dir, cfg.data.path)
+    engine = PrivacyEngine(cfg.privacy, records)
     spec = engine.make_private("reward", len(records), cfg.train, cfg.scaling, cfg.run)  # budget check first
     verify_bundle(cfg.candidates.generator_bundle)  # the DP generator must exist before its answers are asked for
     engine.require_recorded(read_privacy(cfg.candidates.generator_bundle), "the generator bundle's privacy.json")
@@ -54,7 +54,7 @@ def main(argv: list[str] | None = None) -> dict:
                   save=save_adapter, load=load_adapter)  # peft saves LoRA + the `score` head together
     ckpt, metrics = engine.fit(task, cfg.scaling, cfg.run)
     bundle, report = engine.publish(cfg.candidates.generator_bundle, "reward", ckpt / "model",
-                                    staging=run_dir / "reward_component", records=len(records),
+                                    staging=run_dir / "reward_component",
                                     model_ref={"base_model": cfg.model.name, "tokenizer": cfg.model.name,
                                                "kind": "reward-lora-seq-cls",  # the generator it was trained on:
                                                "generator_sha256": generator.sha256})

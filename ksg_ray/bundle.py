@@ -469,7 +469,7 @@ def _check_tensors_match(root: Path, component: str, cfg: dict) -> list[str]:
 def _check_privacy(p: dict) -> list[str]:
     num = _num
     allowed = {"epsilon", "epsilon_rdp", "delta", "accountant", "composition", "mechanisms", "not_dp", "records",
-               "adapters"}
+               "adapters", "disjoint_data"}
     problems = [f"privacy.json: missing key {k!r}" for k in PRIVACY_KEYS if k not in p]
     problems += [f"privacy.json: key {k[:40]!r} not allowed ({', '.join(sorted(allowed))})" for k in p
                  if k not in allowed]
@@ -482,20 +482,25 @@ def _check_privacy(p: dict) -> list[str]:
     if "records" in p and not (isinstance(p["records"], int) and not isinstance(p["records"], bool)
                                and p["records"] > 0):
         problems.append("privacy.json: records must be a positive integer (N)")
+    if "disjoint_data" in p and not isinstance(p["disjoint_data"], bool):
+        problems.append("privacy.json: disjoint_data must be true or false")
     if "adapters" in p and not (isinstance(p["adapters"], dict) and all(
             k in COMPONENTS and isinstance(v, str) and _SHA256.fullmatch(v) for k, v in p["adapters"].items())):
         problems.append("privacy.json: adapters must map generator/reward to sha256 digests")
     for i, m in enumerate(p.get("mechanisms") if isinstance(p.get("mechanisms"), list) else []):
-        keys = {"name", "noise_multiplier", "sample_rate", "steps", "run_id", "mechanism"}
+        keys = {"name", "noise_multiplier", "sample_rate", "steps", "run_id", "mechanism", "records"}
         if not isinstance(m, dict) or not set(m) <= keys or not {"name", "noise_multiplier", "sample_rate",
                                                                   "steps"} <= set(m):
             problems.append(f"privacy.json: mechanisms[{i}] must hold name, noise_multiplier, sample_rate, steps "
-                            "(and run_id, mechanism) only")
+                            "(and run_id, mechanism, records) only")
             continue
         if m["name"] not in COMPONENTS or not all(num(m[k]) for k in ("noise_multiplier", "sample_rate", "steps")):
             problems.append(f"privacy.json: mechanisms[{i}]: name generator/reward and numeric σ, q, steps")
         if "run_id" in m and not (isinstance(m["run_id"], str) and _RUN_ID.fullmatch(m["run_id"])):
             problems.append(f"privacy.json: mechanisms[{i}].run_id must be <name>[:<12 hex>]")
+        if "records" in m and not (isinstance(m["records"], int) and not isinstance(m["records"], bool)
+                                   and m["records"] > 0):
+            problems.append(f"privacy.json: mechanisms[{i}].records must be a positive integer (N)")
         if "mechanism" in m and m["mechanism"] != "poisson-subsampled-gaussian":
             problems.append(f"privacy.json: mechanisms[{i}].mechanism must be poisson-subsampled-gaussian")
     if "epsilon" in p and not (num(p["epsilon"]) and p["epsilon"] >= 0):

@@ -12,6 +12,13 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ.setdefault("TORCH_EXTENSIONS_DIR", os.path.expanduser("~/.cache/ksg-ray/torch_extensions"))
 
 
+@pytest.fixture(autouse=True)
+def own_ledger(tmp_path_factory, monkeypatch):
+    """Each test its own client ledger (`privacy.ledger_dir` unset = $KSG_LEDGER_DIR): tests never share one, and
+    never write the real client's under ~/.cache."""
+    monkeypatch.setenv("KSG_LEDGER_DIR", str(tmp_path_factory.mktemp("ledger")))
+
+
 def init_local_ray() -> None:
     """Start the tests' local Ray (2 CPUs: the CI machine)."""
     import ray
@@ -120,7 +127,7 @@ def client_bundle(ray_cluster, tmp_path_factory):
         shutil.rmtree(tmp)  # a session that died half-way: start over
     tmp.mkdir(parents=True, exist_ok=True)
     write_jsonl(load_records("demo", limit=20), private)
-    common = TINY_DP + [f"data.path={private}", f"run.output_dir={tmp / 'runs'}"]
+    common = TINY_DP + [f"data.path={private}", f"run.output_dir={tmp / 'runs'}", f"privacy.ledger_dir={tmp / 'runs'}"]
     generator = dp_finetune.main(common + [f"run.bundle_dir={tmp / 'bundle'}"])
     (tmp / "generator_summary.json").write_text(json.dumps(generator))
     summary = dp_reward.main(common + [f"candidates.generator_bundle={tmp / 'bundle'}", "candidates.max_new_tokens=8",

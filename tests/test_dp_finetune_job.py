@@ -46,7 +46,7 @@ def test_reported_epsilon_matches_an_independent_accountant(trained):
     pld_eps = pld.PLDAccountant().compose(event).get_epsilon(privacy["delta"])
     rdp_eps = rdp.RdpAccountant().compose(event).get_epsilon(privacy["delta"])
     eps = float(summary["epsilon"])  # what dp-train reported for the generator alone
-    assert eps == pytest.approx(pld_eps, rel=0.03)  # PRV (an upper bound) vs Google's PLD accountant
+    assert pld_eps <= eps <= 1.01 * pld_eps  # PRV is an upper bound: never below Google's PLD accountant
     assert float(summary["epsilon_rdp"]) == pytest.approx(rdp_eps, rel=0.01)
     assert eps == pytest.approx(8.0, rel=0.02)  # σ was calibrated for the whole run to the target
 

@@ -55,12 +55,14 @@ def test_killed_worker_resumes_with_the_same_epsilon_and_result(ray_cluster, tmp
     out_a = tmp_path / "interrupted"
     watcher = threading.Thread(target=_kill_a_worker_after_checkpoint, args=(out_a / "generator", killed))
     watcher.start()
-    a = dp_finetune.main(COMMON + [f"run.output_dir={out_a}", f"run.bundle_dir={out_a / 'bundle'}"])
+    a = dp_finetune.main(COMMON + [f"run.output_dir={out_a}", f"run.bundle_dir={out_a / 'bundle'}",
+                                   f"privacy.ledger_dir={out_a}"])  # two clients: they do not compose
     watcher.join()
     assert killed, "the test must have killed a worker"
 
     out_b = tmp_path / "uninterrupted"
-    b = dp_finetune.main(COMMON + [f"run.output_dir={out_b}", f"run.bundle_dir={out_b / 'bundle'}"])
+    b = dp_finetune.main(COMMON + [f"run.output_dir={out_b}", f"run.bundle_dir={out_b / 'bundle'}",
+                                   f"privacy.ledger_dir={out_b}"])  # two clients: they do not compose
 
     progress = json.loads((Path(a["checkpoint"]) / "progress.json").read_text())
     assert len(progress["losses"]) == STEPS  # no step redone twice, none skipped

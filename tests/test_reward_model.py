@@ -98,7 +98,7 @@ def test_non_dp_proxy_is_used_and_marks_the_ledger_not_dp(tmp_path, tiny_model_p
     import json
 
     from ksg_ray.client.config import DPRewardConfig
-    from ksg_ray.client.privacy.ledger import open_ledger, privacy_report
+    from ksg_ray.client.privacy.engine import PrivacyEngine
     from ksg_ray.client.reward_candidates import NOT_DP_PROXY, GeneratorRef, build_reward_examples, candidate_cache_key
     from ksg_ray.common.config import load_config
     from ksg_ray.common.records import load_records
@@ -111,14 +111,14 @@ def test_non_dp_proxy_is_used_and_marks_the_ledger_not_dp(tmp_path, tiny_model_p
     for proxy, rows, pairs, flagged in ((None, 3, 3, False), (tmp_path / "proxy", 4, 5, True)):
         override = f"candidates.non_dp_proxy_adapter={proxy}" if proxy else "data.limit=2"
         cfg = load_config(DPRewardConfig, None, [override])
-        ledger = open_ledger(tmp_path, "demo", 1e-5)
-        key = candidate_cache_key(cfg, generator, ledger.fingerprint)
+        engine = PrivacyEngine(cfg.privacy.model_copy(update={"ledger_dir": tmp_path}), records)
+        key = candidate_cache_key(cfg, generator, engine.record_set)
         cached = {"records": [r.source for r in records], "key": key, "base": ["b1", "b2"],
                   "dp_generator": ["d1", "d2"], "non_dp_proxy": ["p1", "p2"]}
         (run_dir / "candidates.json").write_text(json.dumps(cached))  # no generation needed
-        examples, _, failed = build_reward_examples(cfg, records, tok, generator, run_dir, ledger)
+        examples, _, failed = build_reward_examples(cfg, records, tok, generator, run_dir, engine)
         assert not failed and all(len(e.rows) == rows and len(e.pairs) == pairs for e in examples)
-        assert (NOT_DP_PROXY in privacy_report(ledger)["not_dp"]) is flagged
+        assert (NOT_DP_PROXY in engine.report()["not_dp"]) is flagged
 
 
 def test_a_retrained_generator_invalidates_the_candidate_cache(tmp_path, monkeypatch):

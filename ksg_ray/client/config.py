@@ -35,6 +35,16 @@ class PrivacySection(StrictModel):
         None, gt=0, description="cap on the composed ε of all models trained on these records (None = no cap)")
     noise_seed: int | None = Field(None, description="tests only: a known seed lets anyone subtract the noise")
     sampling_seed: int | None = Field(None, description="tests only; None = a secret random seed")
+    ledger_dir: Path | None = Field(
+        None, description="the client's privacy ledger, one for all its runs on any data (None = $KSG_LEDGER_DIR, "
+                          "else $KSG_CACHE/client/ledger, i.e. ~/.cache/ksg-ray/client/ledger)")
+    disjoint_data: bool = Field(
+        False, description="true only if these records are about other people than the ledger's other runs: the run "
+                           "then composes only with runs sharing a record with it (record fingerprints) instead of "
+                           "with every published run; privacy.json says so")
+    publish: bool = Field(
+        True, description="false = an evaluation-only run (the non-private baseline, the ε grid): recorded in the "
+                          "ledger as unpublished, never counted toward a bundle's ε or the budget, no bundle written")
 
     @field_validator("target_epsilon")
     @classmethod

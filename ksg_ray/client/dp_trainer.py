@@ -33,7 +33,7 @@ from ksg_ray.common.ray_train import to_device as _to_device
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["DPRunSpec", "DPTask", "dp_worker_loop", "fit_dp", "plan_dp_run", "read_run_id", "steps_for"]
+__all__ = ["DPRunSpec", "DPTask", "dp_worker_loop", "fit_dp", "plan_dp_run", "run_identity", "steps_for"]
 
 STATE_FILE = "dp_state.pt"
 DS_TAG = "deepspeed"
@@ -69,6 +69,8 @@ class DPRunSpec:
     accountant: str = "prv"
     probe_records: int = 16
     prior_history: list[tuple[float, float, int]] = field(default_factory=list)
+    run_id: str = ""  # the run's ledger key (`run_identity`); its checkpoints carry it
+    resume: bool = False  # the driver found a checkpoint of this run: training must restore it
 
     num_records: int = 0
 
@@ -120,12 +122,18 @@ def dp_worker_loop(config: dict) -> None:
     if spec.strategy == "deepspeed":
         engine, optimizer, _ = deepspeed_initialize(dp.module, optimizer, _deepspeed_config(spec, world))
 
-    state: dict[str, Any] = {"step": 0, "losses": [], "sampling_seed": spec.sampling_seed}
+    state: dict[str, Any] = {"step": 0, "losses": [], "sampling_seed": spec.sampling_seed, "run_id": spec.run_id}
     checkpoint = ray.train.get_checkpoint()
+    if spec.resume and not checkpoint:  # step 0 under the old run's id would replace its ledger entry
+        raise RuntimeError(f"run {spec.run_id} was to resume from its checkpoint, but Ray Train restored none: "
+                           "delete its run directory to start afresh (a fresh run gets a new run id)")
     if checkpoint:
         with checkpoint.as_directory() as tmp:
             d = Path(tmp)
             state = torch.load(d / STATE_FILE, weights_only=False)
+            if state.get("run_id", spec.run_id) != spec.run_id:  # older checkpoints carry no run id
+                raise RuntimeError(f"the checkpoint belongs to run {state['run_id']}, not {spec.run_id}: "
+                                   "delete its run directory to start afresh")
             if engine is not None:  # restores the trainable weights and this rank's optimizer shard
                 engine.load_checkpoint(str(d / "deepspeed"), tag=DS_TAG, load_module_strict=False)
             else:
@@ -218,18 +226,19 @@ def _report_with_checkpoint(metrics, state, task, model, dp, optimizer, engine, 
 
 
 def fit_dp(task: DPTask, spec: DPRunSpec, *, num_workers: int, use_gpu: bool, cpus_per_worker: float,
-           output_dir: Path, name: str, max_failures: int, run_id: str = "") -> tuple[Path, dict[str, Any]]:
+           output_dir: Path, name: str, max_failures: int) -> tuple[Path, dict[str, Any]]:
     """Run `dp_worker_loop` on a Ray Train `TorchTrainer`; returns (final checkpoint dir, last metrics).
 
     A rerun with the same `output_dir`/`name` resumes from the run's latest checkpoint (Ray Train V2 restores
     the run from its storage), so a job that died redoes no finished step. The run's numbers are written
     beside it and a rerun with different numbers is refused: resuming under another σ or q would make the
-    checkpoint's accountant history wrong.
+    checkpoint's accountant history wrong. `spec.run_id` is written there too (a resume reads it back).
     """
     storage = Path(os.path.abspath(output_dir))
     run_dir = storage / name
     run_dir.mkdir(parents=True, exist_ok=True)
-    numbers = {k: v for k, v in asdict(spec).items() if k not in ("noise_seed", "sampling_seed", "prior_history")}
+    numbers = {k: v for k, v in asdict(spec).items()
+               if k not in ("noise_seed", "sampling_seed", "prior_history", "resume")}
     numbers["mechanism"] = task.name  # a reward run must never resume a generator's checkpoint
     numbers_file = run_dir / "dp_run.json"
     if numbers_file.exists():
@@ -240,8 +249,7 @@ def fit_dp(task: DPTask, spec: DPRunSpec, *, num_workers: int, use_gpu: bool, cp
                 f"{run_dir} holds a run with other DP numbers {changed} (before, now): resuming it would break the "
                 "accounting. Use another run.name or delete that directory."
             )
-    else:  # the run id is written once, when the run starts fresh; a resume reads it back (`read_run_id`)
-        numbers_file.write_text(json.dumps(numbers | {"run_id": run_id or task.name}, indent=2))
+    numbers_file.write_text(json.dumps(numbers | {"run_id": spec.run_id or task.name}, indent=2))
 
     result = run_torch_trainer(dp_worker_loop, {"task": task, "spec": spec}, num_workers=num_workers,
                                use_gpu=use_gpu, cpus_per_worker=cpus_per_worker, storage=storage, name=name,
@@ -251,14 +259,15 @@ def fit_dp(task: DPTask, spec: DPRunSpec, *, num_workers: int, use_gpu: bool, cp
     return Path(result.checkpoint.path), dict(result.metrics or {})
 
 
-def read_run_id(run_dir: Path, name: str) -> str:
-    """The id of the run in `run_dir` if it exists (a resume keeps it), else a fresh one: `<name>:<nonce>`, so a
-    second run on the same records (another run.name, or this one after its directory was deleted) is a second
-    ledger entry."""
-    numbers_file = Path(run_dir) / "dp_run.json"
-    if numbers_file.exists():
-        return json.loads(numbers_file.read_text()).get("run_id", name)  # older runs: keyed by name
-    return f"{name}:{secrets.token_hex(6)}"
+def run_identity(run_dir: Path, name: str) -> tuple[str, bool]:
+    """(run id, resume). A run in `run_dir` with a checkpoint to resume from keeps the id in its `dp_run.json`;
+    any run from step 0 gets a fresh `<name>:<nonce>`, even in a directory whose checkpoints were deleted, so
+    it is a new ledger entry and never replaces an old run's."""
+    run_dir = Path(run_dir)
+    numbers_file = run_dir / "dp_run.json"
+    if numbers_file.exists() and any(run_dir.glob(f"checkpoint_*/{STATE_FILE}")):
+        return json.loads(numbers_file.read_text()).get("run_id", name), True  # older runs: keyed by name
+    return f"{name}:{secrets.token_hex(6)}", False
 
 
 def steps_for(epochs: float, sample_rate: float, max_steps: int | None) -> int:
@@ -267,32 +276,32 @@ def steps_for(epochs: float, sample_rate: float, max_steps: int | None) -> int:
     return min(steps, max_steps) if max_steps else steps
 
 
-def plan_dp_run(name: str, num_records: int, privacy, train, scaling, ledger, run_id: str = "") -> DPRunSpec:
-    """Fix a run's numbers before anything trains: q, steps, σ for the whole run, δ < 1/N, the budget.
+def plan_dp_run(num_records: int, privacy, train, scaling, *, run_id: str = "", resume: bool = False,
+                prior_history: list[tuple[float, float, int]] | None = None) -> DPRunSpec:
+    """Fix a run's numbers before anything trains: q, steps, σ for the whole run, δ < 1/N. The budget is the
+    ledger's business (`PrivacyEngine`).
 
     Args:
-        name: the mechanism's name in the ledger ("generator", "reward").
         privacy, train, scaling: the job's config sections (`ksg_ray.client.config`).
-        ledger: the `PrivacyLedger` of these records; earlier mechanisms count against the budget.
-        run_id: this run's ledger key (`read_run_id`); only its own earlier entry (a resume) is not counted.
+        run_id, resume: this run's ledger key and whether it resumes (`run_identity`).
+        prior_history: what the runs it composes with spent (the ε metric of each step).
 
     Raises:
-        ValueError: δ ≥ 1/N, ε unreachable, or the composed ε would exceed `privacy.total_epsilon_budget`.
+        ValueError: δ ≥ 1/N or ε unreachable.
     """
     from ksg_ray.client.privacy.accountant import calibrate_noise
-    from ksg_ray.client.privacy.ledger import check_budget, check_delta
+    from ksg_ray.client.privacy.ledger import check_delta
 
     check_delta(privacy.delta, num_records)
     q = min(1.0, train.expected_batch_size / num_records)
     steps = steps_for(train.epochs, q, train.max_steps)
     sigma = calibrate_noise(privacy.target_epsilon, privacy.delta, q, steps, privacy.accountant)
-    check_budget(ledger, Mechanism(name, sigma, q, steps, run_id), privacy.total_epsilon_budget, privacy.accountant)
     return DPRunSpec(
         steps=steps, sample_rate=q, noise_multiplier=sigma, max_grad_norm=privacy.max_grad_norm, delta=privacy.delta,
         lr=train.lr, physical_batch_size=train.physical_batch_size, checkpoint_every=train.checkpoint_every,
         strategy=scaling.strategy, zero_stage=scaling.zero_stage, bf16=scaling.use_bf16,
         weight_decay=train.weight_decay, optimizer=train.optimizer, num_records=num_records,
         accountant=privacy.accountant, noise_seed=privacy.noise_seed,
-        prior_history=ledger.history(exclude=run_id or name),
+        prior_history=list(prior_history or []), run_id=run_id, resume=resume,
         sampling_seed=privacy.sampling_seed if privacy.sampling_seed is not None else secrets.randbits(63),
     )

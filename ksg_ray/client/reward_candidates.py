@@ -106,8 +106,8 @@ def build_reward_examples(cfg: Any, records: list[Record], tokenizer: Any, gener
                           privacy: Any) -> tuple[list[Any], dict[str, list[str | None]], list[str]]:
     """Candidates per record in `CANDIDATES` order (truth, DP generator, base[, non-DP proxy]) → one example each.
 
-    `cfg` is the `DPRewardConfig`; `tokenizer` the reward model's; `privacy` (the job's `PrivacyEngine`, or its
-    ledger) is told when the non-DP proxy is used. The base and DP-generator answers come from `generator`.
+    `cfg` is the `DPRewardConfig`; `tokenizer` the reward model's; `privacy` (the job's `PrivacyEngine`) is told
+    when the non-DP proxy is used. The base and DP-generator answers come from `generator`.
 
     Returns (examples, answers by source, sources of the records that lost a candidate to an engine error).
     """
@@ -120,7 +120,7 @@ def build_reward_examples(cfg: Any, records: list[Record], tokenizer: Any, gener
     if cfg.candidates.non_dp_proxy_adapter is not None:
         sources["non_dp_proxy"] = gen | {"adapter_path": str(cfg.candidates.non_dp_proxy_adapter)}
         privacy.mark_not_dp(NOT_DP_PROXY)
-    fingerprint = getattr(getattr(privacy, "ledger", privacy), "fingerprint", "")
+    fingerprint = privacy.record_set  # the records' fingerprint set: other data, other candidates
     answers = load_or_generate_candidates(records, run_dir / "candidates.json",
                                           key=candidate_cache_key(cfg, generator, fingerprint), **sources)
     examples, failed = [], []

@@ -23,8 +23,9 @@ ACCOUNTANTS = ("prv", "rdp")
 class Mechanism:
     """One DP training run: `steps` Poisson-subsampled Gaussian steps with noise multiplier σ and rate q.
 
-    `run_id` names the run (its kind, and a nonce drawn when it started fresh): a resume keeps it, any other run
-    on the same records gets a new one, so the ledger counts it again.
+    `run_id` names the run (its kind, and a nonce drawn whenever it starts from step 0): only a resume from its
+    checkpoint keeps it; any other run gets a new one, so the ledger counts it again. `records` is the run's own
+    N (q = B/N reveals it anyway); 0 = not recorded (older ledgers).
     """
 
     name: str
@@ -32,6 +33,7 @@ class Mechanism:
     sample_rate: float
     steps: int
     run_id: str = ""
+    records: int = 0
 
     @property
     def key(self) -> str:

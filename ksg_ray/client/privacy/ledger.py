@@ -1,14 +1,25 @@
-"""CLIENT SIDE — the privacy ledger: every DP run on one private dataset, persisted on the client, and its ε.
+"""CLIENT SIDE — the privacy ledger: every DP run of this client, persisted on the client, and their composed ε.
 
-Models trained on the same records compose: the ledger keeps each run's (σ, q, steps) and reports ε of the
-concatenated history, computed by the PRV accountant (RDP beside it as a cross-check). A run that would push the
-composed ε over the budget is refused before it starts.
+One ledger per client (`privacy.ledger_dir`; default `$KSG_LEDGER_DIR`, else `$KSG_CACHE/client/ledger`), not
+one per data file: a copy of the data with a record added, fixed or reordered holds the same people, so its runs
+compose with the others. Each run is an entry keyed by its run id (`Mechanism.run_id`, drawn whenever a run starts
+from step 0; only a resume from the run's checkpoint keeps it, and replaces its own entry).
 
-One entry per *run*, keyed by its run id (`Mechanism.run_id`: the run's kind and a nonce drawn when it started
-fresh, kept in its `dp_run.json`). Only a resume of the same run replaces its entry; a second run on the same
-records, under another name or after its directory was deleted, is another entry and is counted again.
-The ledger lives next to the client's runs (`<output_dir>/privacy_ledger.json`), keyed by a fingerprint of the
-data, and is written under a file lock with reload-and-merge, so two jobs writing at once both count.
+What a run composes with, for its budget and its bundle's ε:
+- by default, every published run in the ledger, on these records or any others. Records that overlap records
+  already in it are counted with them, and so are edited copies that overlap nothing.
+- with `privacy.disjoint_data: true` (the user states that these records are about other people; privacy.json
+  says so), only the published runs that share a record with it. Records are matched by fingerprint: an
+  HMAC-SHA256 of each record under a random key kept beside the ledger. Neither the key nor the fingerprints
+  ever leave the client; the bundle carries neither.
+Evaluation-only runs (`privacy.publish: false`: the non-private baseline, the ε grid) are recorded as
+*unpublished*: they count toward no bundle's ε and no budget, and no bundle is written from them.
+
+The budget is reserved atomically. Under the ledger's file lock a run re-reads the ledger, checks the composed ε
+with itself included (no tolerance over the budget), and writes a *reserved* entry before it trains. After
+training the entry is settled as *trained* (the same σ, q and steps, fixed before training). A run that fails
+keeps its reservation, which is counted: it may have spent part of it, and counting all of it is the
+conservative side. A resume of that run replaces it.
 """
 
 from __future__ import annotations
@@ -16,47 +27,106 @@ from __future__ import annotations
 import contextlib
 import fcntl
 import hashlib
+import hmac
 import json
-from collections.abc import Iterator
-from dataclasses import asdict
+import os
+import secrets
+from collections.abc import Iterable, Iterator
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 from ksg_ray.bundle import COMPOSITION
 from ksg_ray.client.privacy.accountant import Mechanism, epsilon_for
 from ksg_ray.common.errors import KsgError
+from ksg_ray.common.hub import cache_root
 from ksg_ray.common.jsonl import write_json_atomic
+from ksg_ray.common.records import Record
 
-__all__ = ["LedgerError", "PrivacyLedger", "add_privacy_args", "check_budget", "check_delta", "check_recorded",
-           "data_fingerprint", "open_ledger", "privacy_report", "run_privacy", "show_ledger"]
+__all__ = ["Entry", "LedgerError", "PrivacyLedger", "add_privacy_args", "check_budget", "check_delta",
+           "check_recorded", "default_ledger_dir", "open_ledger", "privacy_report", "run_privacy", "show_ledger"]
 
 LEDGER_FILE = "privacy_ledger.json"
+KEY_FILE = "records.key"  # the fingerprints' HMAC key: client only, never in a bundle
+RELEASED = ("name", "noise_multiplier", "sample_rate", "steps", "run_id", "records")  # a mechanism in privacy.json
 
 
 class LedgerError(KsgError, ValueError):
-    """A DP run the ledger refuses: other data or another δ, δ ≥ 1/N, over the budget, or a bundle it lacks."""
+    """A DP run the ledger refuses: another δ, δ ≥ 1/N, over the budget, an unpublished run, or a bundle it lacks."""
+
+
+@dataclass
+class Entry(Mechanism):
+    """A run as the ledger keeps it: its mechanism, plus what stays on the client.
+
+    Attributes:
+        state: "reserved" from before training until settled as "trained"; a failed run stays reserved (counted).
+        published: False for an evaluation-only run: recorded, never counted toward a bundle's ε or a budget.
+        record_set: the id of its records' fingerprint set ("" = unknown: it shares records with every run).
+        disjoint_data: the user declared its records disjoint from the ledger's other runs.
+    """
+
+    state: str = "trained"
+    published: bool = True
+    record_set: str = ""
+    disjoint_data: bool = False
+
+
+def _entry(m: Mechanism) -> Entry:
+    return m if isinstance(m, Entry) else Entry(**asdict(m))
+
+
+def default_ledger_dir() -> Path:
+    """The client's ledger when `privacy.ledger_dir` is not set: `$KSG_LEDGER_DIR`, else `$KSG_CACHE/client/ledger`."""
+    return Path(os.environ.get("KSG_LEDGER_DIR") or cache_root() / "client" / "ledger")
 
 
 class PrivacyLedger:
-    """Every DP run on one dataset (a resumed run replaces its own entry; any other run appends)."""
+    """Every DP run of one client. Changes are made in memory (`record`, `add_records`, `mark_not_dp`) and written
+    by `save`, `reserve` or `settle`, each under the file lock, merged with what other jobs wrote meanwhile."""
 
-    def __init__(self, delta: float, mechanisms: list[Mechanism] | None = None, not_dp: list[str] | None = None,
-                 path: Path | None = None, fingerprint: str = ""):
-        self.delta = delta
-        self.mechanisms = list(mechanisms or [])
-        self.not_dp = list(not_dp or [])
-        self.path = path
-        self.fingerprint = fingerprint
+    def __init__(self, path: Path, delta: float, key: bytes = b""):
+        self.path, self.delta, self._key = path, delta, key
+        self.mechanisms: list[Entry] = []
+        self.not_dp: list[str] = []
+        self.record_sets: dict[str, list[str]] = {}
+        self._changed: dict[str, Entry] = {}
 
-    def history(self, exclude: str | None = None) -> list[tuple[float, float, int]]:
-        """The composed (σ, q, steps) history, without the run whose key is `exclude` (the one being resumed)."""
-        return [h for m in self.mechanisms if m.key != exclude for h in m.history()]
+    def add_records(self, records: Iterable[Record]) -> str:
+        """Fingerprint `records` (128 bits of HMAC-SHA256 each, under this client's key); returns the set's id."""
+        fps = sorted({hmac.new(self._key, json.dumps([r.instruction, r.input, r.output]).encode(),
+                               hashlib.sha256).hexdigest()[:32] for r in records})
+        set_id = hashlib.sha256("\n".join(fps).encode()).hexdigest()[:16]
+        self.record_sets[set_id] = fps
+        return set_id
 
-    def epsilon(self, accountant: str = "prv") -> float:
-        return epsilon_for(self.history(), self.delta, accountant)
+    def counted(self, record_set: str = "", disjoint: bool = False, exclude: str = "") -> list[Entry]:
+        """The published runs that a run on `record_set` composes with (without the run keyed `exclude`): all of
+        them, or for records declared disjoint those sharing a record with them (an unknown set shares all)."""
+        mine = set(self.record_sets.get(record_set, ()))
+
+        def shares(e: Entry) -> bool:
+            theirs = self.record_sets.get(e.record_set)
+            return not (disjoint and mine) or theirs is None or not mine.isdisjoint(theirs)
+
+        return [e for e in self.mechanisms if e.published and e.key != exclude and shares(e)]
+
+    def history(self, record_set: str = "", disjoint: bool = False,
+                exclude: str = "") -> list[tuple[float, float, int]]:
+        """The composed (σ, q, steps) history of `counted(...)`."""
+        return [h for m in self.counted(record_set, disjoint, exclude) for h in m.history()]
+
+    def epsilon(self, accountant: str = "prv", record_set: str = "", disjoint: bool = False) -> float:
+        return epsilon_for(self.history(record_set, disjoint), self.delta, accountant)
 
     def record(self, mechanism: Mechanism) -> None:
-        """Add a run; a run with the same key (a resume of it) is replaced, never counted twice."""
-        self.mechanisms = [m for m in self.mechanisms if m.key != mechanism.key] + [mechanism]
+        """Add a run (in memory); a run with the same key (a resume of it) is replaced, never counted twice."""
+        entry = _entry(mechanism)
+        keys = [m.key for m in self.mechanisms]
+        if entry.key in keys:
+            self.mechanisms[keys.index(entry.key)] = entry
+        else:
+            self.mechanisms.append(entry)
+        self._changed[entry.key] = entry
 
     def mark_not_dp(self, what: str) -> None:
         """Record that something read the private data without DP (it voids the guarantee for the bundle)."""
@@ -65,16 +135,51 @@ class PrivacyLedger:
 
     def save(self) -> None:
         """Write under the ledger's lock, merged with what other jobs wrote since this ledger was read."""
-        assert self.path is not None, "ledger has no file"
+        with self._update():
+            pass
+
+    def reserve(self, entry: Entry, budget: float | None, accountant: str = "prv") -> float:
+        """Atomically check `entry` against the budget and write it as reserved; returns the composed ε.
+
+        Raises:
+            LedgerError: the composed ε with `entry` would exceed `budget` (nothing is written).
+        """
+        with self._update():
+            eps = check_budget(self, entry, budget, accountant)
+            self.record(replace(entry, state="reserved"))
+        return eps
+
+    def settle(self, key: str) -> None:
+        """The run keyed `key` has trained: its reservation becomes its mechanism (the same numbers)."""
+        with self._update():
+            self.record(replace(next(m for m in self.mechanisms if m.key == key), state="trained"))
+
+    def refresh(self) -> None:
+        """Re-read what other jobs wrote since (this job's unsaved changes stay on top)."""
         with _locked(self.path):
-            if self.path.exists():
-                on_disk = _read(self.path)
-                mine = {m.key for m in self.mechanisms}
-                self.mechanisms = [m for m in on_disk["mechanisms"] if m.key not in mine] + self.mechanisms
-                self.not_dp = list(dict.fromkeys(on_disk["not_dp"] + self.not_dp))
-            data = {"fingerprint": self.fingerprint, "delta": self.delta, "not_dp": self.not_dp,
-                    "mechanisms": [asdict(m) for m in self.mechanisms]}
-            write_json_atomic(self.path, data)
+            self._merge_disk()
+
+    @contextlib.contextmanager
+    def _update(self) -> Iterator[None]:
+        with _locked(self.path):
+            self._merge_disk()
+            yield
+            write_json_atomic(self.path, {"version": 2, "delta": self.delta, "key_id": _key_id(self._key),
+                                          "not_dp": self.not_dp, "runs": [asdict(m) for m in self.mechanisms],
+                                          "record_sets": self.record_sets})
+            self._changed.clear()
+
+    def _merge_disk(self) -> None:
+        """What is on disk, with this job's own changes on top (its other entries may be stale)."""
+        if not self.path.exists():
+            return
+        disk = _read(self.path)
+        _check_same(disk, self.path, self.delta, self._key)
+        keys = {m.key for m in disk["runs"]}
+        self.mechanisms = [self._changed.get(m.key, m) for m in disk["runs"]] + \
+                          [m for k, m in self._changed.items() if k not in keys]
+        self.not_dp = list(dict.fromkeys(disk["not_dp"] + self.not_dp))
+        self.record_sets = disk["record_sets"] | self.record_sets
 
 
 @contextlib.contextmanager
@@ -89,36 +194,49 @@ def _locked(path: Path) -> Iterator[None]:
 
 
 def _read(path: Path) -> dict:
+    """The ledger file; a version-1 ledger (one per data file, `mechanisms`) reads as published, trained runs of
+    unknown records."""
     data = json.loads(path.read_text())
-    return data | {"mechanisms": [Mechanism(**m) for m in data["mechanisms"]], "not_dp": data.get("not_dp", [])}
+    return data | {"runs": [Entry(**m) for m in data.get("runs", data.get("mechanisms", []))],
+                   "not_dp": data.get("not_dp", []), "record_sets": data.get("record_sets", {})}
 
 
-def data_fingerprint(data_path: str) -> str:
-    """sha256 of the data file (or the demo's name); the ledger belongs to exactly these records."""
-    p = Path(data_path)
-    if p.is_file():
-        return "sha256:" + hashlib.sha256(p.read_bytes()).hexdigest()
-    return f"name:{data_path}"
+def _key_id(key: bytes) -> str:
+    return hmac.new(key, b"ksg-ray ledger key", hashlib.sha256).hexdigest()[:16]
 
 
-def open_ledger(output_dir: str | Path, data_path: str, delta: float) -> PrivacyLedger:
-    """Load (or start) the ledger of `data_path` under `output_dir`.
+def _check_same(data: dict, path: Path, delta: float, key: bytes) -> None:
+    if data["delta"] != delta:
+        raise LedgerError(f"{path} accounts at δ={data['delta']}; this run asks δ={delta}: use the same δ on this "
+                          "client (one below 1/N for every data set)")
+    if data.get("key_id", _key_id(key)) != _key_id(key):
+        raise LedgerError(f"{path}: its record key ({KEY_FILE}) was replaced, so its fingerprints no longer match; "
+                          "restore the key")
+
+
+def _client_key(ledger_dir: Path) -> bytes:
+    """This client's fingerprint key, drawn on first use (mode 0600)."""
+    path = ledger_dir / KEY_FILE
+    with _locked(ledger_dir / LEDGER_FILE):
+        if not path.exists():
+            if (ledger_dir / LEDGER_FILE).exists():
+                raise LedgerError(f"{path} is missing but {ledger_dir / LEDGER_FILE} exists: restore the key")
+            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+            with os.fdopen(fd, "w") as f:
+                f.write(secrets.token_hex(32))
+        return bytes.fromhex(path.read_text().strip())
+
+
+def open_ledger(ledger_dir: str | Path | None, delta: float) -> PrivacyLedger:
+    """Load (or start) the client's ledger in `ledger_dir` (None = `default_ledger_dir()`).
 
     Raises:
-        LedgerError: the ledger belongs to other data, or was kept at another δ.
+        LedgerError: the ledger was kept at another δ, or its record key is missing or replaced.
     """
-    path = Path(output_dir) / LEDGER_FILE
-    fingerprint = data_fingerprint(data_path)
-    if not path.exists():
-        path.parent.mkdir(parents=True, exist_ok=True)
-        return PrivacyLedger(delta, path=path, fingerprint=fingerprint)
-    data = _read(path)
-    if data["fingerprint"] != fingerprint:
-        raise LedgerError(f"{path} is the privacy ledger of other data ({data['fingerprint']}); "
-                         f"{data_path} is {fingerprint}. Use another run.output_dir for other data.")
-    if data["delta"] != delta:
-        raise LedgerError(f"{path} accounts at δ={data['delta']}; this run asks δ={delta}: use the same δ")
-    return PrivacyLedger(delta, data["mechanisms"], data["not_dp"], path=path, fingerprint=fingerprint)
+    ledger_dir = Path(ledger_dir) if ledger_dir is not None else default_ledger_dir()
+    ledger = PrivacyLedger(ledger_dir / LEDGER_FILE, delta, _client_key(ledger_dir))
+    ledger.refresh()
+    return ledger
 
 
 def check_delta(delta: float, num_records: int) -> None:
@@ -128,15 +246,21 @@ def check_delta(delta: float, num_records: int) -> None:
 
 
 def check_budget(ledger: PrivacyLedger, planned: Mechanism, budget: float | None, accountant: str = "prv") -> float:
-    """Composed ε once `planned` joins the ledger; refuses (LedgerError, before anything is trained) if it would
-    exceed `budget` (None = no cap beyond each model's own target)."""
-    eps = epsilon_for(ledger.history(exclude=planned.key) + planned.history(), ledger.delta, accountant)
-    if budget is not None and eps > budget * 1.001:  # calibration tolerance
-        spent = epsilon_for(ledger.history(exclude=planned.key), ledger.delta, accountant)
+    """Composed ε once `planned` joins the runs it composes with; refuses (LedgerError, before anything is
+    trained) if that exceeds `budget` (None = no cap beyond each model's own target). An unpublished run counts
+    toward no budget: its own ε is returned."""
+    planned = _entry(planned)
+    if not planned.published:
+        return epsilon_for(planned.history(), ledger.delta, accountant)
+    prior = ledger.counted(planned.record_set, planned.disjoint_data, exclude=planned.key)
+    eps = epsilon_for([h for m in prior for h in m.history()] + planned.history(), ledger.delta, accountant)
+    if budget is not None and eps > budget:
+        spent = epsilon_for([h for m in prior for h in m.history()], ledger.delta, accountant)
         raise LedgerError(
             f"refused: training {planned.name!r} (σ={planned.noise_multiplier:.4f}, q={planned.sample_rate:.4f}, "
             f"{planned.steps} steps) would bring the composed ε on these records to {eps:.3f} > budget {budget} "
-            f"(already spent by {[m.name for m in ledger.mechanisms if m.key != planned.key]}: ε={spent:.3f})"
+            f"(already spent or reserved by {[f'{m.key} ({m.state})' for m in prior]}: ε={spent:.3f}; "
+            f"ledger {ledger.path})"
         )
     return eps
 
@@ -148,7 +272,7 @@ def check_recorded(ledger: PrivacyLedger, released: list[dict], source: str) -> 
     Raises:
         LedgerError: naming each missing or disagreeing mechanism and where the ledger is.
     """
-    mine = {m.key: m for m in ledger.mechanisms}
+    mine = {m.key: m for m in ledger.mechanisms if m.published}
     problems = []
     for entry in released:
         m = Mechanism(**{k: entry[k] for k in ("name", "noise_multiplier", "sample_rate", "steps")},
@@ -162,39 +286,47 @@ def check_recorded(ledger: PrivacyLedger, released: list[dict], source: str) -> 
                             f"the ledger says σ={have.noise_multiplier}, q={have.sample_rate}, {have.steps} steps")
     if problems:
         raise LedgerError(f"refused: {source} accounts for runs that the ledger {ledger.path} does not: "
-                         + "; ".join(problems) + ". Run this job with the generator's run.output_dir (its ledger).")
+                          + "; ".join(problems) + ". Run this job with the generator's privacy.ledger_dir.")
 
 
-def privacy_report(ledger: PrivacyLedger, **extra) -> dict:
-    """The bundle's privacy.json: every mechanism, the composed ε, and every non-DP use of the data."""
+def privacy_report(ledger: PrivacyLedger, record_set: str = "", disjoint: bool = False, **extra) -> dict:
+    """The bundle's privacy.json for a run on `record_set`: every published run it composes with (each with its
+    own N), the composed ε, every non-DP use of the data, and whether the records were declared disjoint."""
+    counted = ledger.counted(record_set, disjoint)
+    history = [h for m in counted for h in m.history()]
     return {
-        "epsilon": ledger.epsilon("prv"),
-        "epsilon_rdp": ledger.epsilon("rdp"),
+        "epsilon": epsilon_for(history, ledger.delta, "prv"),
+        "epsilon_rdp": epsilon_for(history, ledger.delta, "rdp"),
         "delta": ledger.delta,
         "accountant": "prv",
         "composition": COMPOSITION,
-        "mechanisms": [asdict(m) | {"mechanism": "poisson-subsampled-gaussian"} for m in ledger.mechanisms],
+        "mechanisms": [{k: getattr(m, k) for k in RELEASED if k != "records" or m.records}
+                       | {"mechanism": "poisson-subsampled-gaussian"} for m in counted],
         "not_dp": list(ledger.not_dp),
+        "disjoint_data": disjoint,
         **extra,
     }
 
 
-def show_ledger(client_dir: str | Path, budget: float | None = None) -> str:
-    """`ksg privacy show`: every DP run on these records, its own ε, the composed ε so far and the budget left."""
-    path = Path(client_dir)
+def show_ledger(ledger_dir: str | Path | None = None, budget: float | None = None) -> str:
+    """`ksg privacy show`: every run of this client, its own ε, the composed ε of the published runs, the budget
+    left."""
+    path = Path(ledger_dir) if ledger_dir is not None else default_ledger_dir()
     path = path if path.is_file() else path / LEDGER_FILE
     if not path.is_file():
-        raise FileNotFoundError(f"{path}: no privacy ledger (a DP job's run.output_dir holds one)")
+        raise FileNotFoundError(f"{path}: no privacy ledger (privacy.ledger_dir of a DP job holds one)")
     data = _read(path)
-    ledger = PrivacyLedger(data["delta"], data["mechanisms"], data["not_dp"], path=path,
-                           fingerprint=data["fingerprint"])
-    lines = [f"ledger      {path} (data {ledger.fingerprint}, δ={ledger.delta:g})",
-             f"{'run':<32} {'σ':>8} {'q':>8} {'steps':>6} {'ε alone':>8}"]
+    ledger = PrivacyLedger(path, data["delta"])
+    ledger.mechanisms, ledger.not_dp, ledger.record_sets = data["runs"], data["not_dp"], data["record_sets"]
+    lines = [f"ledger      {path} (δ={ledger.delta:g}, {len(ledger.record_sets)} record sets)",
+             f"{'run':<32} {'σ':>8} {'q':>8} {'steps':>6} {'N':>6} {'ε alone':>8}  state"]
     for m in ledger.mechanisms:
-        lines.append(f"{m.key:<32} {m.noise_multiplier:>8.4f} {m.sample_rate:>8.4f} {m.steps:>6d} "
-                     f"{epsilon_for(m.history(), ledger.delta):>8.3f}")
+        state = m.state + ("" if m.published else ", unpublished") + (", disjoint data" if m.disjoint_data else "")
+        lines.append(f"{m.key:<32} {m.noise_multiplier:>8.4f} {m.sample_rate:>8.4f} {m.steps:>6d} {m.records:>6d} "
+                     f"{epsilon_for(m.history(), ledger.delta):>8.3f}  {state}")
     eps = ledger.epsilon("prv")
-    lines.append(f"composed    ε={eps:.3f} (PRV; RDP {ledger.epsilon('rdp'):.3f}) over {len(ledger.mechanisms)} runs")
+    lines.append(f"composed    ε={eps:.3f} (PRV; RDP {ledger.epsilon('rdp'):.3f}) over "
+                 f"{len(ledger.counted())} published runs (a run on data declared disjoint composes with fewer)")
     if budget is not None:
         over = " (EXCEEDED)" if eps > budget else ""
         lines.append(f"budget      {budget:g}: {max(budget - eps, 0.0):.3f} left{over}")
@@ -204,12 +336,13 @@ def show_ledger(client_dir: str | Path, budget: float | None = None) -> str:
 
 
 def add_privacy_args(parser) -> None:
-    """Arguments of `ksg privacy show CLIENT_DIR [--budget EPS]`."""
-    parser.add_argument("action", choices=["show"], help="show: every run on these records and the composed ε")
-    parser.add_argument("client_dir", help="a DP job's run.output_dir (holds privacy_ledger.json), or the file")
+    """Arguments of `ksg privacy show [LEDGER_DIR] [--budget EPS]`."""
+    parser.add_argument("action", choices=["show"], help="show: every run of this client and the composed ε")
+    parser.add_argument("ledger_dir", nargs="?", default=None,
+                        help="privacy.ledger_dir (holds privacy_ledger.json), or the file; default: the client's")
     parser.add_argument("--budget", type=float, default=None, help="the total ε budget, to print what is left")
 
 
 def run_privacy(args) -> int:
-    print(show_ledger(args.client_dir, args.budget))
+    print(show_ledger(args.ledger_dir, args.budget))
     return 0
