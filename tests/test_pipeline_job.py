@@ -106,7 +106,8 @@ def test_pipeline_submitted_as_a_ray_job_serves_a_model_the_openai_client_can_as
     overrides += [f"{k}={_yaml_list(v)}" for k, v in TINY.items()]
     runtime_env = {"working_dir": str(ROOT),
                    "env_vars": {k: os.environ[k] for k in ("KSG_CACHE", "HF_HUB_OFFLINE", "RAY_AUTH_MODE",
-                                                           "TORCH_EXTENSIONS_DIR") if k in os.environ}}
+                                                           "TORCH_EXTENSIONS_DIR", "KSG_LEDGER_DIR")
+                                if k in os.environ}}  # KSG_LEDGER_DIR: this test's own client ledger
     job = subprocess.run(
         [RAY, "job", "submit", "--address", ray_head,
          "--runtime-env-json", json.dumps(runtime_env), "--",
@@ -199,12 +200,16 @@ def test_each_baseline_gets_its_own_synthesis_finetune_and_evaluation(ray_cluste
     for method in ("base", "non_private", "dp_finetune", "dp_finetune@4"):  # not trained on a synthetic set
         assert arg(evals[method], "audit.scan_synthetic") == "false"
     assert arg(evals["base"], "run.epsilon") == "0" and arg(evals["non_private"], "run.epsilon") == "inf"
-    assert arg(evals["dp_finetune@4"], "model.bundle") == str(run / "client" / "dp_eps4" / "bundle")
+    # evaluation-only client runs: unpublished in the client's ledger, no bundle; their adapters stay in client/
+    assert arg(evals["dp_finetune@4"], "model.adapter") == str(run / "client" / "dp_eps4" / "generator" / "adapter")
+    assert arg(evals["non_private"], "model.adapter") == str(run / "client" / "non_private" / "generator" / "adapter")
+    assert arg(evals["non_private"], "model.bundle") is None
     assert arg(evals["dp_finetune@4"], "run.family") == arg(evals["dp_finetune"], "run.family") == "dp_finetune"
     client_trainings = [(arg(a, "run.output_dir"), arg(a, "privacy.target_epsilon"))
                         for name, a in calls if name == "dp_finetune"]
     assert client_trainings == [(str(run / "client" / "non_private"), "inf"), (str(run / "client" / "dp_eps4"), "4.0")]
-    assert all(arg(a, "data.path") == str(run / "client" / "private.jsonl") for _, a in calls if _ == "dp_finetune")
+    assert all(arg(a, "data.path") == str(run / "client" / "private.jsonl") and arg(a, "privacy.publish") == "false"
+               for _, a in calls if _ == "dp_finetune")
     summary = json.loads((run / "pipeline_summary.json").read_text())
     assert math.isfinite(sum(t for t in summary["stage_seconds"].values() if not isinstance(t, str)))
 
