@@ -54,9 +54,12 @@ def inject_canaries(records: list[Record], fraction: float, seed: int,
         records: the records; not modified (a new list is returned).
         fraction: share of records that get a canary, in [0, 1].
         seed: the same seed and records give the same canaries.
-        field: "input" appends the canary to the question (what a patient would write; training puts no loss
-            on it, so only membership inference can see it); "output" starts the answer with it (the tokens a
-            model is trained to write: the worst case for extraction by generation).
+        field: "input" appends the canary to the question (what a patient would write). The DP generator's
+            loss covers the question (`data.question_loss`, its default), so it is trained to write the canary
+            too and the server can sample it; a model trained on answers only (the non-private baseline, every
+            server fine-tune) puts no loss on it, and only membership inference can see it there. "output"
+            starts the answer with it (the tokens every model is trained to write: the worst case for
+            extraction by generation).
 
     Returns:
         The records with canaries, and one secret per canary: `record_index`, `name`, `phone`, `record_id` and
