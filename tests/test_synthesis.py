@@ -88,6 +88,17 @@ def test_a_patient_description_is_a_query_without_a_question_mark():
     assert SynthConfig().queries.require_question is False
 
 
+def test_a_sampled_message_keeps_its_opening_and_first_sentences():
+    from ksg_ray.server.synth.prompts import first_sentences, join_prefix, sample_query_messages
+
+    assert join_prefix("Hi doctor, my son has", "a fever. He is 5.") == "Hi doctor, my son has a fever. He is 5."
+    assert join_prefix("Hi, I", ", too, have a cough.") == "Hi, I, too, have a cough."
+    assert first_sentences("A rash. It itches! Is it bad? I am running for mayor.", 2) == "A rash. It itches!"
+    assert first_sentences("One. Two.", None) == "One. Two."
+    assert sample_query_messages("Sys", "Hi doctor,")[-1] == {"role": "user", "content": "Hi doctor,",
+                                                              "continue": True}
+
+
 def test_an_answer_cut_at_the_budget_is_trimmed_to_its_last_sentence():
     from ksg_ray.common.chat_format import trim_to_sentence
     from ksg_ray.server.synth.pipeline import _merge_candidates

@@ -27,8 +27,8 @@ from ksg_ray.common.text_metrics import repeated_ngram
 if TYPE_CHECKING:
     from ksg_ray.server.synth.config import SynthConfig
 
-__all__ = ["DegenerateTextFilter", "DomainFilter", "LanguageFilter", "MetaTextFilter", "TextFilter", "answer_filters",
-           "apply_filters", "query_filters"]
+__all__ = ["DegenerateTextFilter", "DomainFilter", "LanguageFilter", "MetaTextFilter", "RefusalFilter",
+           "TextFilter", "answer_filters", "apply_filters", "query_filters"]
 
 _WORD = re.compile(r"\w+", re.UNICODE)
 
@@ -123,6 +123,21 @@ class MetaTextFilter:
                 for t in texts]
 
 
+class RefusalFilter:
+    """Rejects an answer that declines to answer ("as an AI ...", "I'm not able to provide medical advice",
+    "I'm not a medical professional"): distilled into the target, such rows teach it to refuse the domain."""
+
+    name = "refusal"
+    PATTERN = re.compile(r"\b(?:as an? (?:ai|language model|medical assistant)|i(?:'m| am) (?:an ai|not (?:a|an) "
+                         r"(?:doctor|medical|healthcare|financial)|(?:not |un)able to (?:provide|give|offer|assist)|"
+                         r"not equipped to)|i (?:can ?not|can't|don't) (?:provide|give|offer) (?:medical|financial|"
+                         r"professional|specific))", re.IGNORECASE)
+
+    def __call__(self, texts: Sequence[str]) -> list[str | None]:
+        return [f"refusal: declines to answer ('{m.group(0)}')" if (m := self.PATTERN.search(t)) else None
+                for t in texts]
+
+
 class DomainFilter:
     """Keeps text closer to the domain's public anchors than to public off-domain anchors, by `min_margin`.
 
@@ -171,10 +186,10 @@ def query_filters(cfg: SynthConfig) -> list[TextFilter]:
 
 
 def answer_filters(cfg: SynthConfig) -> list[TextFilter]:
-    """The answer candidates' filters: language, degenerate text and talk about the task (an answer need not
-    restate the domain)."""
+    """The answer candidates' filters: talk about the task, refusals, language and degenerate text (an answer
+    need not restate the domain)."""
     f = cfg.filters
-    out: list[TextFilter] = [MetaTextFilter()] if f.degenerate else []
+    out: list[TextFilter] = [MetaTextFilter(), RefusalFilter()] if f.degenerate else []
     if f.language:
         out.append(LanguageFilter(cfg.domain.language, f.min_language_confidence))
     if f.degenerate:

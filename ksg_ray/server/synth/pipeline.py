@@ -375,8 +375,8 @@ def _derive_queries(cfg: SynthConfig, raw: dict[str, dict],
             trimmed = trim_to_sentence(text)
             finished = finished or (trimmed != text and len(trimmed) > 0)
             text = trimmed
-        query, reason = prompts.parse_query(prompts.join_prefix(prefix, text), cfg.queries.min_words,
-                                            cfg.queries.require_question)
+        message = prompts.first_sentences(prompts.join_prefix(prefix, text), cfg.queries.max_sentences)
+        query, reason = prompts.parse_query(message, cfg.queries.min_words, cfg.queries.require_question)
         qid = None if query is None else hashlib.sha256(normalise(query).encode()).hexdigest()[:16]
         if reason is None and not finished and cfg.queries.require_finished and not cfg.queries.require_question:
             reason = "cut at max_new_tokens"  # (a question that ended at its '?' is whole even if the sample is not)

@@ -12,8 +12,8 @@ import re
 from ksg_ray.engines import CONTINUE_KEY
 from ksg_ray.server.synth.config import DomainSection
 
-__all__ = ["answer_messages", "critique_messages", "join_prefix", "judge_messages", "parse_query", "query_messages",
-           "rewrite_messages", "sample_query_messages"]
+__all__ = ["answer_messages", "critique_messages", "first_sentences", "join_prefix", "judge_messages", "parse_query",
+           "query_messages", "rewrite_messages", "sample_query_messages"]
 
 # Role markers and template tokens: a "query" holding them copied the prompt's markup (KnowledgeSG drops these).
 _MARKUP = re.compile(r"<\|im_(start|end)\|>|<\|endoftext\|>|\b(system|assistant)\s*:|example question \d",
@@ -56,6 +56,15 @@ def query_messages(domain: DomainSection, prompt_index: int, seeds_per_prompt: i
     else:
         user = f"Write one new, realistic question a person might ask an expert in {domain.description}."
     return [{"role": "system", "content": system}, {"role": "user", "content": user}]
+
+
+def first_sentences(text: str, k: int | None) -> str:
+    """The first `k` sentences of `text` (all of it for None): a small generator's patient message drifts off
+    the subject after a sentence or two ("... and I am running for mayor")."""
+    if k is None:
+        return text
+    parts = re.split(r"(?<=[.!?])\s+", text.strip())
+    return " ".join(parts[:k])
 
 
 def parse_query(text: str, min_words: int, require_question: bool = True) -> tuple[str | None, str | None]:
