@@ -10,8 +10,8 @@ from pathlib import Path
 import pytest
 
 from ksg_ray.audit.fidelity import copy_flags, fidelity_report
-from ksg_ray.common.text_metrics import embed_texts
 from ksg_ray.common.records import load_records
+from ksg_ray.common.text_metrics import embed_texts
 
 SHARED = Path(__file__).resolve().parents[2] / "shared" / "data"
 pytestmark = pytest.mark.skipif(not (SHARED / "medical" / "train.jsonl").is_file(),
