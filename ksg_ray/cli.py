@@ -71,6 +71,9 @@ def build_parser() -> tuple[argparse.ArgumentParser, dict[str, argparse.Argument
     from ksg_ray.audit.report import add_report_args
 
     add_report_args(sub.add_parser("report", help="Markdown report + plots from a run directory (eval/, synth/)"))
+    from ksg_ray.audit.one_run import add_audit_args
+
+    add_audit_args(sub)
     from ksg_ray.serve.launch import add_serve_args
 
     add_serve_args(sub.add_parser("serve", help="[server] OpenAI-compatible API of a model dir on Ray Serve"))
@@ -157,6 +160,10 @@ def run(args: argparse.Namespace) -> int:
         from ksg_ray.audit.report import run_report
 
         return run_report(args)
+    if args.command == "audit":
+        from ksg_ray.audit.one_run import run_audit
+
+        return run_audit(args)
     if args.command == "serve":
         from ksg_ray.serve.launch import run_serve
 
