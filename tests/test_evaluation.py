@@ -130,7 +130,9 @@ def test_eval_job_end_to_end_then_report(ray_cluster, tmp_path, capsys):
 
     raw = json.loads(layout.eval_file("nondp").read_text())
     assert raw["epsilon"] == "inf" and raw["family"] == "ksg" and raw["n"] == 4
-    assert set(raw["metrics"]) == {"rouge1", "rouge2", "rougeL", "bleu", "embedding_cosine", "judge", "answer_loss"}
+    assert set(raw["metrics"]) == {"rouge1", "rouge2", "rougeL", "bleu", "embedding_cosine", "judge", "answer_loss",
+                                   "unfinished_rate", "loop_rate"}
+    assert 0 <= raw["metrics"]["unfinished_rate"] <= 1 and raw["counts"]["reference_coverage"] is not None
     assert raw["metrics"]["answer_loss"] > 0  # the held-out answer loss (mean NLL per reference-answer token)
     lo, hi = raw["metrics_ci"]["rougeL"]
     assert lo <= raw["metrics"]["rougeL"] <= hi  # its 95% bootstrap interval over the held-out records
@@ -143,6 +145,9 @@ def test_eval_job_end_to_end_then_report(ray_cluster, tmp_path, capsys):
     assert 0.0 <= privacy["mia_auc"] <= 1.0 and raw["audit"]["mia"]["members"] == 8  # 8 training records
     assert raw["audit"]["mia"]["nonmembers"] == 4 and raw["audit"]["bundle_privacy"]["dp"] is False
     assert secrets[1]["name"] not in layout.eval_file("nondp").read_text()  # no secret in the result
+    assert raw["fidelity"]["rows"] == 1 and 0 <= raw["fidelity"]["nearest_real_share"] <= 1  # vs the 8 members
+    assert layout.eval_predictions("nondp").parent == layout.client_dir / "eval"  # held-out text: client side
+    assert not list(layout.eval_dir.glob("*.predictions.jsonl"))
     rows = [json.loads(line) for line in layout.eval_predictions("nondp").read_text().splitlines()]
     assert [r["reference"] for r in rows] == [r.output for r in demo[8:12]]
     assert [r["method"] for r in read_eval_results(layout.root)] == ["nondp"]

@@ -135,7 +135,7 @@ def test_pipeline_submitted_as_a_ray_job_serves_a_model_the_openai_client_can_as
     assert private_text_outside_client(run_dir, records) == []
     planted = run_dir / "eval" / "leak.txt"  # the scan finds what it is for
     planted.write_text("x " + records[-1].output[:45] + " y")
-    assert private_text_outside_client(run_dir, records) == [f"eval/leak.txt: {records[-1].output[:45]!r}"]
+    assert set(private_text_outside_client(run_dir, records)) == {f"eval/leak.txt: {records[-1].output[:45]!r}"}
 
 
 def test_each_baseline_gets_its_own_synthesis_finetune_and_evaluation(ray_cluster, tmp_path, monkeypatch):
