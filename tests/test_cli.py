@@ -104,6 +104,9 @@ BAD_INPUTS = {  # what a user gets wrong -> (ksg arguments; {tmp} is a fresh fol
                        "invalid bundle {tmp}/bundle: "),
     "missing data": (["dp-train", "configs/dp_finetune.yaml", "model.name=tiny-random", "run.output_dir={tmp}/runs",
                       "data.path={tmp}/train.jsonl"], "{tmp}/train.jsonl: file not found"),
+    "bad epsilon grid": (["report", "{tmp}", "--epsilon-grid", "1,x"], "--epsilon-grid '1,x': expected"),
+    "unreachable epsilon": (["dp-train", "configs/dp_finetune.yaml", "model.name=tiny-random", "privacy.delta=1e-3",
+                             "run.output_dir={tmp}/runs", "privacy.target_epsilon=1e-9"], "cannot reach ε=1e-09"),
 }
 
 

@@ -23,6 +23,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
+from ksg_ray.common.errors import KsgError
 from ksg_ray.common.run_layout import METRIC_KEYS, RunLayout, epsilon_label, read_eval_results, read_funnel
 
 __all__ = ["PLOTS", "add_report_args", "build_report", "parse_grid", "plot_funnel", "plot_privacy_utility",
@@ -38,6 +39,10 @@ METRIC_LABELS = {"rouge1": "ROUGE-1", "rouge2": "ROUGE-2", "rougeL": "ROUGE-L", 
                  "loop_rate": "loops"}
 EXTRA_METRICS = ("answer_loss", "unfinished_rate", "loop_rate")  # newer results carry them
 
+
+
+class ReportError(KsgError, ValueError):
+    """A report option the user must fix (an unparseable --epsilon-grid)."""
 
 def build_report(run_dir: str | Path, *, epsilon_grid: Sequence[float] | None = None, utility_metric: str = "rougeL",
                  out_dir: str | Path | None = None, not_evaluated: dict[str, str] | None = None) -> Path:
@@ -328,7 +333,7 @@ def parse_grid(text: str | None) -> list[float] | None:
     try:
         return [float(x) for x in text.split(",") if x.strip()]
     except ValueError as e:
-        raise ValueError(f"--epsilon-grid {text!r}: expected comma-separated numbers or inf, e.g. 1,4,8,inf") from e
+        raise ReportError(f"--epsilon-grid {text!r}: expected comma-separated numbers or inf, e.g. 1,4,8,inf") from e
 
 
 def run_report(args: argparse.Namespace) -> int:

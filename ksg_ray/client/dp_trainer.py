@@ -25,7 +25,7 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
-from ksg_ray.client.privacy.accountant import Mechanism, epsilon_for
+from ksg_ray.client.privacy.accountant import Mechanism, PrivacyPlanError, epsilon_for
 from ksg_ray.client.privacy.dp_sgd import DPSGD, poisson_sample
 from ksg_ray.common.ray_train import TrainTask, deepspeed_initialize, run_torch_trainer
 from ksg_ray.common.ray_train import gathered_params as _full_params
@@ -245,7 +245,7 @@ def fit_dp(task: DPTask, spec: DPRunSpec, *, num_workers: int, use_gpu: bool, cp
         before = json.loads(numbers_file.read_text())
         changed = {k: (before.get(k), v) for k, v in numbers.items() if before.get(k) != v and k != "run_id"}
         if changed:
-            raise ValueError(
+            raise PrivacyPlanError(
                 f"{run_dir} holds a run with other DP numbers {changed} (before, now): resuming it would break the "
                 "accounting. Use another run.name or delete that directory."
             )

@@ -14,6 +14,12 @@ from dataclasses import dataclass
 from opacus.accountants import PRVAccountant, RDPAccountant
 from opacus.accountants.utils import get_noise_multiplier
 
+from ksg_ray.common.errors import KsgError
+
+
+class PrivacyPlanError(KsgError, ValueError):
+    """A DP plan that cannot be met (ε ≤ 0, or a σ no search reaches), or a resume that would change it."""
+
 __all__ = ["ACCOUNTANTS", "Mechanism", "calibrate_noise", "epsilon_for"]
 
 ACCOUNTANTS = ("prv", "rdp")
@@ -68,13 +74,13 @@ def calibrate_noise(
     if math.isinf(target_epsilon):
         return 0.0
     if target_epsilon <= 0:
-        raise ValueError(f"privacy.target_epsilon must be > 0, got {target_epsilon}")
+        raise PrivacyPlanError(f"privacy.target_epsilon must be > 0, got {target_epsilon}")
     try:
         return float(get_noise_multiplier(
             target_epsilon=target_epsilon, target_delta=delta, sample_rate=sample_rate, steps=steps,
             accountant=accountant, epsilon_tolerance=0.01,
         ))
     except ValueError as e:
-        raise ValueError(
+        raise PrivacyPlanError(
             f"cannot reach ε={target_epsilon} at δ={delta}, q={sample_rate:.4f}, {steps} steps: {e}"
         ) from e
