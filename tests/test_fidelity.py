@@ -36,6 +36,7 @@ def test_fidelity_separates_real_held_out_from_off_domain(splits, tmp_path):
     other = fidelity_report(_rows(finance), train, held_out)
     assert own["nearest_real_share"] >= 0.85 and other["nearest_real_share"] <= 0.25
     assert own["mauve"] > other["mauve"] + 0.3
+    assert own["other_language_share"] == 0.0 and own["loop_share"] <= 0.1
     # real answers share some signature boilerplate with a few training records (240 of them here)
     assert own["copy_share_questions"] == 0.0 and own["copy_share"] <= 0.1
     assert (tmp_path / "p.png").stat().st_size > 1000
@@ -58,4 +59,6 @@ def test_copy_share_catches_planted_copies(splits):
                        [r.output for r in train], embed_texts([r.output for r in train]),
                        common_texts=[r.output for r in held_out])
     assert flags[1] and not flags[0] and out["copy_share"] >= 2 / 20
+    rows[2] = {"input": "Ho mal di testa da tre giorni.", "output": "Riposa e bevi molta acqua, per favore."}
+    assert fidelity_report(rows, train, held_out)["other_language_share"] == pytest.approx(1 / 20)
     json.dumps(out)  # plain JSON: it goes into the eval result

@@ -8,6 +8,7 @@ The server cannot measure this (it never sees the records); the client's auditor
   does not.
 - **MAUVE** (Pillutla et al. 2021, the `mauve-text` package) between synthetic and held-out real texts, on our
   MiniLM features: it quantises the embeddings, so it works on small sets.
+- **loop share** and **other-language share**: answers with a repeated word 6-gram; rows in another language;
 - **copy share**: synthetic questions or answers that near-copy a training record (cosine >= 0.95, or a shared
   run of `copy_ngram` words). Fidelity alone would reward copying.
 
@@ -24,9 +25,10 @@ from typing import Any
 
 import numpy as np
 
-from ksg_ray.common.text_metrics import embed_texts, words
+from ksg_ray.common.text_metrics import embed_texts, repeated_ngram, words
 
-__all__ = ["copy_flags", "fidelity_report", "mauve_score", "nearest_real_share", "plot_projection"]
+__all__ = ["copy_flags", "fidelity_report", "mauve_score", "nearest_real_share", "other_language_share",
+           "plot_projection"]
 
 COPY_COSINE = 0.95
 COPY_NGRAM = 16  # a shared run of 16 words is a copied sentence, not a common phrase ("what should I do about it")
@@ -86,7 +88,7 @@ def fidelity_report(synthetic: Sequence[dict], train: Sequence[Any], held_out: S
 
     Returns:
         {"rows", "nearest_real_share", "nearest_real_threshold", "mauve", "copy_share", "copy_share_questions",
-        "copy_share_answers", "plot"}.
+        "copy_share_answers", "loop_share", "other_language_share", "plot"}.
     """
     if not synthetic:
         return {"rows": 0}
@@ -106,11 +108,22 @@ def fidelity_report(synthetic: Sequence[dict], train: Sequence[Any], held_out: S
            "mauve": mauve_score(s_qa, h_qa),
            "copy_share": float(np.mean([a or b for a, b in zip(copied_q, copied_a, strict=True)])),
            "copy_share_questions": float(np.mean(copied_q)), "copy_share_answers": float(np.mean(copied_a)),
-           "plot": None}
+           "loop_share": float(np.mean([repeated_ngram(r["output"], 6) is not None for r in synthetic])),
+           "other_language_share": other_language_share(synthetic), "plot": None}
     if plot is not None:
         out["plot"] = str(plot_projection({"training questions": t_q, "held-out questions": h_q,
                                            "synthetic questions": s_q}, plot))
     return out
+
+
+def other_language_share(rows: Sequence[dict], language: str = "en", min_confidence: float = 0.5) -> float:
+    """Share of rows whose question or answer py3langid places in another language (the synthesis filter's rule)."""
+    from ksg_ray.server.synth.filters import LanguageFilter
+
+    detect = LanguageFilter(language, min_confidence)
+    flags = [q is not None or a is not None for q, a in zip(detect([r["input"] for r in rows]),
+                                                             detect([r["output"] for r in rows]), strict=True)]
+    return float(np.mean(flags)) if flags else 0.0
 
 
 def plot_projection(groups: dict[str, np.ndarray], path: Path) -> Path:

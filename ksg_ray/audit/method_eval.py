@@ -162,4 +162,5 @@ def _fidelity_lines(fid: dict | None) -> list[str]:
         return []
     mauve = "—" if fid["mauve"] is None else f"{fid['mauve']:.3f}"
     return [f"fidelity    {fid['rows']} synthetic rows: nearest-real share {fid['nearest_real_share']:.2f} "
-            f"(cosine >= {fid['nearest_real_threshold']:.3f})  MAUVE {mauve}  copy share {fid['copy_share']:.3f}"]
+            f"(cosine >= {fid['nearest_real_threshold']:.3f})  MAUVE {mauve}  copy share {fid['copy_share']:.3f}  "
+            f"loops {fid['loop_share']:.3f}  other language {fid['other_language_share']:.3f}"]

@@ -137,11 +137,13 @@ def _fidelity_section(results: list[dict], layout: RunLayout) -> list[str]:
     if not rows:
         return []
     md = ["## Synthetic data: fidelity and copying", "",
-          "| method | rows | nearest-real share | MAUVE | copy share (questions, answers) |", "|---|---|---|---|---|"]
+          "| method | rows | nearest-real share | MAUVE | copy share (questions, answers) | answers with a loop | "
+          "other language |", "|---|---|---|---|---|---|---|"]
     for method, f in rows:
         share = f"{f['nearest_real_share']:.2f} (cos ≥ {f['nearest_real_threshold']:.3f})"
         copies = f"{f['copy_share']:.3f} ({f['copy_share_questions']:.3f}, {f['copy_share_answers']:.3f})"
-        md.append(f"| `{method}` | {f['rows']} | {share} | {_fmt(f['mauve'])} | {copies} |")
+        md.append(f"| `{method}` | {f['rows']} | {share} | {_fmt(f['mauve'])} | {copies} | "
+                  f"{_fmt(f.get('loop_share'))} | {_fmt(f.get('other_language_share'))} |")
     md += ["", "Nearest-real share: synthetic questions whose MiniLM cosine to their nearest training question "
            "reaches the 5th percentile of the held-out questions' (their minimum below 20). MAUVE: synthetic vs "
            "held-out question+answer texts on MiniLM features (1 = indistinguishable). Copy share: rows whose "
