@@ -118,3 +118,19 @@ def test_funnel_reads_the_synthesis_jobs_file_and_rejects_bad_ones(tmp_path):
     (tmp_path / "bad.json").write_text(json.dumps({"funnel": [["prompts", -1]]}))
     with pytest.raises(ValueError, match=r"bad\.json: invalid funnel file: funnel\[0\]"):
         read_funnel(tmp_path / "bad.json")
+
+
+def test_the_report_shows_fidelity_and_the_one_run_audit_beside_the_claimed_epsilon(run_dir):
+    layout = run_dir
+    fidelity = {"rows": 40, "nearest_real_share": 0.85, "nearest_real_threshold": 0.3, "mauve": 0.4,
+                "copy_share": 0.0, "copy_share_questions": 0.0, "copy_share_answers": 0.0, "loop_share": 0.0,
+                "other_language_share": 0.0, "plot": None}
+    write_eval_result(layout.eval_file("pipeline"), result("pipeline", 8.0, 0.2, 0.5) | {"fidelity": fidelity})
+    audit = layout.root / "client" / "dp" / "audit" / "one_run.json"
+    audit.parent.mkdir(parents=True)
+    audit.write_text(json.dumps({"epsilon_lower_bound": 0.0, "claimed_epsilon": 7.995, "trained_on": "canaries",
+                                 "correct": 8, "guesses": 20, "canaries": 40, "confidence": 0.95,
+                                 "max_possible_bound": 1.821}))
+    md = build_report(layout.root).read_text()
+    assert "| `pipeline` | 40 | 0.85 (cos ≥ 0.300) | 0.400 | 0.000 (0.000, 0.000) | 0.000 | 0.000 |" in md
+    assert "| `client/dp/audit/one_run.json` | canaries | 7.995 | 0.000 | 8 / 20 | 40 | 95% | 1.821 |" in md

@@ -24,7 +24,14 @@ from pathlib import Path
 from typing import Any
 
 from ksg_ray.common.errors import KsgError
-from ksg_ray.common.run_layout import METRIC_KEYS, RunLayout, epsilon_label, read_eval_results, read_funnel
+from ksg_ray.common.run_layout import (
+    METRIC_KEYS,
+    RunLayout,
+    decode_epsilon,
+    epsilon_label,
+    read_eval_results,
+    read_funnel,
+)
 
 __all__ = ["PLOTS", "add_report_args", "build_report", "parse_grid", "plot_funnel", "plot_privacy_utility",
            "plot_rewards", "run_report"]
@@ -79,6 +86,7 @@ def build_report(run_dir: str | Path, *, epsilon_grid: Sequence[float] | None = 
     if not_evaluated:
         md += ["Not evaluated:", "", *(f"- `{m}`: {why}" for m, why in not_evaluated.items()), ""]
     md += _privacy_section(privacy, layout)
+    md += _audit_section(layout)
     md += ["## Privacy–utility", ""]
     if results:
         grid, notes = _grid(results, epsilon_grid)
@@ -154,6 +162,34 @@ def _fidelity_section(results: list[dict], layout: RunLayout) -> list[str]:
         if plot.is_file():
             md += [f"![{method}: real vs synthetic](../eval/{plot.name})", ""]
     return md
+
+
+def _audit_section(layout: RunLayout) -> list[str]:
+    """The one-run audits (`ksg audit one-run` with run.output_dir inside the run): the ε lower bound beside the
+    claimed ε."""
+    import json
+
+    audits = []
+    for path in sorted(layout.root.rglob("audit/*.json")):
+        try:
+            result = json.loads(path.read_text())
+        except (OSError, ValueError):
+            continue
+        if isinstance(result, dict) and "epsilon_lower_bound" in result:
+            audits.append((path, result))
+    if not audits:
+        return []
+    md = ["## One-run privacy audit (Steinke, Nasr & Jagielski 2023)", "",
+          "| audit | trained on | claimed ε | ε lower bound | correct / guesses | m | confidence | highest possible |",
+          "|---|---|---|---|---|---|---|---|"]
+    for path, r in audits:
+        claimed = epsilon_label(decode_epsilon(r["claimed_epsilon"]))
+        md.append(f"| `{path.relative_to(layout.root)}` | {r['trained_on']} | {claimed} | "
+                  f"{r['epsilon_lower_bound']:.3f} | {r['correct']} / {r['guesses']} | {r['canaries']} | "
+                  f"{r['confidence']:.0%} | {r['max_possible_bound']:.3f} |")
+    return md + ["", "A lower bound above the claimed ε would mean the DP training leaks more than it claims. "
+                 "With m canaries the bound cannot exceed the last column, so a bound of 0 at ε = 8 only rules out "
+                 "gross bugs.", ""]
 
 
 def _read_bundle_privacy(layout: RunLayout) -> dict | None:
