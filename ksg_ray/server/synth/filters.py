@@ -114,9 +114,10 @@ class MetaTextFilter:
     "Answer A (better)", "the above answer is incorrect"): a small rewriter echoes the refinement prompt."""
 
     name = "meta"
-    PATTERN = re.compile(r"\b(?:answer [ab]\b|(?:improved|revised|previous|above|better|original) (?:answer|"
-                         r"version|response)|(?:a )?good answer would|review of (?:that|the) answer)|\((?:better|"
-                         r"worse|worst)\)", re.IGNORECASE)
+    PATTERN = re.compile(r"\b(?:answer [ab]\b|(?:improved|revised|previous|past|above|better|original) (?:answer|"
+                         r"version|response|question)|(?:a )?good answer would|review of (?:that|the) answer|"
+                         r"this answer is|a is better than b|you are a helpful, careful)|\((?:better|worse|worst)\)",
+                         re.IGNORECASE)
 
     def __call__(self, texts: Sequence[str]) -> list[str | None]:
         return [f"meta: talks about the task ('{m.group(0)}')" if (m := self.PATTERN.search(t)) else None
