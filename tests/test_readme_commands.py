@@ -29,7 +29,8 @@ REPO = Path(__file__).parents[1]
 README = REPO / "README.md"
 # What a placeholder in an inline synopsis stands for when it is run (an unknown one fails the test: add it here).
 PLACEHOLDERS = {"DIR": "runs/bundle", "RUN_DIR": "runs/exp", "LEDGER_DIR": "runs/client", "IN": "demo",
-                "OUT": "runs/canaries.jsonl", "STAGE": "synthesize", "CONFIG": "configs/synthesize.yaml", "key=value": "seed=7", "ε": "40"}
+                "OUT": "runs/canaries.jsonl", "STAGE": "synthesize", "CONFIG": "configs/synthesize.yaml",
+                "key=value": "seed=7", "ε": "40"}
 CHEAP = {"bundle verify": "OK runs/bundle: components=generator,reward", "privacy show": "composed",
          "config show": "seed: 7", "report": "runs/exp/report/report.md", "models": "/"}  # -> what it prints
 
