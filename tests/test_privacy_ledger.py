@@ -261,6 +261,17 @@ def test_a_failed_run_keeps_its_reservation_counted(tmp_path, no_training):
         failed.publish(tmp_path / "bundle", "generator", tmp_path, tmp_path / "staging", {})
 
 
+def test_nothing_trained_with_the_noise_switched_off_is_published(tmp_path, no_training, monkeypatch):
+    from ksg_ray.client.privacy.dp_sgd import TEST_ONLY_NO_NOISE_ENV
+
+    engine, _, cfg = _plan(tmp_path, "generator")
+    _train(engine, cfg)
+    monkeypatch.setenv(TEST_ONLY_NO_NOISE_ENV, "1")
+    with pytest.raises(LedgerError, match="switched the DP noise off"):
+        engine.publish(tmp_path / "bundle", "generator", tmp_path, tmp_path / "staging", {})
+    assert not (tmp_path / "bundle").exists()
+
+
 def test_evaluation_only_runs_are_unpublished_and_never_counted(tmp_path, no_training):
     """The non-private baseline and the ε grid: recorded, never counted toward a bundle's ε or the budget, and
     never published."""

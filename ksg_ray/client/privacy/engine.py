@@ -14,6 +14,7 @@ client), so the ledger logic (what was spent, what the bundle reports) lives her
 from __future__ import annotations
 
 import logging
+import os
 import shutil
 from collections.abc import Sequence
 from pathlib import Path
@@ -22,6 +23,7 @@ from typing import Any
 from ksg_ray.bundle import publish_component
 from ksg_ray.client.dp_trainer import DPRunSpec, DPTask, fit_dp, plan_dp_run, run_identity
 from ksg_ray.client.privacy.accountant import epsilon_for
+from ksg_ray.client.privacy.dp_sgd import TEST_ONLY_NO_NOISE_ENV
 from ksg_ray.client.privacy.ledger import (
     Entry,
     LedgerError,
@@ -120,8 +122,12 @@ class PrivacyEngine:
         (bundle dir, report).
 
         Raises:
-            LedgerError: the run is evaluation-only (`privacy.publish: false`) or has not been trained.
+            LedgerError: the run is evaluation-only (`privacy.publish: false`), has not been trained, or the
+                test-only switch that drops the noise is set.
         """
+        if os.environ.get(TEST_ONLY_NO_NOISE_ENV) == "1":
+            raise LedgerError(f"{TEST_ONLY_NO_NOISE_ENV}=1 switched the DP noise off (a test-only planted bug): "
+                              "nothing trained this way may leave the client")
         _, entry = self._planned()
         mine = next((m for m in self.ledger.mechanisms if m.key == entry.key), None)
         if not entry.published or mine is None or mine.state != "trained":
