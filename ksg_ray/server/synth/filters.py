@@ -22,16 +22,13 @@ from typing import TYPE_CHECKING, Protocol
 
 import numpy as np
 
-from ksg_ray.common.text_metrics import repeated_ngram
+from ksg_ray.common.text_metrics import repeated_ngram, words
 
 if TYPE_CHECKING:
     from ksg_ray.server.synth.config import SynthConfig
 
-__all__ = ["DegenerateTextFilter", "DomainFilter", "LanguageFilter", "MetaTextFilter", "RefusalFilter",
-           "TextFilter", "answer_filters", "apply_filters", "query_filters"]
-
-_WORD = re.compile(r"\w+", re.UNICODE)
-
+__all__ = ["META", "REFUSAL", "DegenerateTextFilter", "DomainFilter", "LanguageFilter", "PatternFilter", "TextFilter",
+           "answer_filters", "apply_filters", "query_filters"]
 
 class TextFilter(Protocol):
     """A filter: one reason string per rejected text, None for a kept one."""
@@ -95,7 +92,7 @@ class DegenerateTextFilter:
         return [self._reason(t) for t in texts]
 
     def _reason(self, text: str) -> str | None:
-        n_words = len(_WORD.findall(text))
+        n_words = len(words(text))
         if n_words < self.min_words:
             return f"degenerate: {n_words} words < {self.min_words}"
         if n_words > self.max_words:
@@ -109,34 +106,27 @@ class DegenerateTextFilter:
         return None
 
 
-class MetaTextFilter:
-    """Rejects an answer that talks about the rewriting task instead of answering ("The improved answer is:",
-    "Answer A (better)", "the above answer is incorrect"): a small rewriter echoes the refinement prompt."""
+class PatternFilter:
+    """Rejects text that matches a regular expression, with the match in its reason: the answers that talk about
+    the rewriting task (`META`) or decline to answer (`REFUSAL`)."""
 
-    name = "meta"
-    PATTERN = re.compile(r"\b(?:answer [ab]\b|(?:improved|revised|previous|past|above|better|original) (?:answer|"
-                         r"version|response|question)|(?:a )?good answer would|review of (?:that|the) answer|"
-                         r"this answer is|a is better than b|you are a helpful, careful)|\((?:better|worse|worst)\)",
-                         re.IGNORECASE)
+    def __init__(self, name: str, pattern: str, why: str) -> None:
+        self.name, self.pattern, self.why = name, re.compile(pattern, re.IGNORECASE), why
 
     def __call__(self, texts: Sequence[str]) -> list[str | None]:
-        return [f"meta: talks about the task ('{m.group(0)}')" if (m := self.PATTERN.search(t)) else None
-                for t in texts]
+        return [f"{self.name}: {self.why} ('{m.group(0)}')" if (m := self.pattern.search(t)) else None for t in texts]
 
 
-class RefusalFilter:
-    """Rejects an answer that declines to answer ("as an AI ...", "I'm not able to provide medical advice",
-    "I'm not a medical professional"): distilled into the target, such rows teach it to refuse the domain."""
-
-    name = "refusal"
-    PATTERN = re.compile(r"\b(?:as an? (?:ai|language model|medical assistant)|i(?:'m| am) (?:an ai|not (?:a|an) "
-                         r"(?:doctor|medical|healthcare|financial)|(?:not |un)able to (?:provide|give|offer|assist)|"
-                         r"not equipped to)|i (?:can ?not|can't|don't) (?:provide|give|offer) (?:medical|financial|"
-                         r"professional|specific))", re.IGNORECASE)
-
-    def __call__(self, texts: Sequence[str]) -> list[str | None]:
-        return [f"refusal: declines to answer ('{m.group(0)}')" if (m := self.PATTERN.search(t)) else None
-                for t in texts]
+# A small rewriter echoes the refinement prompt ("The improved answer is:", "Answer A (better)").
+META = PatternFilter("meta", r"\b(?:answer [ab]\b|(?:improved|revised|previous|past|above|better|original) (?:answer|"
+                     r"version|response|question)|(?:a )?good answer would|review of (?:that|the) answer|this answer "
+                     r"is|a is better than b|you are a helpful, careful)|\((?:better|worse|worst)\)",
+                     "talks about the task")
+# Distilled into the target, refusals ("as an AI ...", "I'm unable to provide ...") teach it to refuse the domain.
+REFUSAL = PatternFilter("refusal", r"\b(?:as an? (?:ai|language model|medical assistant)|i(?:'m| am) (?:an ai|not "
+                        r"(?:a|an) (?:doctor|medical|healthcare|financial)|(?:not |un)able to (?:provide|give|offer|"
+                        r"assist)|not equipped to)|i (?:can ?not|can't|don't) (?:provide|give|offer) (?:medical|"
+                        r"financial|professional|specific))", "declines to answer")
 
 
 class DomainFilter:
@@ -190,7 +180,7 @@ def answer_filters(cfg: SynthConfig) -> list[TextFilter]:
     """The answer candidates' filters: talk about the task, refusals, language and degenerate text (an answer
     need not restate the domain)."""
     f = cfg.filters
-    out: list[TextFilter] = [MetaTextFilter(), RefusalFilter()] if f.degenerate else []
+    out: list[TextFilter] = [META, REFUSAL] if f.degenerate else []
     if f.language:
         out.append(LanguageFilter(cfg.domain.language, f.min_language_confidence))
     if f.degenerate:

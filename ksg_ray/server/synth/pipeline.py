@@ -373,8 +373,7 @@ def _derive_queries(cfg: SynthConfig, raw: dict[str, dict],
         prefix = raw[pid].get("user_prefix") or ""
         if not finished and not cfg.queries.require_question:  # a description cut mid-sentence: to its last sentence
             trimmed = trim_to_sentence(text)
-            finished = finished or (trimmed != text and len(trimmed) > 0)
-            text = trimmed
+            finished, text = bool(trimmed) and trimmed != text, trimmed
         message = prompts.first_sentences(prompts.join_prefix(prefix, text), cfg.queries.max_sentences)
         query, reason = prompts.parse_query(message, cfg.queries.min_words, cfg.queries.require_question)
         qid = None if query is None else hashlib.sha256(normalise(query).encode()).hexdigest()[:16]
@@ -423,8 +422,8 @@ def _candidates_by_query(cfg: SynthConfig, scored: dict[str, dict], queries: dic
         candidates[row["id"]] = _candidate_list(row, round_=0)
     if cfg.professional.filter:
         funnel.append(("passed the professional filter", passed))
-    for row in answered:
-        for reason in (row.get("candidates_rejected") or []) if row["id"] in candidates else []:
+    for row in (r for r in answered if r["id"] in candidates):
+        for reason in row.get("candidates_rejected") or []:
             rejected.append({"id": row["id"], "text": row["query"], "reason": f"answer {reason.split(':')[0]}",
                              "detail": reason})
     n_answers = sum(len(c) for c in candidates.values())
