@@ -44,7 +44,7 @@ def prepare(cfg: DPFinetuneConfig):
 def main(argv: list[str] | None = None) -> dict:
     cfg = job_config(CONFIG, argv, __doc__.split("\n")[0])
 
-    from ksg_ray.common.lora import lm_builder, lm_loss, load_adapter, save_adapter
+    from ksg_ray.common.lora import example_tokens, lm_builder, lm_loss, load_adapter, save_adapter
 
     model_path, records, examples, truncated, collate_fn = prepare(cfg)
     n = len(examples)
@@ -54,7 +54,8 @@ def main(argv: list[str] | None = None) -> dict:
     logger.info("%d private records (%d truncated to %d tokens); q=%.4f, %d steps, σ=%.4f", n, truncated,
                 cfg.data.max_seq_len, spec.sample_rate, spec.steps, spec.noise_multiplier)
     task = DPTask(name="generator", build_model=lm_builder(model_path, cfg.lora, cfg.train.seed), examples=examples,
-                  collate=collate_fn, loss_fn=lm_loss, save=save_adapter, load=load_adapter)
+                  collate=collate_fn, loss_fn=lm_loss, save=save_adapter, load=load_adapter,
+                  length=example_tokens)
     ckpt, metrics = engine.fit(task, cfg.scaling, cfg.run)
     run_dir = Path(cfg.run.output_dir) / cfg.run.name
     if cfg.privacy.publish:
@@ -99,4 +100,7 @@ def adapter_b_norm(path: Path) -> float:
 
 
 if __name__ == "__main__":
+    from ksg_ray.common.cpu_blas import reexec_with_mkl_intel_path
+
+    reexec_with_mkl_intel_path()  # before any model runs: MKL at full speed on AMD CPUs
     main(sys.argv[1:])

@@ -37,6 +37,7 @@ def main(argv: list[str] | None = None) -> dict:
     from ksg_ray.common.lora import load_adapter, save_adapter
     from ksg_ray.common.records import load_records
     from ksg_ray.common.reward_model import bradley_terry_loss, collate_reward, reward_builder, reward_pad_id
+    from ksg_ray.common.reward_model import reward_example_tokens as example_tokens
 
     model_path = resolve_model(cfg.model.name)
     records = load_records(cfg.data.path, limit=cfg.data.limit)
@@ -51,7 +52,8 @@ def main(argv: list[str] | None = None) -> dict:
 
     task = DPTask(name="reward", build_model=reward_builder(model_path, cfg.lora, cfg.train.seed), examples=examples,
                   collate=partial(collate_reward, pad_token_id=reward_pad_id(tokenizer)), loss_fn=bradley_terry_loss,
-                  save=save_adapter, load=load_adapter)  # peft saves LoRA + the `score` head together
+                  save=save_adapter, load=load_adapter,  # peft saves LoRA + the `score` head together
+                  length=example_tokens)
     ckpt, metrics = engine.fit(task, cfg.scaling, cfg.run)
     bundle, report = engine.publish(cfg.candidates.generator_bundle, "reward", ckpt / "model",
                                     staging=run_dir / "reward_component",
@@ -94,4 +96,7 @@ def evaluate(cfg: DPRewardConfig, model_path: str, adapter_dir: Path) -> dict:
 
 
 if __name__ == "__main__":
+    from ksg_ray.common.cpu_blas import reexec_with_mkl_intel_path
+
+    reexec_with_mkl_intel_path()  # before any model runs: MKL at full speed on AMD CPUs
     main(sys.argv[1:])

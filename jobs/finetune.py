@@ -39,7 +39,7 @@ def main(argv: list[str] | None = None) -> dict:
 
     from ksg_ray.common.chat_format import build_messages, collate, tokenize_records
     from ksg_ray.common.hub import resolve_model
-    from ksg_ray.common.lora import lm_loss, load_adapter, save_adapter
+    from ksg_ray.common.lora import example_tokens, lm_loss, load_adapter, save_adapter
     from ksg_ray.server.finetune import trainer as ft
     from ksg_ray.server.finetune.data import load_finetune_data
     from ksg_ray.server.finetune.export import SUMMARY_FILE, export_model_dir, resolve_init
@@ -70,7 +70,7 @@ def main(argv: list[str] | None = None) -> dict:
                             seed=cfg.train.seed, init_kind=init.kind, init_path=init.path, dtype=dtype,
                             gradient_checkpointing=cfg.train.gradient_checkpointing),
         examples=examples, collate=partial(collate, pad_token_id=tokenizer.pad_token_id), loss_fn=lm_loss,
-        save=ft.save_full if full else save_adapter, load=ft.load_full if full else load_adapter,
+        length=example_tokens, save=ft.save_full if full else save_adapter, load=ft.load_full if full else load_adapter,
         tokenizer_path=model_path, dev_prompts=[build_messages(r)[:-1] for r in data.dev],
         dev_references=[r.output for r in data.dev], full_weights=full)
     best, state = ft.fit_finetune(task, spec, num_workers=cfg.scaling.num_workers, use_gpu=cfg.scaling.use_gpu,
@@ -104,4 +104,7 @@ def main(argv: list[str] | None = None) -> dict:
 
 
 if __name__ == "__main__":
+    from ksg_ray.common.cpu_blas import reexec_with_mkl_intel_path
+
+    reexec_with_mkl_intel_path()  # before any model runs: MKL at full speed on AMD CPUs
     main(sys.argv[1:])

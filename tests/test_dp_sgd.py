@@ -48,3 +48,60 @@ def test_one_record_moves_the_clipped_sum_by_at_most_c(setup, bf16):
     # each record on its own: a bf16 norm (8 bits of mantissa) would put some of them up to 0.4% over C
     norms = [float(torch.cat([s.double().flatten() for s in sums]).norm()) for sums in alone]
     assert all(0.5 * CLIP < x <= CLIP * (1 + 1e-6) for x in norms), norms
+
+
+def test_labelled_only_logits_give_the_full_logits_loss_and_clipped_sum(tiny_model_path):
+    """`lm_loss` runs the LM head only where a label is: the same per-record losses and the same clipped sum as
+    `per_sample_lm_loss` on logits at every position, with prompts, padding and records of different lengths."""
+    from transformers import AutoTokenizer
+
+    from ksg_ray.common.lora import per_sample_lm_loss
+
+    tok = AutoTokenizer.from_pretrained(tiny_model_path)
+    examples, _ = tokenize_records(tok, load_records("demo", limit=6), max_seq_len=96, question_loss=False)
+    batch = collate(examples, tok.pad_token_id)
+    assert len({len(e.input_ids) for e in examples}) > 1 and (batch["labels"] == -100).float().mean() > 0.3
+    model = build_lora_lm(torch.device("cpu"), model_path=tiny_model_path, lora=LoraSection(r=4), seed=0)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "lora_B" in name:
+                p.normal_(0, 0.5)
+
+    def full_logits(module, b):
+        out = module(input_ids=b["input_ids"], attention_mask=b["attention_mask"], position_ids=b["position_ids"])
+        return per_sample_lm_loss(out.logits, b["labels"])
+
+    torch.testing.assert_close(lm_loss(model, batch), full_logits(model, batch))
+    dp = DPSGD(model, max_grad_norm=CLIP, noise_multiplier=0.0, expected_batch_size=6)
+    new, new_loss, _ = dp.clipped_sum([batch], lm_loss)
+    old, old_loss, _ = dp.clipped_sum([batch], full_logits)
+    assert abs(new_loss - old_loss) < 1e-4
+    for a, b in zip(new, old, strict=True):
+        torch.testing.assert_close(a, b)
+    assert not model.get_output_embeddings()._forward_pre_hooks  # the head's hook is gone after the call
+
+
+def test_length_grouped_micro_batches_change_the_padding_not_the_sum(setup, tiny_model_path):
+    """Records of similar length share a micro-batch (longest first); the clipped sum is the same however the
+    step's records are split, which is what lets the trainer group them."""
+    from transformers import AutoTokenizer
+
+    from ksg_ray.common.lora import example_tokens
+    from ksg_ray.common.ray_train import TrainTask, micro_batch_split
+
+    dp, _ = setup
+    tok = AutoTokenizer.from_pretrained(tiny_model_path)
+    examples, _ = tokenize_records(tok, load_records("demo", limit=6), max_seq_len=96, question_loss=True)
+    lengths = [len(e.input_ids) for e in examples]
+    task = TrainTask(build_model=None, examples=examples, collate=None, loss_fn=None, save=None, load=None,
+                     length=example_tokens)
+    split = micro_batch_split(list(range(6)), 2, task)
+    assert sorted(i for c in split for i in c) == list(range(6))
+    for longer, shorter in zip(split, split[1:], strict=False):
+        assert min(lengths[i] for i in longer) >= max(lengths[i] for i in shorter)
+    assert micro_batch_split([3, 1, 2], 2, None) == [[3, 1], [2]]  # no lengths: sampled order
+    grouped, _, n = dp.clipped_sum([collate([examples[i] for i in c], tok.pad_token_id) for c in split], lm_loss)
+    apart, _, _ = dp.clipped_sum([collate([e], tok.pad_token_id) for e in examples], lm_loss)
+    assert n == 6
+    for a, b in zip(grouped, apart, strict=True):
+        torch.testing.assert_close(a, b, atol=1e-8, rtol=1e-4)

@@ -112,15 +112,15 @@ def test_only_answer_tokens_carry_loss(tiny_model_path):
     n_prompt = sum(label == IGNORE_INDEX for label in ex.labels)
     assert ex.labels[n_prompt:] == ex.input_ids[n_prompt:] and record.output in tok.decode(ex.input_ids[n_prompt:])
     model = build_finetune_model(torch.device("cpu"), model_path=tiny_model_path, mode="lora", lora=LoraSection())
-    logits = []
+    hidden = []  # the last hidden states, which the LM head reads (it sees only the labelled positions)
 
-    def keep_logits(module, inputs, out):
-        out.logits.retain_grad()
-        logits.append(out.logits)
+    def keep_hidden(module, inputs, out):
+        out.retain_grad()
+        hidden.append(out)
 
-    model.register_forward_hook(keep_logits)
+    model.get_base_model().get_decoder().norm.register_forward_hook(keep_hidden)
     lm_loss(model, collate([ex], tok.pad_token_id)).sum().backward()
-    grad = logits[0].grad[0].abs().sum(-1)  # position t predicts token t + 1
+    grad = hidden[0].grad[0].abs().sum(-1)  # position t predicts token t + 1
     assert torch.all(grad[: n_prompt - 1] == 0), "a prompt token carried loss"
     assert torch.all(grad[n_prompt - 1: len(ex.input_ids) - 1] > 0), "an answer token carried no loss"
 

@@ -258,7 +258,7 @@ def run_one_run_audit(cfg: OneRunAuditConfig) -> dict[str, Any]:
     from ksg_ray.common.chat_format import collate, tokenize_records
     from ksg_ray.common.hub import resolve_model
     from ksg_ray.common.jsonl import write_json_atomic
-    from ksg_ray.common.lora import lm_builder, lm_loss, load_adapter, save_adapter
+    from ksg_ray.common.lora import example_tokens, lm_builder, lm_loss, load_adapter, save_adapter
     from ksg_ray.common.records import load_records
     from ksg_ray.common.run_layout import encode_epsilon
 
@@ -294,7 +294,8 @@ def run_one_run_audit(cfg: OneRunAuditConfig) -> dict[str, Any]:
                 claimed)
     collate_fn = partial(collate, pad_token_id=tokenizer.pad_token_id)
     task = DPTask(name="generator", build_model=lm_builder(model_path, cfg.lora, cfg.train.seed),
-                  examples=train_examples, collate=collate_fn, loss_fn=lm_loss, save=save_adapter, load=load_adapter)
+                  examples=train_examples, collate=collate_fn, loss_fn=lm_loss, save=save_adapter, load=load_adapter,
+                  length=example_tokens)
     ckpt, _ = engine.fit(task, cfg.scaling, run)
 
     base_losses, trained_losses = score_canaries(model_path, ckpt / "model", canary_examples, collate_fn)

@@ -27,7 +27,7 @@ import torch.distributed as dist
 
 from ksg_ray.client.privacy.accountant import Mechanism, PrivacyPlanError, epsilon_for
 from ksg_ray.client.privacy.dp_sgd import DPSGD, poisson_sample
-from ksg_ray.common.ray_train import TrainTask, deepspeed_initialize, run_torch_trainer
+from ksg_ray.common.ray_train import TrainTask, deepspeed_initialize, micro_batch_split, run_torch_trainer
 from ksg_ray.common.ray_train import gathered_params as _full_params
 from ksg_ray.common.ray_train import to_device as _to_device
 
@@ -149,7 +149,7 @@ def dp_worker_loop(config: dict) -> None:
         state["probe_loss_start"] = _probe_loss(dp, task, probe, autocast)
     for step in range(state["step"], spec.steps):
         idx = poisson_sample(spec.num_records, spec.sample_rate, state["sampling_seed"], step, rank, world)
-        chunks = [idx[j:j + spec.physical_batch_size] for j in range(0, len(idx), spec.physical_batch_size)]
+        chunks = micro_batch_split(idx, spec.physical_batch_size, task)
         # Under ZeRO-3 every forward is a collective: agree on the pass count before the first one.
         lockstep = engine is not None and engine.zero_optimization_stage() == 3
         passes = _max_over_ranks(len(chunks), world) if lockstep else len(chunks)

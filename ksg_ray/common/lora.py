@@ -6,6 +6,7 @@ corrupted under Opacus, opacus#820); only adapter (and, for a reward model, head
 
 from __future__ import annotations
 
+import contextlib
 from functools import partial
 from pathlib import Path
 
@@ -15,8 +16,8 @@ from safetensors.torch import load_file
 
 from ksg_ray.common.sections import LoraSection
 
-__all__ = ["build_lora_lm", "lm_builder", "lm_loss", "load_adapter", "per_sample_lm_loss", "save_adapter",
-           "unwrap_peft"]
+__all__ = ["build_lora_lm", "example_tokens", "lm_builder", "lm_loss", "load_adapter", "per_sample_lm_loss",
+           "save_adapter", "unwrap_peft"]
 
 
 def build_lora_lm(device: torch.device, *, model_path: str, lora: LoraSection, seed: int = 0) -> PeftModel:
@@ -45,10 +46,55 @@ def per_sample_lm_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tens
 
 
 def lm_loss(module: torch.nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
-    """Per-record loss on answer tokens; position ids are passed per row for Opacus' per-sample shapes."""
-    out = module(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
-                 position_ids=batch["position_ids"])
-    return per_sample_lm_loss(out.logits, batch["labels"])
+    """Per-record mean next-token cross-entropy over the labelled tokens (labels != -100); `per_sample_lm_loss`'s
+    value, but the LM head and its softmax run only where a label is.
+
+    The head over a 49k vocabulary is about a fifth of a forward pass, and its logits (float32, [B, L, V]) are
+    the largest tensor of a training step; prompt and padding positions need neither. The model is still called
+    through `module` (Opacus, DDP and DeepSpeed wrappers see their forward); position ids are passed per row
+    for Opacus' per-sample shapes. A head with trainable weights gets every position, so that Opacus sees one
+    row per record in it.
+    """
+    inputs = {k: batch[k] for k in ("input_ids", "attention_mask", "position_ids")}
+    head = _causal_lm(module).get_output_embeddings()
+    if any(p.requires_grad for p in head.parameters()):  # a trained head (LoRA on lm_head) needs per-row inputs
+        return per_sample_lm_loss(module(**inputs).logits, batch["labels"])  # for its per-sample gradients
+    targets = batch["labels"][:, 1:]
+    labelled = targets != -100
+    with _head_only_at(head, torch.nn.functional.pad(labelled, (0, 1))):  # position t predicts label t + 1
+        logits = module(**inputs).logits  # [labelled tokens, vocab]
+    token_loss = torch.nn.functional.cross_entropy(logits.float(), targets[labelled], reduction="none")
+    rows = labelled.nonzero(as_tuple=True)[0]
+    total = torch.zeros(len(targets), dtype=token_loss.dtype, device=token_loss.device).index_add(0, rows, token_loss)
+    return total / labelled.sum(dim=1).clamp(min=1)
+
+
+@contextlib.contextmanager
+def _head_only_at(head: torch.nn.Module, positions: torch.Tensor):
+    """While inside, the model's output head (any causal LM's `get_output_embeddings`) sees only the hidden states
+    at `positions` ([B, L] bool): a pre-hook, so whatever the model does after the head (Gemma's logit
+    soft-capping) still applies, now to [K, vocab] logits."""
+    handle = head.register_forward_pre_hook(lambda _head, args: (args[0][positions], *args[1:]))
+    try:
+        yield
+    finally:
+        handle.remove()
+
+
+def _causal_lm(model: torch.nn.Module) -> torch.nn.Module:
+    """The transformers model inside Opacus / DDP / DeepSpeed / peft wrappers (LoRA or full fine-tune)."""
+    from transformers import PreTrainedModel
+
+    while not isinstance(model, PreTrainedModel):
+        if isinstance(model, PeftModel):
+            return model.get_base_model()
+        model = model._module if hasattr(model, "_module") else model.module
+    return model
+
+
+def example_tokens(example) -> int:
+    """A tokenized example's length: what the trainers group physical micro-batches by, so little is padding."""
+    return len(example.input_ids)
 
 
 def save_adapter(model: torch.nn.Module, out: Path) -> None:

@@ -10,13 +10,14 @@ from __future__ import annotations
 
 import contextlib
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import torch
 
-__all__ = ["TrainTask", "deepspeed_initialize", "gathered_params", "run_torch_trainer", "to_device"]
+__all__ = ["TrainTask", "deepspeed_initialize", "gathered_params", "micro_batch_split", "run_torch_trainer",
+           "to_device"]
 
 
 @dataclass
@@ -31,6 +32,8 @@ class TrainTask:
         loss_fn: (module, batch) -> per-record losses [B].
         save: (model, directory) -> None, writes the trained weights (e.g. the peft adapter).
         load: (model, directory) -> None, restores what `save` wrote (for resume).
+        length: (example) -> its token count; None keeps records in sampled order. With it, the trainers put
+            records of similar length into one physical micro-batch (`micro_batch_split`), so little is padding.
     """
 
     build_model: Callable[[torch.device], torch.nn.Module]
@@ -39,6 +42,20 @@ class TrainTask:
     loss_fn: Callable[[torch.nn.Module, dict[str, torch.Tensor]], torch.Tensor]
     save: Callable[[torch.nn.Module, Path], None]
     load: Callable[[torch.nn.Module, Path], None]
+    length: Callable[[Any], int] | None = field(default=None, kw_only=True)
+
+
+def micro_batch_split(indices: list[int], size: int, task: TrainTask | None = None) -> list[list[int]]:
+    """One step's records (indices into `task.examples`) cut into physical micro-batches of at most `size`,
+    longest first, records of similar length together when the task knows lengths.
+
+    A step's update is a sum (DP: of clipped per-record gradients) or a mean over its records, which does not
+    depend on how they are split; only the padding does, and at sequence 384 a random split pads about a third.
+    """
+    order = list(indices)
+    if task is not None and task.length is not None:
+        order.sort(key=lambda i: task.length(task.examples[i]), reverse=True)
+    return [order[j:j + size] for j in range(0, len(order), size)]
 
 
 def to_device(batch: dict[str, torch.Tensor], device: torch.device) -> dict[str, torch.Tensor]:

@@ -21,8 +21,8 @@ from peft import LoraConfig, PeftModel, get_peft_model
 from ksg_ray.common.sections import LoraSection
 
 __all__ = ["JUDGE_PROMPT", "RewardExample", "bradley_terry_loss", "build_lora_reward", "collate_reward",
-           "load_reward_model", "pairwise_accuracy", "reward_messages", "reward_pad_id", "reward_scores",
-           "tokenize_reward_example"]
+           "load_reward_model", "pairwise_accuracy", "reward_example_tokens", "reward_messages", "reward_pad_id",
+           "reward_scores", "tokenize_reward_example"]
 
 JUDGE_PROMPT = (
     "You are a data quality evaluator. Judge the quality of this conversation: is the assistant's answer "
@@ -68,6 +68,11 @@ def tokenize_reward_example(tokenizer, question: str, answers: list[str], max_se
     rows = [judge_chat_ids(tokenizer, question, a, max_seq_len) for a in answers]
     pairs = [(c, r) for c, r in PAIRS if max(c, r) < len(answers) and answers[c].strip() != answers[r].strip()]
     return RewardExample(rows=rows, pairs=pairs)
+
+
+def reward_example_tokens(example: RewardExample) -> int:
+    """A record's padded width in a batch (its longest candidate row): what DP training groups micro-batches by."""
+    return max(len(r) for r in example.rows)
 
 
 def collate_reward(examples: list[RewardExample], pad_token_id: int) -> dict[str, torch.Tensor]:

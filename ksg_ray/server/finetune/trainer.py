@@ -33,7 +33,14 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
-from ksg_ray.common.ray_train import TrainTask, deepspeed_initialize, gathered_params, run_torch_trainer, to_device
+from ksg_ray.common.ray_train import (
+    TrainTask,
+    deepspeed_initialize,
+    gathered_params,
+    micro_batch_split,
+    run_torch_trainer,
+    to_device,
+)
 from ksg_ray.server.finetune.data import format_dev_score
 
 logger = logging.getLogger(__name__)
@@ -91,11 +98,13 @@ class FinetuneSpec:
     probe_records: int = 16
 
 
-def micro_batches(batch: list[int], rank: int, world: int, micro: int, accum: int) -> list[list[int]]:
-    """This rank's share of one step's records (every `world`-th), cut into exactly `accum` micro-batches;
-    an empty list is a zero-weight pass that keeps the ranks in lockstep."""
+def micro_batches(batch: list[int], rank: int, world: int, micro: int, accum: int,
+                  task: TrainTask | None = None) -> list[list[int]]:
+    """This rank's share of one step's records (every `world`-th), cut into exactly `accum` micro-batches
+    (by length when `task` knows lengths: `micro_batch_split`); an empty list is a zero-weight pass that keeps
+    the ranks in lockstep."""
     mine = batch[rank::world]
-    chunks = [mine[i:i + micro] for i in range(0, len(mine), micro)]
+    chunks = micro_batch_split(mine, micro, task)
     return chunks + [[] for _ in range(accum - len(chunks))]
 
 
@@ -260,7 +269,7 @@ def _train_step(task, spec, batch, rank, world, accum, train_module, engine, opt
     train_module.train()
     scale = world * (accum if engine is not None else 1) / len(batch)
     local_sum = 0.0
-    for k, idx in enumerate(micro_batches(batch, rank, world, spec.micro_batch_size, accum)):
+    for k, idx in enumerate(micro_batches(batch, rank, world, spec.micro_batch_size, accum, task)):
         inputs = to_device(task.collate([task.examples[i] for i in (idx or [0])]), device)
         defer_sync = isinstance(train_module, torch.nn.parallel.DistributedDataParallel) and k < accum - 1
         with train_module.no_sync() if defer_sync else contextlib.nullcontext(), autocast:
