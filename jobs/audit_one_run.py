@@ -29,4 +29,7 @@ def main(argv: list[str] | None = None) -> dict:
 
 
 if __name__ == "__main__":
+    from ksg_ray.common.cpu_blas import reexec_with_mkl_intel_path
+
+    reexec_with_mkl_intel_path()  # before any model runs: MKL at full speed on AMD CPUs
     main(sys.argv[1:])

@@ -41,7 +41,7 @@ def main(argv: list[str] | None = None) -> dict:
     from ksg_ray.audit.privacy_audit import bundle_privacy_flags
     from ksg_ray.audit.utility import evaluate_utility
 
-    layout = RunLayout(cfg.run.dir)
+    layout = RunLayout(cfg.run.dir, cfg.run.results)
     out = cfg.run.output or layout.eval_file(cfg.run.method)
     records = load_records(cfg.data.path, limit=cfg.data.limit)
     inputs = audit_inputs(cfg, layout, cfg.data.path)
@@ -90,4 +90,7 @@ def main(argv: list[str] | None = None) -> dict:
 
 
 if __name__ == "__main__":
+    from ksg_ray.common.cpu_blas import reexec_with_mkl_intel_path
+
+    reexec_with_mkl_intel_path()  # before any model runs: MKL at full speed on AMD CPUs
     main(sys.argv[1:])

@@ -71,6 +71,10 @@ def build_parser() -> tuple[argparse.ArgumentParser, dict[str, argparse.Argument
     from ksg_ray.audit.report import add_report_args
 
     add_report_args(sub.add_parser("report", help="Markdown report + plots from a run directory (eval/, synth/)"))
+    from ksg_ray.pipeline.eval_run import add_eval_run_args
+
+    add_eval_run_args(sub.add_parser("eval-run", help="[auditor] every method of a finished run on another test set "
+                                     "-> RUN/eval-NAME/M.json, and the methods x metrics table"))
     from ksg_ray.audit.one_run import add_audit_args
 
     add_audit_args(sub)
@@ -127,6 +131,10 @@ def error_message(error: BaseException) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     """Run `ksg`; returns the exit status (2 and one `ksg: error:` line for a user error)."""
+    if argv is None:  # the real command line (not a test calling main): MKL at full speed on AMD CPUs
+        from ksg_ray.common.cpu_blas import reexec_with_mkl_intel_path
+
+        reexec_with_mkl_intel_path()
     argv = list(sys.argv[1:] if argv is None else argv)
     try:
         return run(parse_args(argv))
@@ -160,6 +168,10 @@ def run(args: argparse.Namespace) -> int:
         from ksg_ray.audit.report import run_report
 
         return run_report(args)
+    if args.command == "eval-run":
+        from ksg_ray.pipeline.eval_run import run_eval_run
+
+        return run_eval_run(args)
     if args.command == "audit":
         from ksg_ray.audit.one_run import run_audit
 

@@ -12,6 +12,18 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ.setdefault("TORCH_EXTENSIONS_DIR", os.path.expanduser("~/.cache/ksg-ray/torch_extensions"))
 
 
+def _mkl_intel_path_for_children() -> None:
+    """MKL on its Intel code path (ksg_ray/common/cpu_blas.py) for the processes the tests start (Ray workers,
+    `ksg` subprocesses), as `ksg` runs for users. This process keeps what it started with (`.ci/run` preloads it)."""
+    from ksg_ray.common import cpu_blas
+
+    if not cpu_blas.active() and (env := cpu_blas.preload_env()) is not None:
+        os.environ.update(env)
+
+
+_mkl_intel_path_for_children()
+
+
 @pytest.fixture(autouse=True)
 def own_ledger(tmp_path_factory, monkeypatch):
     """Each test its own client ledger (`privacy.ledger_dir` unset = $KSG_LEDGER_DIR): tests never share one, and
