@@ -118,6 +118,9 @@ def test_pipeline_submitted_as_a_ray_job_serves_a_model_the_openai_client_can_as
     assert "pipeline stage wall times" in job.stdout and "serving 'ksg-distilled'" in job.stdout
     summary = json.loads((run_dir / "pipeline_summary.json").read_text())
     assert {"dp_train", "dp_reward", "synthesize round 0", "finetune round 0", "serve"} <= set(summary["stage_seconds"])
+    card = (Path(summary["model_dir"]) / "README.md").read_text()  # the exported model's card
+    assert "base_model: tiny-random" in card and "-DP with respect to the client's records" in card
+    assert "| answer_loss |" in card
 
     client = openai.OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="unused", timeout=120)
     assert [m.id for m in client.models.list().data] == ["ksg-distilled"]
@@ -125,12 +128,23 @@ def test_pipeline_submitted_as_a_ray_job_serves_a_model_the_openai_client_can_as
                                            messages=[{"role": "user", "content": "Is a mild fever dangerous?"}])
     assert reply.choices[0].finish_reason in ("stop", "length") and reply.usage.completion_tokens >= 1
 
+    # the finished run scored again on another test set, as a client does with its own split
+    rescore = subprocess.run([sys.executable, "-m", "ksg_ray.cli", "eval-run", str(run_dir),
+                              f"data.path={run_dir / 'client' / 'held_out.jsonl'}", "data.limit=2", "name=mine"],
+                             capture_output=True, text=True, timeout=600)
+    assert rescore.returncode == 0, rescore.stderr[-2000:]
+    header, row = rescore.stdout.splitlines()[-2:]
+    assert header.split()[:4] == ["method", "ε", "n", "answer_loss"]
+    assert row.split()[0] == "pipeline" and row.split()[2] == "2"
+    assert json.loads((run_dir / "eval-mine" / "pipeline.json").read_text())["n"] == 2
+
     # private text stays on the client's side: no file outside client/ shares 40 characters with a training or
     # held-out record's question or answer (the evaluation's predictions hold them, under client/eval)
     from ksg_ray.common.records import load_records
 
     client = run_dir / "client"
     assert (client / "eval" / "pipeline.predictions.jsonl").is_file()
+    assert (client / "eval-mine" / "pipeline.predictions.jsonl").is_file()
     records = load_records(client / "private.jsonl") + load_records(client / "held_out.jsonl")
     assert private_text_outside_client(run_dir, records) == []
     planted = run_dir / "eval" / "leak.txt"  # the scan finds what it is for
@@ -205,13 +219,34 @@ def test_each_baseline_gets_its_own_synthesis_finetune_and_evaluation(ray_cluste
     assert arg(evals["non_private"], "model.adapter") == str(run / "client" / "non_private" / "generator" / "adapter")
     assert arg(evals["non_private"], "model.bundle") is None
     assert arg(evals["dp_finetune@4"], "run.family") == arg(evals["dp_finetune"], "run.family") == "dp_finetune"
-    client_trainings = [(arg(a, "run.output_dir"), arg(a, "privacy.target_epsilon"))
+    client_trainings = [(arg(a, "run.output_dir"), arg(a, "privacy.target_epsilon"), arg(a, "data.question_loss"))
                         for name, a in calls if name == "dp_finetune"]
-    assert client_trainings == [(str(run / "client" / "non_private"), "inf"), (str(run / "client" / "dp_eps4"), "4.0")]
+    # dp_finetune learns the answers alone, like every other fine-tune, at the generator's ε (configs: 8)
+    assert client_trainings == [(str(run / "client" / "non_private"), "inf", "false"),
+                                (str(run / "client" / "dp_finetune"), "8.0", "false"),
+                                (str(run / "client" / "dp_eps4"), "4.0", "false")]
+    assert arg(evals["dp_finetune"], "model.adapter") == str(run / "client" / "dp_finetune" / "generator" / "adapter")
+    assert arg(evals["dp_finetune"], "run.epsilon") == "8.0" and arg(evals["dp_finetune"], "model.bundle") is None
     assert all(arg(a, "data.path") == str(run / "client" / "private.jsonl") and arg(a, "privacy.publish") == "false"
                for _, a in calls if _ == "dp_finetune")
     summary = json.loads((run / "pipeline_summary.json").read_text())
     assert math.isfinite(sum(t for t in summary["stage_seconds"].values() if not isinstance(t, str)))
+
+    # `ksg eval-run`: every method again, same model and ε, on another test set, results in eval-<name>/
+    from ksg_ray.pipeline.eval_run import eval_run
+
+    calls.clear()
+    folder, _ = eval_run(run, ["data.path=/elsewhere/test.jsonl", "data.limit=64", "data.max_new_tokens=32"])
+    rescored = {arg(a, "run.method"): a for name, a in calls if name == "evaluate"}
+    assert folder == "eval-test" and list(rescored) == list(evals)
+    for method, a in rescored.items():
+        for key in ("model.name", "model.adapter", "model.bundle", "run.epsilon", "run.family"):
+            assert arg(a, key) == arg(evals[method], key), (method, key)
+        assert (arg(a, "data.path"), arg(a, "data.limit"), arg(a, "run.results")) == (
+            "/elsewhere/test.jsonl", "64", "eval-test")
+        assert arg(a, "data.max_new_tokens") == "32" and arg(a, "audit.scan_synthetic") == "false"
+        assert not any(o.startswith(("audit.members", "audit.canary", "audit.secrets", "audit.nonmembers"))
+                       for o in a)  # the run's own audits do not apply to another test set
 
     # a baseline whose synthesis wrote no row is neither fine-tuned nor evaluated, and the report says why
     calls.clear()
@@ -225,3 +260,10 @@ def test_each_baseline_gets_its_own_synthesis_finetune_and_evaluation(ray_cluste
     assert [arg(a, "run.method") for name, a in calls if name == "evaluate"] == ["base"]
     assert summary["stage_seconds"]["finetune [rewardds] round 0"].startswith("NOT RUN")
     assert "`rewardds`: NOT RUN" in (other / "report" / "report.md").read_text()
+
+    # dp_finetune: generator evaluates the bundle's DP generator itself (question loss included), no extra run
+    calls.clear()
+    pipeline.main([f"run_dir={run}", "held_out=4", "stages=[evaluate]", "baselines=[dp_finetune]",
+                   "dp_finetune=generator"])
+    assert [name for name, _ in calls] == ["evaluate"]
+    assert arg(calls[0][1], "model.bundle") == str(run / "bundle") and arg(calls[0][1], "model.adapter") is None

@@ -90,6 +90,8 @@ class EvalRunSection(StrictModel):
                                                  "privacy-utility plot (None = the method name)")
     epsilon: float | None = Field(None, description="ε of the method (inf = non-private; None = the bundle's ε, "
                                                     "or none for a model that never saw private data)")
+    results: str = Field("eval", description="the folder of <dir> for the result: eval (the run's held-out split) "
+                                             "or eval-<name> (a re-scoring on another test set, `ksg eval-run`)")
     output: Path | None = Field(None, description="write the result here instead of <dir>/eval/<method>.json")
     seed: int = Field(0, description="sampling seed (targeted prompts with temperature > 0)")
 
@@ -106,6 +108,14 @@ class EvalRunSection(StrictModel):
         from ksg_ray.common.run_layout import RunLayout
 
         RunLayout(".").eval_file(v)  # raises ValueError naming the allowed characters
+        return v
+
+    @field_validator("results")
+    @classmethod
+    def _folder_name(cls, v: str) -> str:
+        from ksg_ray.common.run_layout import RunLayout
+
+        RunLayout(".", v)  # raises ValueError naming the allowed names
         return v
 
 

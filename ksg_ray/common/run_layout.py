@@ -34,16 +34,25 @@ _METHOD_NAME_OK = set("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ01234
 
 @dataclass(frozen=True)
 class RunLayout:
-    """Paths inside one run directory (nothing is created until a stage writes)."""
+    """Paths inside one run directory (nothing is created until a stage writes).
+
+    `results` names the evaluation folder: `eval` for the run's own held-out split, `eval-<name>` for a
+    re-scoring of the finished run on another test set (`ksg eval-run`); the predictions go to the same name
+    under `client/`.
+    """
 
     root: Path
+    results: str = "eval"
 
-    def __init__(self, root: str | Path) -> None:
+    def __init__(self, root: str | Path, results: str = "eval") -> None:
+        if results != "eval" and not (results.startswith("eval-") and set(results) <= _METHOD_NAME_OK):
+            raise ValueError(f"results folder {results!r} must be 'eval' or 'eval-<name>' (letters, digits, _-.=@+)")
         object.__setattr__(self, "root", Path(root))
+        object.__setattr__(self, "results", results)
 
     @property
     def eval_dir(self) -> Path:
-        return self.root / "eval"
+        return self.root / self.results
 
     def eval_file(self, method: str) -> Path:
         """`<run>/eval/<method>.json`.
@@ -59,7 +68,7 @@ class RunLayout:
     def eval_predictions(self, method: str) -> Path:
         """`<run>/client/eval/<method>.predictions.jsonl`: per held-out record, the question, the reference, the
         answer and its scores. They hold the held-out records' text, so they stay on the client's side."""
-        return self.client_dir / "eval" / self.eval_file(method).with_suffix(".predictions.jsonl").name
+        return self.client_dir / self.results / self.eval_file(method).with_suffix(".predictions.jsonl").name
 
     def fidelity_plot(self, method: str) -> Path:
         """`<run>/eval/<method>.fidelity.png`: real vs synthetic embeddings in 2-D (points, no text)."""
@@ -212,15 +221,15 @@ def _is_number(x: Any) -> bool:
     return isinstance(x, int | float) and not isinstance(x, bool)
 
 
-def read_eval_results(run_dir: str | Path) -> list[dict]:
-    """Every `<run>/eval/*.json`, ε decoded to a float (or None), metrics None where missing; sorted by
-    (ε, method) with no-ε methods first.
+def read_eval_results(run_dir: str | Path, folder: str = "eval") -> list[dict]:
+    """Every `<run>/<folder>/*.json` (`RunLayout.results`: eval, or eval-<name>), ε decoded to a float (or None),
+    metrics None where missing; sorted by (ε, method) with no-ε methods first.
 
     Raises:
         ValueError: a file is not valid JSON or lacks required keys (the file is named).
     """
     results = []
-    for path in sorted(RunLayout(run_dir).eval_dir.glob("*.json")):
+    for path in sorted(RunLayout(run_dir, folder).eval_dir.glob("*.json")):
         try:
             data = json.loads(path.read_text(encoding="utf-8"))
         except json.JSONDecodeError as e:

@@ -75,6 +75,10 @@ class PipelineConfig(StrictModel):
                                                                 "8 in round 0); None = the finetune config's")
     baselines: list[Literal[BASELINES]] = Field(["base", "non_private", "dp_finetune", "pipeline"],
                                                 description=f"methods to evaluate, of {BASELINES}")
+    dp_finetune: Literal["answer_only", "generator"] = Field(
+        "answer_only", description="the dp_finetune baseline: answer_only = DP LoRA on the answers alone, like "
+        "every other fine-tune, at the generator's ε, as an evaluation-only client run (its own ledger entry); "
+        "generator = the bundle's DP generator itself, also trained on questions (question_loss), no extra run")
     epsilon_grid: list[float] = Field([], description="extra DP fine-tunes of the generator at these ε (each in its "
                                                       "own ledger), evaluated as dp_finetune@<ε>: the privacy-utility "
                                                       "plot's line; the bundle's own ε is always on it")

@@ -72,6 +72,7 @@ class PipelineRunner:
         self.layout = RunLayout(cfg.run_dir.resolve())  # absolute: Ray workers do not run in this directory
         self.times: dict[str, float | str] = {}
         self.models: dict[str, Path | None] = {}
+        self.evaluated: dict[str, list[str]] = {}  # method -> the evaluation overrides that select its model
 
     def stage(self, name: str, fn: Callable[..., object], *args: object, done: bool = False, **kwargs: object) -> None:
         if done:
@@ -89,7 +90,10 @@ class PipelineRunner:
         return sum(t for t in self.times.values() if not isinstance(t, str))
 
     def run(self) -> dict[str, Any]:
+        from ksg_ray.common.cpu_blas import describe
+
         cfg, layout = self.cfg, self.layout
+        print(f"[pipeline] {describe()}", flush=True)
         self.private, self.held_out = split_client_data(cfg, layout)
         self.client_stages()
         self.models["pipeline"] = self.distill(layout.synth_dir, layout.finetune_dir, cfg.rounds, [])
@@ -99,6 +103,7 @@ class PipelineRunner:
                                              rounds, SYNTH_VARIANTS[name], label=f" [{name}]")
         if "evaluate" in cfg.stages:
             self.evaluate_methods()
+            self.write_model_cards()
         if "report" in cfg.stages:
             from ksg_ray.audit.report import build_report
 
@@ -111,7 +116,11 @@ class PipelineRunner:
                 raise ValueError("serve needs the finetune stage's model (add finetune to `stages`)")
             self.stage("serve", deploy, model_dir, cfg.serve.host, cfg.serve.port)
         summary = {"run_dir": str(layout.root), "stage_seconds": self.times,
-                   "model_dir": str(model_dir) if model_dir else None}
+                   "model_dir": str(model_dir) if model_dir else None,
+                   # what `ksg eval-run` needs to score every method again on another test set
+                   "methods": self.evaluated, "evaluate": {
+                       "config": str(cfg.evaluate.config.resolve()) if cfg.evaluate.config else None,
+                       "overrides": list(cfg.evaluate.overrides)}}
         layout.summary.write_text(json.dumps(summary, indent=2))
         return summary
 
@@ -173,7 +182,7 @@ class PipelineRunner:
             if method in SYNTH_VARIANTS and self.models.get(method) is None and "finetune" in cfg.stages:
                 self.times[f"evaluate {method}"] = "NOT RUN: its synthesis wrote no row, so no model was trained"
                 continue
-            model = self.method_model(method, grid_epsilon)
+            model = self.evaluated[method] = self.method_model(method, grid_epsilon)
             audit = [f"audit.secrets={layout.secrets}", f"audit.canary_records={self.private}"] \
                 if cfg.canaries.fraction > 0 else [f"audit.members={self.private}"]
             if method in SYNTH_VARIANTS or method == "pipeline":  # trained on a synthetic set: scan it too
@@ -186,6 +195,26 @@ class PipelineRunner:
                 f"run.dir={layout.root}", f"run.method={method}", *audit, *synthetic),
                 done=layout.eval_file(method).is_file())
 
+    def write_model_cards(self) -> None:
+        """A `README.md` model card in each evaluated model's folder (server exports; the client's evaluation-only
+        adapters, on the client). The bundle's generator is not touched: the bundle is checksummed as shipped."""
+        from ksg_ray.audit.model_card import write_model_card
+        from ksg_ray.bundle import read_privacy
+        from ksg_ray.common.run_layout import decode_epsilon
+
+        privacy = read_privacy(self.layout.bundle_dir) if self.layout.privacy.is_file() else None
+        for method, overrides in self.evaluated.items():
+            given = dict(o.split("=", 1) for o in overrides if o.startswith(("model.name=", "model.adapter=")))
+            folder = Path(given.get("model.adapter") or given.get("model.name", ""))
+            result_file = self.layout.eval_file(method)
+            if not (folder.is_absolute() and folder.is_dir()) or not result_file.is_file():
+                continue  # a hub model (base), a bundle, or not evaluated
+            ref = folder / "model_ref.json"
+            base = json.loads(ref.read_text())["base_model"] if ref.is_file() else given["model.name"]
+            result = json.loads(result_file.read_text())
+            result["epsilon"] = decode_epsilon(result.get("epsilon"))
+            write_model_card(folder, method=method, result=result, privacy=privacy, base_model=base)
+
     def method_model(self, method: str, grid_epsilon: float | None = None) -> list[str]:
         """Overrides that select the model of one evaluated method (training a client-side baseline if needed)."""
         from ksg_ray.bundle import read_privacy
@@ -196,9 +225,9 @@ class PipelineRunner:
         if method == "base":  # the distilled model's own starting point
             base = load_config(FinetuneConfig, cfg.finetune.config, list(cfg.finetune.overrides)).model.name
             return [f"model.name={base}", "run.epsilon=0"]  # never trained on the private records
-        if method == "dp_finetune":
+        if method == "dp_finetune" and cfg.dp_finetune == "generator":
             return [f"model.bundle={bundle}", "run.family=dp_finetune"]
-        if method == "non_private" or grid_epsilon is not None:
+        if method in ("non_private", "dp_finetune") or grid_epsilon is not None:
             return self.client_baseline(method, grid_epsilon)
         if self.models.get(method) is None:
             raise ValueError(f"baseline {method!r} needs the synthesize and finetune stages (add them to `stages`)")
@@ -206,26 +235,29 @@ class PipelineRunner:
         return [f"model.name={self.models[method]}", f"run.epsilon={encode_epsilon(read_privacy(bundle)['epsilon'])}"]
 
     def client_baseline(self, method: str, grid_epsilon: float | None) -> list[str]:
-        """CLIENT SIDE: the same DP code at another ε (inf = non-private) as an evaluation-only run
-        (`privacy.publish=false`): the client's ledger records it as unpublished, so it counts toward no bundle's ε,
-        and its adapter stays on the client (no bundle). Grid points join dp_finetune's line in the
-        privacy-utility plot."""
+        """CLIENT SIDE: the same DP code as an evaluation-only run (`privacy.publish=false`): the client's ledger
+        records it as unpublished, so it counts toward no bundle's ε, and its adapter stays on the client (no
+        bundle). non_private (ε = ∞) learns the answers alone, like every other fine-tune; so do dp_finetune (at the
+        generator's ε) and the ε grid's points (dp_finetune@ε, its line in the privacy-utility plot) unless
+        `dp_finetune: generator` makes them DP generators like the bundle's (also trained on the questions)."""
         from ksg_ray.client.config import DPFinetuneConfig
         from ksg_ray.common.config import load_config
         from ksg_ray.jobs import dp_finetune
 
-        epsilon = math.inf if grid_epsilon is None else grid_epsilon
-        out = self.layout.client_baseline_dir("non_private" if grid_epsilon is None else f"dp_eps{grid_epsilon:g}")
+        generator = load_config(DPFinetuneConfig, self.cfg.dp_train.config, list(self.cfg.dp_train.overrides))
+        epsilon = {"non_private": math.inf, "dp_finetune": generator.privacy.target_epsilon}.get(method, grid_epsilon)
+        folder = method if grid_epsilon is None else f"dp_eps{grid_epsilon:g}"
+        answer_only = method == "non_private" or self.cfg.dp_finetune == "answer_only"
+        out = self.layout.client_baseline_dir(folder)
         adapter = out / "generator" / "adapter"
         self.stage(f"{method} fine-tune (baseline)", dp_finetune.main, stage_args(
             self.cfg.dp_train, f"data.path={self.private}", f"run.output_dir={out}", "run.name=generator",
             "privacy.publish=false", f"privacy.target_epsilon={encode_epsilon(epsilon)}",
-            # the non-private baseline is answer-only like every other fine-tune; grid points stay DP generators
-            *(["data.question_loss=false"] if grid_epsilon is None else [])),
+            *(["data.question_loss=false"] if answer_only else [])),
             done=(adapter / "adapter_model.safetensors").is_file())
-        base = load_config(DPFinetuneConfig, self.cfg.dp_train.config, list(self.cfg.dp_train.overrides)).model.name
-        family = [] if grid_epsilon is None else ["run.family=dp_finetune"]
-        return [f"model.name={base}", f"model.adapter={adapter}", f"run.epsilon={encode_epsilon(epsilon)}", *family]
+        family = [] if method == "non_private" else ["run.family=dp_finetune"]
+        return [f"model.name={generator.model.name}", f"model.adapter={adapter}",
+                f"run.epsilon={encode_epsilon(epsilon)}", *family]
 
     def report_grid(self) -> list[float] | None:
         """The report's ε axis: the configured grid plus every ε the run has (None without a grid: every ε found)."""
