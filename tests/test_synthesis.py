@@ -200,7 +200,7 @@ def test_stage_actors_use_the_configured_threads(ray_cluster):
     import ray
 
     from ksg_ray.server.synth.config import EngineSection
-    from ksg_ray.server.synth.pipeline import _stage
+    from ksg_ray.server.synth.pipeline import Step, _apply
 
     class TorchThreads:  # defined here so Ray pickles it by value (workers cannot import this test module)
         """Reports the torch thread count of the actor it runs in (the engine arguments are ignored)."""
@@ -214,7 +214,7 @@ def test_stage_actors_use_the_configured_threads(ray_cluster):
             return {"threads": np.full(len(batch["id"]), self.threads)}
 
     def threads(**engine) -> set[int]:
-        ds = _stage(ray.data.range(4), TorchThreads, EngineSection(num_cpus=0.5, **engine))
+        ds = _apply(ray.data.range(4), [Step(TorchThreads, {}, actor=True)], EngineSection(num_cpus=0.5, **engine))
         return {int(t) for t in ds.to_pandas()["threads"]}
 
     assert threads() == {1}

@@ -22,6 +22,7 @@ import hashlib
 import json
 import logging
 import math
+import os
 import time
 from collections import Counter
 from pathlib import Path
@@ -38,7 +39,7 @@ from ksg_ray.engines import SamplingParams
 from ksg_ray.engines.stage import ERROR_COLUMN, GenerateUDF, is_missing, passthrough, plain
 from ksg_ray.server.bundle_models import component_base
 from ksg_ray.server.synth import prompts
-from ksg_ray.server.synth.config import DomainSection, EngineSection, SynthConfig
+from ksg_ray.server.synth.config import DomainSection, EndpointSection, EngineSection, SynthConfig
 from ksg_ray.server.synth.dedup import near_duplicates, normalise, similar_to_any
 from ksg_ray.server.synth.filters import answer_filters, apply_filters, query_filters
 from ksg_ray.server.synth.judge_stage import JudgeUDF
@@ -51,15 +52,17 @@ __all__ = ["SynthModels", "run_synthesis"]
 
 logger = logging.getLogger(__name__)
 LIGHT_TASK_CPUS = 0.05  # pre/post-processing tasks between actor stages: they must not wait behind the actors
+ENDPOINT_ACTOR_CPUS = 0.1  # actors that send requests to a served model: network-bound
 
 
 @dataclasses.dataclass(frozen=True)
 class SynthModels:
-    """Local paths (base, adapter) of every model the stages load, and their ids for provenance."""
+    """Every model the stages ask: local paths (base, adapter), or the professional's endpoint; their ids for
+    provenance."""
 
     generator: tuple[str, str]
-    professional: tuple[str, str | None]
-    rewriter: tuple[str, str | None]
+    professional: tuple[str, str | None] | EndpointSection
+    rewriter: tuple[str, str | None] | EndpointSection
     ids: dict[str, str]
 
     @classmethod
@@ -70,14 +73,15 @@ class SynthModels:
             raise ValueError(f"{cfg.bundle}: the bundle has no reward model; run `ksg dp-reward` on the client "
                              "first (RewardDS scoring needs it)")
         generator = (component_base(cfg.bundle, "generator"), str(cfg.bundle / "generator"))
-        professional = (resolve_model(cfg.professional.model), None)
+        professional = cfg.professional.endpoint or (resolve_model(cfg.professional.model), None)
         rewriter = {"professional": professional, "generator": generator}.get(cfg.refine.rewriter)
         if rewriter is None:
             rewriter = model_dir_engine_args(cfg.refine.rewriter)
         manifest = json.loads((cfg.bundle / "manifest.json").read_text())["files"]
         ids = {"generator": f"bundle-generator:{manifest['generator/adapter_model.safetensors']['sha256'][:12]}",
                "reward": f"bundle-reward:{manifest['reward/adapter_model.safetensors']['sha256'][:12]}",
-               "professional": cfg.professional.model}
+               "professional": (f"{cfg.professional.endpoint.model}@{cfg.professional.endpoint.base_url}"
+                                if cfg.professional.endpoint else cfg.professional.model)}
         ids["rewriter"] = ids.get(cfg.refine.rewriter, cfg.refine.rewriter)
         return cls(generator, professional, rewriter, ids)
 
@@ -184,8 +188,10 @@ def _run_queries(cfg: SynthConfig, models: SynthModels, out: Path, errors: Jsonl
         # seeded per row (`seed_column`): a prompt's samples do not depend on its batch-mates or on a resume
         sampling = SamplingParams(temperature=q.temperature, top_p=q.top_p, max_new_tokens=q.max_new_tokens,
                                   n=q.per_prompt, seed=cfg.seed)
-        ds = _stage(ray.data.from_items(todo), GenerateUDF, cfg.engine, model=models.generator, sampling=sampling,
-                    messages_column="messages", output_column="samples", seed_column="prompt_id")
+        sample = Step(GenerateUDF, _actor_kwargs(GenerateUDF, cfg.engine, model=models.generator, sampling=sampling,
+                                                 messages_column="messages", output_column="samples",
+                                                 seed_column="prompt_id"), True)
+        ds = _apply(ray.data.from_items(todo), [sample], cfg.engine)
         _drain(ds, "queries", len(todo), cfg, store, errors, key="prompt_id",
                keep=("prompt_id", "user_prefix", "samples", "samples_finished"))
     logger.info("queries: %d/%d prompts done", len(store), cfg.queries.num_prompts)
@@ -198,29 +204,55 @@ def _user_prefix(cfg: SynthConfig, i: int) -> str:
     return prefixes[i % len(prefixes)] if prefixes else ""
 
 
+@dataclasses.dataclass
+class Step:
+    """One step of a synthesis phase, as Ray Data runs it: an engine actor class with its constructor's arguments
+    (a pool of actors, each loading its model once), or a light row function with its keyword arguments."""
+
+    fn: Any
+    kwargs: dict[str, Any]
+    actor: bool
+
+    @property
+    def num_cpus(self) -> float | None:
+        """An actor that only waits on an endpoint (`professional.endpoint`) holds next to no CPU; None = the
+        engine section's."""
+        return ENDPOINT_ACTOR_CPUS if self.actor and self.kwargs.get("engine_kind") == "openai" else None
+
+
+def answer_steps(cfg: SynthConfig, models: SynthModels) -> list[Step]:
+    """The answers phase: the professional judge (then judged-out queries skip the rest), each source's answer
+    candidates, candidate merging and filtering, then reward and log-probability scoring."""
+    steps = []
+    if cfg.professional.filter:
+        steps += [Step(JudgeUDF, _actor_kwargs(JudgeUDF, cfg.engine, model=models.professional,
+                                               min_yes_probability=cfg.professional.min_yes_probability), True),
+                  Step(_skip_rejected, {}, False)]
+    a = cfg.answers
+    sampling = SamplingParams(temperature=a.temperature, top_p=a.top_p, max_new_tokens=a.max_new_tokens, n=a.n,
+                              seed=cfg.seed)
+    steps += [Step(GenerateUDF, _actor_kwargs(GenerateUDF, cfg.engine, model=getattr(models, source), sampling=sampling,
+                                              messages_column="answer_messages", output_column=f"answers_{source}",
+                                              seed_column="id"), True) for source in a.sources]
+    return steps + [
+        Step(_merge_candidates, dict(sources=a.sources, require_finished=a.require_finished,
+                                     filters=answer_filters(cfg)), False),
+        Step(ScoreUDF, _actor_kwargs(ScoreUDF, cfg.engine, bundle_dir=str(cfg.bundle), candidates_column="candidates",
+                                     prompt_column="answer_messages"), True)]
+
+
+def answer_rows(cfg: SynthConfig, queries: dict[str, dict]) -> list[dict]:
+    """The answers phase's input rows, one per query."""
+    return [{"id": qid, "query": q["query"], "judge_messages": prompts.judge_messages(cfg.domain, q["query"]),
+             "answer_messages": prompts.answer_messages(cfg.domain, q["query"])} for qid, q in queries.items()]
+
+
 def _run_answers(cfg: SynthConfig, models: SynthModels, out: Path, errors: JsonlStore,
                  queries: dict[str, dict]) -> JsonlStore:
     store = JsonlStore(out / "scored.jsonl", key="id")
-    todo = [{"id": qid, "query": q["query"], "judge_messages": prompts.judge_messages(cfg.domain, q["query"]),
-             "answer_messages": prompts.answer_messages(cfg.domain, q["query"])}
-            for qid, q in queries.items() if qid not in store]
+    todo = [row for row in answer_rows(cfg, queries) if row["id"] not in store]
     if todo:
-        ds = ray.data.from_items(todo)
-        if cfg.professional.filter:
-            ds = _stage(ds, JudgeUDF, cfg.engine, model=models.professional,
-                        min_yes_probability=cfg.professional.min_yes_probability)
-            ds = ds.map_batches(_skip_rejected, num_cpus=LIGHT_TASK_CPUS)
-        a = cfg.answers
-        sampling = SamplingParams(temperature=a.temperature, top_p=a.top_p, max_new_tokens=a.max_new_tokens, n=a.n,
-                                  seed=cfg.seed)
-        for source in a.sources:
-            ds = _stage(ds, GenerateUDF, cfg.engine, model=getattr(models, source), sampling=sampling,
-                        messages_column="answer_messages", output_column=f"answers_{source}", seed_column="id")
-        ds = ds.map_batches(_merge_candidates, num_cpus=LIGHT_TASK_CPUS,
-                            fn_kwargs=dict(sources=a.sources, require_finished=a.require_finished,
-                                           filters=answer_filters(cfg)))
-        ds = _stage(ds, ScoreUDF, cfg.engine, bundle_dir=str(cfg.bundle), candidates_column="candidates",
-                    prompt_column="answer_messages")
+        ds = _apply(ray.data.from_items(todo), answer_steps(cfg, models), cfg.engine)
         keep = ("id", "query", "judge_yes_probability", "judge_pass", "candidates", "candidates_source",
                 "candidates_finished", "candidates_reward", "candidates_logprob", "unfinished_dropped",
                 "candidates_rejected")
@@ -243,45 +275,71 @@ def _run_refine_round(cfg: SynthConfig, models: SynthModels, out: Path, errors: 
                      "critique_messages": prompts.critique_messages(query, cands[pos]["text"], cands[neg]["text"]),
                      "answer_messages": prompts.answer_messages(cfg.domain, query)})
     if todo:
-        rf = cfg.refine
-        critique = SamplingParams(temperature=0.0, max_new_tokens=rf.critique_max_new_tokens)
-        ds = _stage(ray.data.from_items(todo), GenerateUDF, cfg.engine, model=models.generator, sampling=critique,
-                    messages_column="critique_messages", output_column="critique")
-        ds = ds.map_batches(_rewrite_prompts, fn_kwargs=dict(domain=cfg.domain.model_dump()),
-                            num_cpus=LIGHT_TASK_CPUS)
-        rewrite = SamplingParams(temperature=rf.temperature, top_p=rf.top_p, max_new_tokens=rf.max_new_tokens,
-                                 n=rf.n, seed=None if cfg.seed is None else cfg.seed + r)
-        ds = _stage(ds, GenerateUDF, cfg.engine, model=models.rewriter, sampling=rewrite,
-                    messages_column="rewrite_messages", output_column="answers_rewriter", seed_column="id")
-        merge = dict(sources=["rewriter"], require_finished=cfg.answers.require_finished, filters=answer_filters(cfg))
-        ds = ds.map_batches(_merge_candidates, num_cpus=LIGHT_TASK_CPUS, fn_kwargs=merge)
-        ds = _stage(ds, ScoreUDF, cfg.engine, bundle_dir=str(cfg.bundle), candidates_column="candidates",
-                    prompt_column="answer_messages")
+        ds = _apply(ray.data.from_items(todo), refine_steps(cfg, models, r), cfg.engine)
         keep = ("id", "critique", "candidates", "candidates_finished", "candidates_reward", "candidates_logprob",
                 "unfinished_dropped", "candidates_rejected")
         _drain(ds, f"refine round {r}", len(todo), cfg, store, errors, key="id", keep=keep)
     return store
 
 
-def _stage(ds: ray.data.Dataset, udf: type, engine: EngineSection, model: tuple[str, str | None] | None = None,
-           sampling: SamplingParams | None = None, **kwargs: Any) -> ray.data.Dataset:
-    """One actor-pool `map_batches` stage; every actor builds its engine once (constructor), then maps batches."""
+def refine_steps(cfg: SynthConfig, models: SynthModels, r: int) -> list[Step]:
+    """One refinement round: the generator critiques the best vs the worst candidate, the rewriter rewrites
+    the best with the critique, then the rewrites are merged, filtered and scored like the answers."""
+    rf = cfg.refine
+    critique = SamplingParams(temperature=0.0, max_new_tokens=rf.critique_max_new_tokens)
+    rewrite = SamplingParams(temperature=rf.temperature, top_p=rf.top_p, max_new_tokens=rf.max_new_tokens,
+                             n=rf.n, seed=None if cfg.seed is None else cfg.seed + r)
+    return [
+        Step(GenerateUDF, _actor_kwargs(GenerateUDF, cfg.engine, model=models.generator, sampling=critique,
+                                        messages_column="critique_messages", output_column="critique"), True),
+        Step(_rewrite_prompts, dict(domain=cfg.domain.model_dump()), False),
+        Step(GenerateUDF, _actor_kwargs(GenerateUDF, cfg.engine, model=models.rewriter, sampling=rewrite,
+                                        messages_column="rewrite_messages", output_column="answers_rewriter",
+                                        seed_column="id"), True),
+        Step(_merge_candidates, dict(sources=["rewriter"], require_finished=cfg.answers.require_finished,
+                                     filters=answer_filters(cfg)), False),
+        Step(ScoreUDF, _actor_kwargs(ScoreUDF, cfg.engine, bundle_dir=str(cfg.bundle), candidates_column="candidates",
+                                     prompt_column="answer_messages"), True)]
+
+
+def _actor_kwargs(udf: type, engine: EngineSection, model: tuple[str, str | None] | EndpointSection | None = None,
+                  sampling: SamplingParams | None = None, **kwargs: Any) -> dict[str, Any]:
+    """An engine actor's constructor arguments: the engine, its model (and adapter) or endpoint, its sampling."""
     engine_kwargs = dict(engine.engine_kwargs)
     if engine.kind == "transformers":
         engine_kwargs.setdefault("batch_size", engine.batch_size)
         engine_kwargs.setdefault("dtype", engine.dtype)
     ctor = dict(engine_kind=engine.kind, engine_kwargs=engine_kwargs, **kwargs)
+    if isinstance(model, EndpointSection):  # the professional on a server: its own engine, no local model
+        ctor |= dict(engine_kind="openai", engine_kwargs=model.engine_kwargs(), model_path=model.model)
+        model = (model.model, None)
     if model is not None:
         ctor["model_path"] = model[0]
         if udf is GenerateUDF:
             ctor["adapter_path"] = model[1]
     if sampling is not None:
         ctor["sampling"] = dataclasses.asdict(sampling)
-    # Ray sets OMP_NUM_THREADS (torch's thread count) to floor(num_cpus) >= 1 unless the worker's env sets it.
-    remote_args = {"runtime_env": {"env_vars": {"OMP_NUM_THREADS": str(engine.threads)}}} if engine.threads else {}
-    return ds.map_batches(udf, fn_constructor_kwargs=ctor, batch_size=engine.batch_size,
-                          compute=ray.data.ActorPoolStrategy(min_size=engine.min_actors, max_size=engine.max_actors),
-                          num_cpus=engine.num_cpus, num_gpus=engine.num_gpus, **remote_args)
+    return ctor
+
+
+def _apply(ds: ray.data.Dataset, steps: list[Step], engine: EngineSection) -> ray.data.Dataset:
+    """Each step a `map_batches`: an actor pool (every actor builds its engine once, then maps batches), or a light
+    task."""
+    for step in steps:
+        if not step.actor:
+            ds = ds.map_batches(step.fn, num_cpus=LIGHT_TASK_CPUS, fn_kwargs=step.kwargs)
+            continue
+        # Ray sets OMP_NUM_THREADS (torch's thread count) to floor(num_cpus) >= 1 unless the worker's env sets it.
+        env = {"OMP_NUM_THREADS": str(engine.threads)} if engine.threads else {}
+        token_env = step.kwargs.get("engine_kwargs", {}).get("api_key_env") if step.num_cpus else None
+        if token_env and token_env in os.environ:  # the endpoint's token, from the driver to its actors only
+            env[token_env] = os.environ[token_env]
+        remote_args = {"runtime_env": {"env_vars": env}} if env else {}
+        ds = ds.map_batches(step.fn, fn_constructor_kwargs=step.kwargs, batch_size=engine.batch_size,
+                            compute=ray.data.ActorPoolStrategy(min_size=engine.min_actors, max_size=engine.max_actors),
+                            num_cpus=step.num_cpus or engine.num_cpus,
+                            num_gpus=0 if step.num_cpus else engine.num_gpus, **remote_args)
+    return ds
 
 
 def _drain(ds: ray.data.Dataset, phase: str, total: int, cfg: SynthConfig, store: JsonlStore, errors: JsonlStore,
