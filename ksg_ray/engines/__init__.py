@@ -112,7 +112,8 @@ def build_engine(kind: str, model_path: str, adapter_path: str | None = None, **
 
     Args:
         kind: "transformers", "vllm", or "auto" (vLLM when CUDA is available and vllm is installed, else
-            transformers: vLLM is the fast path on GPUs, transformers works everywhere).
+            transformers: vLLM is the fast path on GPUs, transformers works everywhere); "openai" for a model
+            on an OpenAI-compatible server (`OpenAIEndpointEngine`: generation only, model_path = its id).
         model_path: a local model folder or hub id (see `ksg_ray.common.hub.resolve_model`).
         adapter_path: a peft adapter folder (what the client sends), or None for the base model.
         **kw: engine options (`TransformersEngine`: device, dtype, batch_size; `VLLMEngine`: `vllm.LLM` args).
@@ -128,6 +129,12 @@ def build_engine(kind: str, model_path: str, adapter_path: str | None = None, **
         >>> engine = build_engine("auto", resolve_model("smollm2-135m"))
         >>> engine.generate([[{"role": "user", "content": "Hi"}]], SamplingParams(max_new_tokens=16))
     """
+    if kind == "openai":  # a served model (`professional.endpoint`): model_path is its id; no adapter
+        from ksg_ray.engines.openai_engine import OpenAIEndpointEngine
+
+        if adapter_path is not None:
+            raise ValueError("an OpenAI endpoint serves its own models: pick the adapter by its model id instead")
+        return OpenAIEndpointEngine(model_path, **kw)
     if kind not in ENGINE_KINDS:
         raise ValueError(f"engine kind {kind!r} is not one of {ENGINE_KINDS}; use 'auto' to pick by hardware")
     if kind == "auto":

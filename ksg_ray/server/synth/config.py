@@ -91,8 +91,26 @@ class QueriesSection(StrictModel):
                                      "`seed`; reruns regenerate nothing: finished work is kept)")
 
 
+class EndpointSection(StrictModel):
+    """The professional model on an OpenAI-compatible server (`ksg_ray.engines.openai_engine`)."""
+
+    base_url: str = Field(..., description="the server's OpenAI base URL, e.g. http://127.0.0.1:8000/v1")
+    model: str = Field(..., description="the served model's id")
+    api_key_env: str | None = Field(None, description="the environment variable holding the token (never the "
+                                                      "token itself); null = no token")
+    max_concurrency: int = Field(8, ge=1, description="requests in flight at once per actor")
+    max_retries: int = Field(3, ge=0, description="retries with back-off per request (connection errors, 429, 5xx)")
+    timeout_s: float = Field(120.0, gt=0, description="per request")
+
+    def engine_kwargs(self) -> dict:
+        return self.model_dump(exclude={"model"})
+
+
 class ProfessionalSection(StrictModel):
     model: str = Field("smollm2-135m", description="the strong public domain model: judge, distillation answers")
+    endpoint: EndpointSection | None = Field(
+        None, description="ask the professional model on an OpenAI-compatible server instead of loading `model`: "
+                          "judge, answers and (rewriter: professional) rewrites; scoring stays local")
     filter: bool = Field(True, description="KnowledgeSG's professional filter: drop invalid or off-domain queries")
     min_yes_probability: float = Field(
         0.5, gt=0, lt=1, description="keep a query when P(yes) / (P(yes) + P(no)) reaches this")

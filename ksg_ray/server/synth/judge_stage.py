@@ -59,6 +59,8 @@ class JudgeUDF:
 
         def yes_probability(idx: list[int]) -> list[float]:
             chats = [prompts[i] for i in idx]
+            if hasattr(self.engine, "yes_probability"):  # an endpoint: no logits, a Yes/No reply
+                return self.engine.yes_probability(chats)
             yes, no = self.engine.score(chats, ["Yes"] * len(idx)), self.engine.score(chats, ["No"] * len(idx))
             return [1.0 / (1.0 + math.exp(n - y)) for y, n in zip(yes, no, strict=True)]
 
