@@ -1,21 +1,32 @@
-"""Generation throughput of the synthesis pipeline vs the bare engine, side by side in one run.
+"""Synthesis speed vs its parts run bare, side by side in one run.
 
     python bench/synthesis.py [--engine transformers] [--prompts 192] [--tokens 48] [--batch 32]
+    python bench/synthesis.py --answers-of RUN_DIR [--config configs/pipeline.yaml]
 
-Three ways to produce the same tokens with the same model (SmolLM2-135M) and batch size:
+Generation (the default). Three ways to produce the same tokens with the same model (SmolLM2-135M) and batch size:
   pipeline  — the Ray Data generate stage (`GenerateUDF` on an actor pool), rows streamed back to the driver;
   engine    — the same engine called in-process on batches (no Ray);
   per-prompt loop — the engine called one prompt at a time (what a naive loop does).
 Every answer is forced to `--tokens` new tokens (`stop_at_eos=False`), so tokens/s compare like for like.
 The pipeline's time includes starting its actor and loading the model there; the line below it also shows
 the rate with that start-up taken out. Goals (issue 4): pipeline ÷ engine ≥ 0.9, pipeline ÷ loop ≥ 5.
+
+The answers stage (`--answers-of RUN_DIR`, a finished pipeline run: its bundle and its sampled queries). The same
+queries through the answers phase twice, with the pipeline config's synthesis settings:
+  stage — `_run_answers` as the synthesis job runs it: Ray Data actor pools (judge, answer candidates, scoring)
+          with their start-up and model loads, rows streamed to the driver's store;
+  bare  — the same steps (`answer_steps`: the same classes and arguments) called in this process on the same
+          batches, one after the other, model loads included.
+Goal (issue 18): stage ≤ 1.25 × bare.
 """
 
 from __future__ import annotations
 
 import argparse
 import os
+import tempfile
 import time
+from pathlib import Path
 
 os.environ.setdefault("RAY_AUTH_MODE", "disabled")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -29,7 +40,15 @@ def main() -> None:
     parser.add_argument("--tokens", type=int, default=48)
     parser.add_argument("--batch", type=int, default=32)
     parser.add_argument("--cpus", type=float, default=2, help="CPUs of the pipeline's actor (= torch threads)")
+    parser.add_argument("--answers-of", type=Path, help="time the answers stage on this finished run's queries")
+    parser.add_argument("--config", default="configs/pipeline.yaml", help="the pipeline config of that run")
     args = parser.parse_args()
+    from ksg_ray.common.cpu_blas import reexec_with_mkl_intel_path
+
+    reexec_with_mkl_intel_path()  # both sides on the BLAS path `ksg` runs on
+    if args.answers_of:
+        answers_vs_parts(args.answers_of, args.config)
+        return
 
     import ray
     import torch
@@ -81,6 +100,53 @@ def main() -> None:
     print(f"per-prompt loop ({args.loop_prompts} prompts):                           {loop_tps:8.1f} tokens/s")
     print(f"pipeline / engine: {pipe_tps / engine_tps:.3f} (without load: {warm_tps / engine_tps:.3f}; goal >= 0.9)")
     print(f"pipeline / per-prompt loop: {pipe_tps / loop_tps:.3f} (goal >= 5)")
+
+
+def answers_vs_parts(run_dir: Path, pipeline_config: str) -> None:
+    import json
+
+    import ray
+    import torch
+
+    from ksg_ray.common.config import load_config
+    from ksg_ray.pipeline.config import PipelineConfig
+    from ksg_ray.server.synth import pipeline as synth
+    from ksg_ray.server.synth.config import SynthConfig
+    from ksg_ray.server.synth.store import JsonlStore
+
+    stage = load_config(PipelineConfig, pipeline_config).synthesize
+    raw = {r["prompt_id"]: r for r in map(json.loads, (run_dir / "synth" / "queries_raw.jsonl").open())}
+    with tempfile.TemporaryDirectory() as tmp:
+        cfg = load_config(SynthConfig, stage.config, [*stage.overrides, f"bundle={run_dir / 'bundle'}",
+                                                      f"run.output_dir={tmp}"])
+        models = synth.SynthModels.from_config(cfg)
+        queries, _ = synth._derive_queries(cfg, raw, [])
+        ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+        start = time.perf_counter()
+        store = synth._run_answers(cfg, models, Path(tmp), JsonlStore(Path(tmp) / "errors.jsonl", key="error_id"),
+                                   queries)
+        stage_s = time.perf_counter() - start
+        batches = list(ray.data.from_items(synth.answer_rows(cfg, queries)).iter_batches(
+            batch_size=cfg.engine.batch_size, batch_format="numpy"))
+        ray.shutdown()
+
+    torch.set_num_threads(cfg.engine.threads or 2)
+    start = time.perf_counter()
+    steps = [(s.fn(**s.kwargs) if s.actor else (lambda b, s=s: s.fn(b, **s.kwargs))) for s in
+             synth.answer_steps(cfg, models)]
+    load_s = time.perf_counter() - start
+    rows = 0
+    for batch in batches:
+        for step in steps:
+            batch = step(batch)
+        rows += len(batch["id"])
+    bare_s = time.perf_counter() - start
+    print(f"answers phase, {len(queries)} queries ({len(store)} written by the stage, {rows} by the bare steps), "
+          f"engine {cfg.engine.kind}, batch {cfg.engine.batch_size}, {cfg.engine.threads} threads")
+    print(f"stage (Ray Data actor pools, start-up and model loads included): {stage_s:7.1f} s")
+    print(f"bare steps in process (model loads {load_s:.1f} s included):     {bare_s:7.1f} s")
+    print(f"stage / bare: {stage_s / bare_s:.2f} (goal <= 1.25); "
+          f"stage / bare without its model loads: {stage_s / (bare_s - load_s):.2f}")
 
 
 if __name__ == "__main__":
