@@ -44,6 +44,14 @@ def test_every_stage_of_a_pipeline_config_validates_with_its_overrides(path):
         load_config(SynthConfig, ROOT / cfg.synthesize.config, [*cfg.synthesize.overrides, *variant])
 
 
+@pytest.mark.parametrize("path", sorted((ROOT / "configs").glob("study*.yaml")), ids=lambda p: p.name)
+def test_a_study_evaluates_every_held_out_record(path):
+    """Its intervals are over the held-out slice it states, not over evaluate.yaml's default 16 records."""
+    cfg = load_config(PipelineConfig, path)
+    limit = load_config(EvalConfig, ROOT / cfg.evaluate.config, list(cfg.evaluate.overrides)).data.limit
+    assert limit is None or limit >= cfg.held_out, f"{path.name}: evaluates {limit} of {cfg.held_out} held out"
+
+
 def test_overrides_parse_yaml_values_and_reject_bad_forms():
     assert parse_override("train.epochs=2") == (["train", "epochs"], 2)
     assert parse_override("privacy.target_epsilon=inf")[1] == float("inf")
