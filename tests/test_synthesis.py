@@ -277,6 +277,10 @@ def test_synthesis_runs_from_the_bundle_alone_and_a_rerun_adds_nothing(client_bu
     again = _synth(tmp / "bundle", tmp_path / "again")
     assert again["funnel"] == summary["funnel"]
     assert (tmp_path / "again" / "synthetic.jsonl").read_text() == (tmp_path / "synthetic.jsonl").read_text()
+    # each phase's steps fused into one actor (engine.fuse_steps): the same funnel and the same rows
+    fused = _synth(tmp / "bundle", tmp_path / "fused", "engine.fuse_steps=true")
+    assert fused["funnel"] == summary["funnel"]
+    assert (tmp_path / "fused" / "synthetic.jsonl").read_text() == (tmp_path / "synthetic.jsonl").read_text()
     from ksg_ray.common.records import load_records
 
     assert len(load_records(tmp_path / "synthetic.jsonl")) == len(rows)  # trainable as is

@@ -185,6 +185,10 @@ class EngineSection(StrictModel):
     max_actors: int = Field(1, gt=0, description="actors a stage pool autoscales up to")
     num_cpus: float = Field(0.5, gt=0, description="CPUs per actor (0.5 lets the 3 streaming stages share 2 cores)")
     num_gpus: float = Field(0, ge=0, description="GPUs per actor (1 for vLLM on a GPU node)")
+    fuse_steps: bool = Field(False, description=(
+        "run each phase's steps (judge, answers, scoring) in one actor, a batch through all of them in turn: on a "
+        "small CPU machine the streaming stages' actors only compete for the same cores (README 'Benchmarks'); "
+        "false = one actor pool per step, each scaled on its own (clusters)"))
     threads: int | None = Field(None, gt=0, description=(
         "CPU threads per actor (OMP_NUM_THREADS); None = Ray's floor(num_cpus), at least 1. A small run's stages "
         "take turns, so on a laptop 2 lets each use both cores while their CPU shares stay fractional"))

@@ -18,6 +18,7 @@ rejected queries go to `rejected.jsonl` with their reason; the counts of every s
 from __future__ import annotations
 
 import dataclasses
+import functools
 import hashlib
 import json
 import logging
@@ -322,18 +323,35 @@ def _actor_kwargs(udf: type, engine: EngineSection, model: tuple[str, str | None
     return ctor
 
 
+class StepChain:
+    """A phase's steps in one actor (`engine.fuse_steps`): each actor step's class is built once here (its model
+    loaded), and every batch goes through all the steps in turn, as the separate stages would pass it on."""
+
+    def __init__(self, steps: list[Step]) -> None:
+        self.steps = [step.fn(**step.kwargs) if step.actor else functools.partial(step.fn, **step.kwargs)
+                      for step in steps]
+
+    def __call__(self, batch: dict) -> dict:
+        for step in self.steps:
+            batch = step(batch)
+        return batch
+
+
 def _apply(ds: ray.data.Dataset, steps: list[Step], engine: EngineSection) -> ray.data.Dataset:
     """Each step a `map_batches`: an actor pool (every actor builds its engine once, then maps batches), or a light
-    task."""
+    task; with `engine.fuse_steps`, the whole list as one actor pool (`StepChain`)."""
+    if engine.fuse_steps and len(steps) > 1:
+        steps = [Step(StepChain, {"steps": steps}, actor=True)]
     for step in steps:
         if not step.actor:
             ds = ds.map_batches(step.fn, num_cpus=LIGHT_TASK_CPUS, fn_kwargs=step.kwargs)
             continue
         # Ray sets OMP_NUM_THREADS (torch's thread count) to floor(num_cpus) >= 1 unless the worker's env sets it.
         env = {"OMP_NUM_THREADS": str(engine.threads)} if engine.threads else {}
-        token_env = step.kwargs.get("engine_kwargs", {}).get("api_key_env") if step.num_cpus else None
-        if token_env and token_env in os.environ:  # the endpoint's token, from the driver to its actors only
-            env[token_env] = os.environ[token_env]
+        for inner in step.kwargs.get("steps", [step]):  # the endpoint's token, from the driver to its actors only
+            token_env = inner.kwargs.get("engine_kwargs", {}).get("api_key_env") if inner.num_cpus else None
+            if token_env and token_env in os.environ:
+                env[token_env] = os.environ[token_env]
         remote_args = {"runtime_env": {"env_vars": env}} if env else {}
         ds = ds.map_batches(step.fn, fn_constructor_kwargs=step.kwargs, batch_size=engine.batch_size,
                             compute=ray.data.ActorPoolStrategy(min_size=engine.min_actors, max_size=engine.max_actors),
