@@ -63,10 +63,11 @@ def test_each_filter_rejects_its_planted_row(cfg):
     # answers: the same language and loop rules, no domain rule, and no talk about the rewriting task
     answers = [PLANTED["language"], PLANTED["loop"], "The improved answer is: rest.", "A (better) A (worst)",
                "A good answer would be: rest.", "A is better than B. This answer is an improvement.",
+               "I've revised the answer to make it more concise and clear. Rest helps.",
                "I'm sorry, but as a medical assistant I'm unable to provide advice.",
                "I'm not a medical professional. Please see a doctor.", "As an AI, I cannot help.",
                "Rest and drink water. A better diet helps too. I am not able to see the rash, so see your GP."]
-    assert [r is None for r in apply_filters(answer_filters(cfg), answers)] == [False] * 9 + [True]
+    assert [r is None for r in apply_filters(answer_filters(cfg), answers)] == [False] * 10 + [True]
 
 
 @needs_shared

@@ -85,11 +85,8 @@ def _causal_lm(model: torch.nn.Module) -> torch.nn.Module:
     """The transformers model inside Opacus / DDP / DeepSpeed / peft wrappers (LoRA or full fine-tune)."""
     from transformers import PreTrainedModel
 
-    while not isinstance(model, PreTrainedModel):
-        if isinstance(model, PeftModel):
-            return model.get_base_model()
-        model = model._module if hasattr(model, "_module") else model.module
-    return model
+    model = _unwrap(model, (PeftModel, PreTrainedModel))
+    return model.get_base_model() if isinstance(model, PeftModel) else model
 
 
 def example_tokens(example) -> int:
@@ -108,7 +105,12 @@ def load_adapter(model: torch.nn.Module, src: Path) -> None:
 
 def unwrap_peft(model: torch.nn.Module) -> PeftModel:
     """Unwrap Opacus' GradSampleModule / DeepSpeed to the PeftModel."""
-    while not isinstance(model, PeftModel):
+    return _unwrap(model, PeftModel)
+
+
+def _unwrap(model: torch.nn.Module, kinds: type | tuple[type, ...]) -> torch.nn.Module:
+    """Strip Opacus (`_module`) and DDP / DeepSpeed (`module`) wrappers down to an instance of `kinds`."""
+    while not isinstance(model, kinds):
         model = model._module if hasattr(model, "_module") else model.module
     return model
 

@@ -119,7 +119,8 @@ class PatternFilter:
 
 # A small rewriter echoes the refinement prompt ("The improved answer is:", "Answer A (better)").
 META = PatternFilter("meta", r"\b(?:answer [ab]\b|(?:improved|revised|previous|past|above|better|original) (?:answer|"
-                     r"version|response|question)|(?:a )?good answer would|review of (?:that|the) answer|this answer "
+                     r"version|response|question)|(?:revised|improved|rewrote|rewritten) the (?:answer|response)|"
+                     r"(?:a )?good answer would|review of (?:that|the) answer|this answer "
                      r"is|a is better than b|you are a helpful, careful)|\((?:better|worse|worst)\)",
                      "talks about the task")
 # Distilled into the target, refusals ("as an AI ...", "I'm unable to provide ...") teach it to refuse the domain.
