@@ -66,8 +66,11 @@ def test_each_filter_rejects_its_planted_row(cfg):
                "I've revised the answer to make it more concise and clear. Rest helps.",
                "I'm sorry, but as a medical assistant I'm unable to provide advice.",
                "I'm not a medical professional. Please see a doctor.", "As an AI, I cannot help.",
+               "Dear Dr. Lee, I'm Dr. Emily Lee, a highly trained and dedicated healthcare professional.",
+               "Hello, I'm a caring, trustworthy, and responsible healthcare professional. Rest.",
+               "Hi, my name is Anna and I will help you.", "A new answer: I have had a rash on my skin.",
                "Rest and drink water. A better diet helps too. I am not able to see the rash, so see your GP."]
-    assert [r is None for r in apply_filters(answer_filters(cfg), answers)] == [False] * 10 + [True]
+    assert [r is None for r in apply_filters(answer_filters(cfg), answers)] == [False] * 14 + [True]
 
 
 @needs_shared

@@ -27,8 +27,8 @@ from ksg_ray.common.text_metrics import repeated_ngram, words
 if TYPE_CHECKING:
     from ksg_ray.server.synth.config import SynthConfig
 
-__all__ = ["META", "REFUSAL", "DegenerateTextFilter", "DomainFilter", "LanguageFilter", "PatternFilter", "TextFilter",
-           "answer_filters", "apply_filters", "query_filters"]
+__all__ = ["META", "PERSONA", "REFUSAL", "DegenerateTextFilter", "DomainFilter", "LanguageFilter", "PatternFilter",
+           "TextFilter", "answer_filters", "apply_filters", "query_filters"]
 
 class TextFilter(Protocol):
     """A filter: one reason string per rejected text, None for a kept one."""
@@ -120,7 +120,7 @@ class PatternFilter:
 # A small rewriter echoes the refinement prompt ("The improved answer is:", "Answer A (better)").
 META = PatternFilter("meta", r"\b(?:answer [ab]\b|(?:improved|revised|previous|past|above|better|original) (?:answer|"
                      r"version|response|question)|(?:revised|improved|rewrote|rewritten) the (?:answer|response)|"
-                     r"(?:a )?good answer would|review of (?:that|the) answer|this answer "
+                     r"(?:a )?good answer would|a new (?:answer|question)\b|review of (?:that|the) answer|this answer "
                      r"is|a is better than b|you are a helpful, careful)|\((?:better|worse|worst)\)",
                      "talks about the task")
 # Distilled into the target, refusals ("as an AI ...", "I'm unable to provide ...") teach it to refuse the domain.
@@ -128,6 +128,14 @@ REFUSAL = PatternFilter("refusal", r"\b(?:as an? (?:ai|language model|medical as
                         r"(?:a|an) (?:doctor|medical|healthcare|financial)|(?:not |un)able to (?:provide|give|offer|"
                         r"assist)|not equipped to)|i (?:can ?not|can't|don't) (?:provide|give|offer) (?:medical|"
                         r"financial|professional|specific))", "declines to answer")
+# A small professional told to be "a helpful, careful medical doctor" introduces that persona ("I'm Dr. Emily Lee, a
+# highly trained and dedicated healthcare professional") or writes as the patient ("Dear Dr."); real answers
+# do neither (0 of the 112 medical dev answers match).
+PERSONA = PatternFilter("persona", r"\b(?:i(?:'m| am) (?:dr\.?|doctor) [a-z]|my name is|dear (?:dr\b|doctor)|"
+                        r"i(?:'m| am) (?:a|an) (?:[\w-]+,? (?:and )?){0,4}(?:healthcare|medical|health) "
+                        r"(?:professional|provider|expert)|highly (?:trained|skilled|qualified) "
+                        r"(?:and|doctor|healthcare|medical|professional))",
+                        "talks about itself, not the question")
 
 
 class DomainFilter:
@@ -178,10 +186,10 @@ def query_filters(cfg: SynthConfig) -> list[TextFilter]:
 
 
 def answer_filters(cfg: SynthConfig) -> list[TextFilter]:
-    """The answer candidates' filters: talk about the task, refusals, language and degenerate text (an answer
-    need not restate the domain)."""
+    """The answer candidates' filters: talk about the task, refusals, persona talk, language and degenerate text
+    (an answer need not restate the domain)."""
     f = cfg.filters
-    out: list[TextFilter] = [META, REFUSAL] if f.degenerate else []
+    out: list[TextFilter] = [META, REFUSAL, PERSONA] if f.degenerate else []
     if f.language:
         out.append(LanguageFilter(cfg.domain.language, f.min_language_confidence))
     if f.degenerate:
