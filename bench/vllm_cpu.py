@@ -1,6 +1,6 @@
 """vLLM engine vs transformers engine: start time and generated tokens/s, same model, same batch, side by side.
 
-    .venv-vllm/bin/python bench/vllm_cpu.py [--model smollm2-135m] [--batch 8] [--tokens 64] [--engines vllm]
+    .venv-vllm/bin/python bench/vllm_cpu.py [--model smollm2-135m] [--batch 32] [--tokens 64] [--engines vllm]
 
 Runs in the vllm-cpu environment (README). Every answer is `--tokens` long (`stop_at_eos=False`), so both
 engines generate the same number of tokens. Each engine runs in its own subprocess, so neither competes with
@@ -25,7 +25,8 @@ def run_engine(kind: str, model_name: str, batch: int, tokens: int, rounds: int)
     from ksg_ray.common.hub import resolve_model
     from ksg_ray.engines import SamplingParams, build_engine
 
-    kw = {"batch_size": batch} if kind == "transformers" else {"dtype": "float32", "max_model_len": 1024}
+    kw = {"batch_size": batch, "dtype": "float32"} if kind == "transformers" else {"dtype": "float32",
+                                                                                  "max_model_len": 1024}
     t0 = time.perf_counter()
     engine = build_engine(kind, resolve_model(model_name), **kw)
     start_s = time.perf_counter() - t0
@@ -41,7 +42,7 @@ def run_engine(kind: str, model_name: str, batch: int, tokens: int, rounds: int)
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--model", default="smollm2-135m")
-    ap.add_argument("--batch", type=int, default=8)
+    ap.add_argument("--batch", type=int, default=32)
     ap.add_argument("--tokens", type=int, default=64)
     ap.add_argument("--rounds", type=int, default=2)
     ap.add_argument("--engines", default="vllm,transformers")

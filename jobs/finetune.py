@@ -73,9 +73,8 @@ def main(argv: list[str] | None = None) -> dict:
         length=example_tokens, save=ft.save_full if full else save_adapter, load=ft.load_full if full else load_adapter,
         tokenizer_path=model_path, dev_prompts=[build_messages(r)[:-1] for r in data.dev],
         dev_references=[r.output for r in data.dev], full_weights=full)
-    best, state = ft.fit_finetune(task, spec, num_workers=cfg.scaling.num_workers, use_gpu=cfg.scaling.use_gpu,
-                               cpus_per_worker=cfg.scaling.cpus_per_worker, storage=Path(cfg.run.output_dir).resolve(),
-                               name=cfg.run.name, max_failures=cfg.run.max_failures)
+    best, state = ft.fit_finetune(task, spec, scaling=cfg.scaling, storage=Path(cfg.run.output_dir).resolve(),
+                                  name=cfg.run.name, max_failures=cfg.run.max_failures)
 
     this_round = {
         "run": cfg.run.name, "max_round": cfg.data.max_round, "data": cfg.data.path, "rows": len(examples),

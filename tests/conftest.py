@@ -1,3 +1,4 @@
+import contextlib
 import json
 import os
 import shutil
@@ -38,6 +39,56 @@ def init_local_ray() -> None:
     ray.init(num_cpus=2, include_dashboard=False, log_to_driver=True,
              runtime_env={"env_vars": {"RAY_AUTH_MODE": "disabled", "HF_HUB_OFFLINE": "1",
                                        "TORCH_EXTENSIONS_DIR": os.environ["TORCH_EXTENSIONS_DIR"]}})
+
+
+def start_cli_node(temp_dir: str, *args: str) -> None:
+    """`ray start --temp-dir=TEMP_DIR ARGS` on 127.0.0.1 with every port of its own (a free one each), so it runs
+    beside other Ray clusters on this machine (another node of the same cluster, a developer's cluster)."""
+    import socket
+    import subprocess
+    import sys
+
+    def free_port() -> int:
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            return s.getsockname()[1]
+
+    ports = ["--node-manager-port", "--object-manager-port", "--dashboard-agent-listen-port",
+             "--dashboard-agent-grpc-port", "--runtime-env-agent-port", "--metrics-export-port"]
+    ray = str(Path(sys.executable).parent / "ray")  # the CLI of the Ray these tests import
+    subprocess.run([ray, "start", "--node-ip-address=127.0.0.1", f"--temp-dir={temp_dir}", "--disable-usage-stats",
+                    *args, *[f"{p}={free_port()}" for p in ports]], check=True,
+                   env={**os.environ, "RAY_AUTH_MODE": "disabled"})
+
+
+def stop_cli_cluster(temp_dir: str, grace_s: float = 10.0) -> None:
+    """Stop a cluster started by `ray start --temp-dir=TEMP_DIR`, and nothing else: every process whose command
+    line names that directory, and their children. (`ray stop` stops every Ray on the machine: a developer's own
+    cluster, a study running in the background.)"""
+    import psutil
+
+    found: dict[int, psutil.Process] = {}
+    for proc in psutil.process_iter(["cmdline"]):
+        if temp_dir in " ".join(proc.info["cmdline"] or []):
+            for p in [proc, *_children(proc)]:
+                found[p.pid] = p
+    found.pop(os.getpid(), None)
+    for p in found.values():
+        with contextlib.suppress(psutil.Error):
+            p.terminate()
+    _, alive = psutil.wait_procs(list(found.values()), timeout=grace_s)
+    for p in alive:
+        with contextlib.suppress(psutil.Error):
+            p.kill()
+
+
+def _children(proc) -> list:
+    import psutil
+
+    try:
+        return proc.children(recursive=True)
+    except psutil.Error:
+        return []
 
 
 @pytest.fixture(scope="session")

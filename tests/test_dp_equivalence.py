@@ -21,7 +21,7 @@ from ksg_ray.client.privacy.dp_sgd import poisson_sample
 from ksg_ray.common.chat_format import collate, tokenize_records
 from ksg_ray.common.lora import build_lora_lm, lm_builder, lm_loss, load_adapter, save_adapter
 from ksg_ray.common.records import load_records
-from ksg_ray.common.sections import LoraSection
+from ksg_ray.common.sections import LoraSection, ScalingSection
 
 pytestmark = pytest.mark.e2e  # real Ray clusters and trainings: the long tests, at their smallest settings
 
@@ -65,7 +65,7 @@ def _reference_adapter(model_path, examples, pad_id) -> dict[str, torch.Tensor]:
 def _ray_adapter(tmp_path, model_path, examples, pad_id, strategy, zero_stage=1) -> dict[str, torch.Tensor]:
     task = DPTask(name="generator", build_model=lm_builder(model_path, LORA, 0), examples=examples,
                   collate=partial(collate, pad_token_id=pad_id), loss_fn=lm_loss, save=save_adapter, load=load_adapter)
-    ckpt, metrics = fit_dp(task, _spec(strategy, zero_stage), num_workers=2, use_gpu=False, cpus_per_worker=1,
+    ckpt, metrics = fit_dp(task, _spec(strategy, zero_stage), scaling=ScalingSection(num_workers=2),
                            output_dir=tmp_path, name=f"eq-{strategy}{zero_stage}", max_failures=0)
     assert metrics["step"] == 1
     return load_file(str(ckpt / "model" / "adapter_model.safetensors"))

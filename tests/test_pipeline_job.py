@@ -6,9 +6,11 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import socket
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 
 import openai
@@ -79,20 +81,20 @@ def ray_head():
     """A Ray head of its own (the session cluster of the other tests is shut down around it: one cluster at a
     time on this machine), stopped afterwards."""
     import ray
-    from conftest import init_local_ray
+    from conftest import init_local_ray, start_cli_node, stop_cli_cluster
 
     was_up = ray.is_initialized()
     if was_up:
         ray.shutdown()
     gcs, dashboard = _free_port(), _free_port()
-    env = {**os.environ, "RAY_AUTH_MODE": "disabled"}
-    subprocess.run([RAY, "start", "--head", "--node-ip-address=127.0.0.1",
-                    f"--port={gcs}", "--num-cpus=2", "--include-dashboard=true", "--dashboard-host=127.0.0.1",
-                    f"--dashboard-port={dashboard}", "--disable-usage-stats"], check=True, env=env)
+    temp_dir = tempfile.mkdtemp(prefix="ksg-ray-")  # short: Ray's socket paths live under it
     try:
+        start_cli_node(temp_dir, "--head", f"--port={gcs}", "--num-cpus=2", "--include-dashboard=true",
+                       "--dashboard-host=127.0.0.1", f"--dashboard-port={dashboard}")
         yield f"http://127.0.0.1:{dashboard}"
     finally:
-        subprocess.run([RAY, "stop", "--force"], env=env, check=False)
+        stop_cli_cluster(temp_dir)
+        shutil.rmtree(temp_dir, ignore_errors=True)
         if was_up:
             init_local_ray()
 

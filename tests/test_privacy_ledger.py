@@ -12,6 +12,7 @@ from dp_accounting import pld, rdp
 from ksg_ray.client.privacy.accountant import Mechanism, calibrate_noise
 from ksg_ray.client.privacy.ledger import LedgerError, check_budget, open_ledger, privacy_report
 from ksg_ray.common.records import Record, load_records
+from ksg_ray.common.sections import ScalingSection
 from ksg_ray.jobs import dp_reward
 
 DELTA = 1e-5
@@ -97,8 +98,7 @@ def test_a_run_directory_cannot_be_resumed_by_another_mechanism(tmp_path):
                                                 | {"mechanism": "generator"}))
     task = DPTask(None, [], None, None, None, None, name="reward")
     with pytest.raises(ValueError, match="other DP numbers.*mechanism"):
-        fit_dp(task, spec, num_workers=1, use_gpu=False, cpus_per_worker=1, output_dir=tmp_path, name="generator",
-               max_failures=0)
+        fit_dp(task, spec, scaling=ScalingSection(), output_dir=tmp_path, name="generator", max_failures=0)
 
 
 @pytest.fixture

@@ -5,6 +5,7 @@ installed. vLLM starts its own engine processes inside the actor; these tests sh
 cluster, with the client's LoRA adapter, and that no row is lost.
 """
 
+import dataclasses
 import json
 
 import pytest
@@ -50,29 +51,43 @@ def test_generate_dataset_on_vllm_with_adapter_keeps_every_row(ray_cluster, smol
 
 
 def test_ray_data_llm_processor_on_cpu(ray_cluster, smollm2_path, smollm2_adapter):
-    """Ray's own vLLM processor, set up for CPU by `build_vllm_processor`: same answers, same columns."""
+    """Ray's own vLLM processor on CPU, as synthesis runs it (`processor_generate`): n answers as n seeded
+    request rows regrouped, our chat format's tokens, the adapter as the row's LoRA; a malformed prompt, a row
+    without a prompt and a row that failed upstream all come back, reported, with GenerateUDF's columns."""
     import ray
 
-    from ksg_ray.engines.ray_llm_processor import build_vllm_processor
+    from ksg_ray.engines.ray_llm_processor import processor_generate
 
-    rows = [{"id": i, "messages": PROMPTS[i % 3]} for i in range(4)]
+    rows = [{"id": i, "messages": PROMPTS[i % 3], "__error__": None} for i in range(6)]
     rows[3]["messages"] = [{"role": "user", "content": None}]  # malformed: reported, not dropped
-    params = SamplingParams(max_new_tokens=12)
-    with pytest.raises(ValueError, match="one answer per row"):
-        build_vllm_processor(model_path=smollm2_path, adapter_path=None, sampling=SamplingParams(n=2),
-                             batch_size=4)
-    processor = build_vllm_processor(model_path=smollm2_path, adapter_path=smollm2_adapter, sampling=params,
-                                     batch_size=4, engine_kwargs=VLLM_OPTS)
-    out = sorted(processor(ray.data.from_items(rows)).take_all(), key=lambda r: r["id"])
-    assert [r["id"] for r in out] == list(range(4))
-    expected = TransformersEngine(smollm2_path, smollm2_adapter).generate(PROMPTS, params)
+    rows[4]["messages"] = None  # an earlier stage decided this row needs no answer
+    rows[5]["__error__"] = "ValueError: failed upstream"
+    greedy = SamplingParams(max_new_tokens=12, n=2)
+    out = processor_generate(ray.data.from_items(rows), model_path=smollm2_path, adapter_path=smollm2_adapter,
+                             sampling=dataclasses.asdict(greedy), messages_column="messages",
+                             output_column="generations", batch_size=4, engine_kwargs=VLLM_OPTS)
+    out = sorted(out.take_all(), key=lambda r: r["id"])
+    assert [r["id"] for r in out] == list(range(6))
+    expected = TransformersEngine(smollm2_path, smollm2_adapter).generate(PROMPTS, greedy)
     for r in out[:3]:
         assert r["__error__"] is None
         assert [m["content"] for m in r["messages"]] == [m["content"] for m in PROMPTS[r["id"]]]
-        assert list(r["generations"]) == [expected[r["id"]][0].text]
-        assert list(r["generations_finished"]) == [expected[r["id"]][0].finished]
+        assert list(r["generations"]) == [g.text for g in expected[r["id"]]]
+        assert list(r["generations_finished"]) == [g.finished for g in expected[r["id"]]]
     assert out[3]["__error__"].startswith("ValueError: message 0 (user): 'content' must be a string")
-    assert out[3]["generations"] is None and out[3]["generations_finished"] is None
+    assert out[4]["__error__"] is None and out[5]["__error__"] == "ValueError: failed upstream"
+    assert all(r["generations"] is None and r["generations_finished"] is None for r in out[3:])
+
+    # sampled: n distinct seeded requests per row, the same answers on a rerun (seeds from the row's id)
+    sampled = dataclasses.asdict(SamplingParams(max_new_tokens=12, n=3, temperature=1.0, seed=7))
+    def run():
+        ds = processor_generate(ray.data.from_items(rows[:3]), model_path=smollm2_path, adapter_path=None,
+                                sampling=sampled, messages_column="messages", output_column="answers",
+                                seed_column="id", batch_size=4, engine_kwargs=VLLM_OPTS)
+        return {r["id"]: list(r["answers"]) for r in ds.take_all()}
+    first = run()
+    assert all(len(a) == 3 and len(set(a)) > 1 for a in first.values()), first
+    assert run() == first
 
 
 @pytest.mark.e2e

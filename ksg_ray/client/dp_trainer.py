@@ -30,6 +30,7 @@ from ksg_ray.client.privacy.dp_sgd import DPSGD, poisson_sample
 from ksg_ray.common.ray_train import TrainTask, deepspeed_initialize, micro_batch_split, run_torch_trainer
 from ksg_ray.common.ray_train import gathered_params as _full_params
 from ksg_ray.common.ray_train import to_device as _to_device
+from ksg_ray.common.sections import ScalingSection
 
 logger = logging.getLogger(__name__)
 
@@ -225,8 +226,8 @@ def _report_with_checkpoint(metrics, state, task, model, dp, optimizer, engine, 
                          checkpoint_dir_name=f"checkpoint_{state['step']:07d}")
 
 
-def fit_dp(task: DPTask, spec: DPRunSpec, *, num_workers: int, use_gpu: bool, cpus_per_worker: float,
-           output_dir: Path, name: str, max_failures: int) -> tuple[Path, dict[str, Any]]:
+def fit_dp(task: DPTask, spec: DPRunSpec, *, scaling: ScalingSection, output_dir: Path, name: str,
+           max_failures: int) -> tuple[Path, dict[str, Any]]:
     """Run `dp_worker_loop` on a Ray Train `TorchTrainer`; returns (final checkpoint dir, last metrics).
 
     A rerun with the same `output_dir`/`name` resumes from the run's latest checkpoint (Ray Train V2 restores
@@ -251,9 +252,8 @@ def fit_dp(task: DPTask, spec: DPRunSpec, *, num_workers: int, use_gpu: bool, cp
             )
     numbers_file.write_text(json.dumps(numbers | {"run_id": spec.run_id or task.name}, indent=2))
 
-    result = run_torch_trainer(dp_worker_loop, {"task": task, "spec": spec}, num_workers=num_workers,
-                               use_gpu=use_gpu, cpus_per_worker=cpus_per_worker, storage=storage, name=name,
-                               max_failures=max_failures)
+    result = run_torch_trainer(dp_worker_loop, {"task": task, "spec": spec}, scaling=scaling, storage=storage,
+                               name=name, max_failures=max_failures)
     if result.checkpoint is None:
         raise RuntimeError(f"DP training {name} finished without a checkpoint: {result.error}")
     return Path(result.checkpoint.path), dict(result.metrics or {})

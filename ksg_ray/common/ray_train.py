@@ -16,6 +16,8 @@ from typing import Any
 
 import torch
 
+from ksg_ray.common.sections import ScalingSection
+
 __all__ = ["TrainTask", "deepspeed_initialize", "gathered_params", "micro_batch_split", "run_torch_trainer",
            "to_device"]
 
@@ -91,13 +93,13 @@ def deepspeed_initialize(model: torch.nn.Module, optimizer: torch.optim.Optimize
     return engine, optimizer, lr_scheduler
 
 
-def run_torch_trainer(loop: Callable[[dict], None], loop_config: dict, *, num_workers: int, use_gpu: bool,
-                      cpus_per_worker: float, storage: Path, name: str, max_failures: int,
-                      checkpoint_config=None):
-    """Run `loop` on `num_workers` Ray Train workers (gloo on CPU, NCCL on GPU) and return the `Result`.
+def run_torch_trainer(loop: Callable[[dict], None], loop_config: dict, *, scaling: ScalingSection, storage: Path,
+                      name: str, max_failures: int, checkpoint_config=None):
+    """Run `loop` on `scaling.num_workers` Ray Train workers (gloo on CPU, NCCL on GPU) and return the `Result`.
 
     Args:
         loop: the `train_loop_per_worker`; it and `loop_config` must be picklable.
+        scaling: workers, their CPUs/GPUs and custom resources, and their placement.
         storage, name: the run lives in `storage/name`; a rerun with both unchanged resumes it.
         max_failures: worker failures recovered from (each restart resumes from the latest checkpoint).
         checkpoint_config: a `ray.train.CheckpointConfig`; None keeps the 2 latest checkpoints.
@@ -108,9 +110,11 @@ def run_torch_trainer(loop: Callable[[dict], None], loop_config: dict, *, num_wo
     trainer = TorchTrainer(
         loop,
         train_loop_config=loop_config,
-        scaling_config=ScalingConfig(num_workers=num_workers, use_gpu=use_gpu,
-                                     resources_per_worker={"CPU": cpus_per_worker}),
-        torch_config=TorchConfig(backend="nccl" if use_gpu else "gloo"),
+        scaling_config=ScalingConfig(num_workers=scaling.num_workers, use_gpu=scaling.use_gpu,
+                                     resources_per_worker={"CPU": scaling.cpus_per_worker,
+                                                           **scaling.resources_per_worker},
+                                     placement_strategy=scaling.placement_strategy),
+        torch_config=TorchConfig(backend="nccl" if scaling.use_gpu else "gloo"),
         run_config=RunConfig(name=name, storage_path=str(storage),
                              failure_config=FailureConfig(max_failures=max_failures),
                              checkpoint_config=checkpoint_config or CheckpointConfig(num_to_keep=2)),

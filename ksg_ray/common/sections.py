@@ -51,6 +51,11 @@ class ScalingSection(StrictModel):
     num_workers: int = Field(1, gt=0, description="Ray Train workers")
     use_gpu: bool = False
     cpus_per_worker: float = Field(1, gt=0)
+    resources_per_worker: dict[str, float] = Field(
+        {}, description="custom Ray resources each worker asks for besides its CPUs/GPUs: a cluster pins workers "
+                        "to the nodes that offer them (e.g. {trainer_slot: 1} on each node = one worker per node)")
+    placement_strategy: Literal["PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD"] = Field(
+        "PACK", description="Ray Train's placement of the workers: PACK fills a node first, SPREAD uses many")
     strategy: Literal["ddp", "deepspeed"] = "ddp"
     zero_stage: int = Field(1, ge=0, le=3, description="DeepSpeed ZeRO stage (strategy=deepspeed)")
     bf16: bool | Literal["auto"] = Field(

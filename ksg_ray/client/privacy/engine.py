@@ -92,8 +92,7 @@ class PrivacyEngine:
         spec, entry = self._planned()
         self.ledger.reserve(entry, self.privacy.total_epsilon_budget, self.privacy.accountant)
         try:
-            ckpt, metrics = fit_dp(task, spec, num_workers=scaling.num_workers, use_gpu=scaling.use_gpu,
-                                   cpus_per_worker=scaling.cpus_per_worker, output_dir=run.output_dir, name=run.name,
+            ckpt, metrics = fit_dp(task, spec, scaling=scaling, output_dir=run.output_dir, name=run.name,
                                    max_failures=run.max_failures)
         except BaseException:
             logger.warning("run %s failed: its reservation stays in %s and is counted", entry.key, self.ledger.path)

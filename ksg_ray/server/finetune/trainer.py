@@ -41,6 +41,7 @@ from ksg_ray.common.ray_train import (
     run_torch_trainer,
     to_device,
 )
+from ksg_ray.common.sections import ScalingSection
 from ksg_ray.server.finetune.data import format_dev_score
 
 logger = logging.getLogger(__name__)
@@ -431,8 +432,8 @@ def load_full(model: torch.nn.Module, src: Path) -> None:
                          f"unexpected {sorted(unexpected)[:5]})")
 
 
-def fit_finetune(task: FinetuneTask, spec: FinetuneSpec, *, num_workers: int, use_gpu: bool, cpus_per_worker: float,
-                 storage: Path, name: str, max_failures: int) -> tuple[Path, dict[str, Any]]:
+def fit_finetune(task: FinetuneTask, spec: FinetuneSpec, *, scaling: ScalingSection, storage: Path, name: str,
+                 max_failures: int) -> tuple[Path, dict[str, Any]]:
     """Run `finetune_worker_loop` on a `TorchTrainer`; returns (the best epoch's checkpoint dir, final state).
 
     A rerun with the same `storage`/`name` resumes from the run's latest checkpoint (Ray Train V2 restores the
@@ -445,8 +446,8 @@ def fit_finetune(task: FinetuneTask, spec: FinetuneSpec, *, num_workers: int, us
 
     start = time.time()
     result = run_torch_trainer(
-        finetune_worker_loop, {"task": task, "spec": spec}, num_workers=num_workers, use_gpu=use_gpu,
-        cpus_per_worker=cpus_per_worker, storage=storage, name=name, max_failures=max_failures,
+        finetune_worker_loop, {"task": task, "spec": spec}, scaling=scaling, storage=storage, name=name,
+        max_failures=max_failures,
         checkpoint_config=CheckpointConfig(num_to_keep=1, checkpoint_score_attribute=SCORE_KEY,
                                            checkpoint_score_order="max"))
     if result.checkpoint is None:

@@ -185,6 +185,10 @@ class EngineSection(StrictModel):
     max_actors: int = Field(1, gt=0, description="actors a stage pool autoscales up to")
     num_cpus: float = Field(0.5, gt=0, description="CPUs per actor (0.5 lets the 3 streaming stages share 2 cores)")
     num_gpus: float = Field(0, ge=0, description="GPUs per actor (1 for vLLM on a GPU node)")
+    resources: dict[str, float] = Field({}, description=(
+        "custom Ray resources each model-holding actor asks for: a cluster pins the engines to the nodes that offer "
+        "them (e.g. {engine_slot: 1} on each node = at most one engine per node)"))
+    spread: bool = Field(False, description="place a pool's actors on different nodes (Ray's SPREAD), not packed")
     fuse_steps: bool = Field(False, description=(
         "run each phase's steps (judge, answers, scoring) in one actor, a batch through all of them in turn: on a "
         "small CPU machine the streaming stages' actors only compete for the same cores (README 'Benchmarks'); "

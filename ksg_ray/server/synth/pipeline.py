@@ -37,6 +37,7 @@ from ksg_ray.common.errors import KsgError
 from ksg_ray.common.hub import model_dir_engine_args, resolve_model
 from ksg_ray.common.jsonl import atomic_open, write_json_atomic, write_jsonl_atomic
 from ksg_ray.engines import SamplingParams
+from ksg_ray.engines.ray_llm_processor import processor_generate
 from ksg_ray.engines.stage import ERROR_COLUMN, GenerateUDF, is_missing, passthrough, plain
 from ksg_ray.server.bundle_models import component_base
 from ksg_ray.server.synth import prompts
@@ -323,6 +324,15 @@ def _actor_kwargs(udf: type, engine: EngineSection, model: tuple[str, str | None
     return ctor
 
 
+def _as_processor(step: Step) -> Step:
+    """A `GenerateUDF` step as the same generation through `ray.data.llm` (`processor_generate`)."""
+    k = step.kwargs
+    return Step(processor_generate, dict(
+        model_path=k["model_path"], adapter_path=k.get("adapter_path"), sampling=k["sampling"],
+        messages_column=k["messages_column"], output_column=k["output_column"], seed_column=k.get("seed_column"),
+        engine_kwargs=k["engine_kwargs"]), actor=False)
+
+
 class StepChain:
     """A phase's steps in one actor (`engine.fuse_steps`): each actor step's class is built once here (its model
     loaded), and every batch goes through all the steps in turn, as the separate stages would pass it on."""
@@ -339,10 +349,24 @@ class StepChain:
 
 def _apply(ds: ray.data.Dataset, steps: list[Step], engine: EngineSection) -> ray.data.Dataset:
     """Each step a `map_batches`: an actor pool (every actor builds its engine once, then maps batches), or a light
-    task; with `engine.fuse_steps`, the whole list as one actor pool (`StepChain`)."""
-    if engine.fuse_steps and len(steps) > 1:
-        steps = [Step(StepChain, {"steps": steps}, actor=True)]
+    task; with `engine.fuse_steps`, each run of steps between generation processors as one actor pool
+    (`StepChain`). On `engine.kind: vllm` every generating step is a `ray.data.llm` processor."""
+    if engine.kind == "vllm":
+        steps = [_as_processor(s) if s.fn is GenerateUDF and s.kwargs["engine_kind"] == "vllm" else s for s in steps]
+    if engine.fuse_steps:
+        runs: list[list[Step]] = []
+        for step in steps:
+            if step.fn is processor_generate or not runs or runs[-1][-1].fn is processor_generate:
+                runs.append([step])
+            else:
+                runs[-1].append(step)
+        steps = [Step(StepChain, {"steps": run}, actor=True) if len(run) > 1 else run[0] for run in runs]
     for step in steps:
+        if step.fn is processor_generate:
+            ds = processor_generate(ds, **step.kwargs, batch_size=engine.batch_size,
+                                    concurrency=(engine.min_actors, engine.max_actors), num_cpus=engine.num_cpus,
+                                    num_gpus=engine.num_gpus, resources=engine.resources or None)
+            continue
         if not step.actor:
             ds = ds.map_batches(step.fn, num_cpus=LIGHT_TASK_CPUS, fn_kwargs=step.kwargs)
             continue
@@ -352,7 +376,10 @@ def _apply(ds: ray.data.Dataset, steps: list[Step], engine: EngineSection) -> ra
             token_env = inner.kwargs.get("engine_kwargs", {}).get("api_key_env") if inner.num_cpus else None
             if token_env and token_env in os.environ:
                 env[token_env] = os.environ[token_env]
-        remote_args = {"runtime_env": {"env_vars": env}} if env else {}
+        remote_args: dict = {"runtime_env": {"env_vars": env}} if env else {}
+        if not step.num_cpus:  # the model-holding actors (an endpoint client's are light and go anywhere)
+            remote_args |= {"resources": engine.resources} if engine.resources else {}
+            remote_args |= {"scheduling_strategy": "SPREAD"} if engine.spread else {}
         ds = ds.map_batches(step.fn, fn_constructor_kwargs=step.kwargs, batch_size=engine.batch_size,
                             compute=ray.data.ActorPoolStrategy(min_size=engine.min_actors, max_size=engine.max_actors),
                             num_cpus=step.num_cpus or engine.num_cpus,
