@@ -34,6 +34,7 @@ from ksg_ray.serve.openai_protocol import APIError
 __all__ = ["KsgLLMServer", "build_vllm_deployment"]
 
 logger = logging.getLogger("ray.serve")
+BASE_ID = "ksg-shared-base"  # vLLM's name for the base; requests for a model id without an adapter use it
 
 
 def build_vllm_deployment(cfg: ServeAppConfig) -> serve.Application:
@@ -57,7 +58,7 @@ def build_vllm_deployment(cfg: ServeAppConfig) -> serve.Application:
     placement = None
     if engine.num_gpus == 0:
         kwargs |= cpu_engine_defaults()
-        placement = {"bundles": [{"CPU": max(engine.num_cpus, 1.0)}]}
+        placement = {"bundles": [{"CPU": max(engine.num_cpus, 1.0)}]}  # vLLM's CPU worker: a core at least
     for adapter in adapters.values():
         lora = lora_engine_kwargs(adapter)
         kwargs["max_lora_rank"] = max(kwargs.get("max_lora_rank", 0), lora.pop("max_lora_rank"))
@@ -66,7 +67,7 @@ def build_vllm_deployment(cfg: ServeAppConfig) -> serve.Application:
         kwargs["max_loras"] = min(len(adapters), engine.max_models_per_replica)
     kwargs |= engine.engine_kwargs
     llm_config = LLMConfig(
-        model_loading_config={"model_id": "base", "model_source": base},
+        model_loading_config={"model_id": BASE_ID, "model_source": base},
         engine_kwargs=kwargs,
         placement_group_config=placement,
         runtime_env={"env_vars": {"VLLM_CPU_OMP_THREADS_BIND": "nobind"}} if engine.num_gpus == 0 else None,
