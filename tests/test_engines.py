@@ -72,6 +72,24 @@ def test_build_engine_kinds(engine, varied_model_path):
         assert isinstance(build_engine("auto", varied_model_path), TransformersEngine)
 
 
+def test_steps_of_one_actor_share_an_engine_per_model(varied_model_path, tiny_model_path):
+    """A fused synthesis phase (`StepChain`) builds each model once: the professional's judge and its answers
+    use one engine; another model (or the same one with other options) gets its own."""
+    from ksg_ray.server.synth.judge_stage import JudgeUDF
+    from ksg_ray.server.synth.pipeline import Step, StepChain
+
+    kw = {"engine_kind": "transformers", "engine_kwargs": {"batch_size": 4, "dtype": "float32"}}
+    judge = Step(JudgeUDF, kw | {"model_path": varied_model_path}, actor=True)
+    answer = Step(GenerateUDF, kw | {"model_path": varied_model_path, "adapter_path": None,
+                                     "sampling": {"max_new_tokens": 4}}, actor=True)
+    other = Step(GenerateUDF, kw | {"model_path": tiny_model_path, "adapter_path": None,
+                                    "sampling": {"max_new_tokens": 4}}, actor=True)
+    chain = StepChain([judge, answer, other])
+    assert chain.steps[0].engine is chain.steps[1].engine
+    assert chain.steps[2].engine is not chain.steps[1].engine
+    assert build_engine("transformers", varied_model_path) is not build_engine("transformers", varied_model_path)
+
+
 def test_prompt_rendering_matches_training(engine):
     record = Record("Be brief.", "What is 2+2?", "4")
     assert render_prompt(engine.tokenizer, build_messages(record)[:-1]) == prompt_text(engine.tokenizer, record)

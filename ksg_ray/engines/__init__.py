@@ -9,16 +9,19 @@ format it learned.
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import importlib.util
 import threading
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, Protocol, runtime_checkable
 
 __all__ = ["CONTINUE_KEY", "ENGINE_KINDS", "Engine", "Generation", "SamplingParams", "build_engine", "check_messages",
-           "encode", "prompt_ids", "render_prompt", "score_inputs"]
+           "encode", "prompt_ids", "render_prompt", "score_inputs", "shared_engines"]
 
 ENGINE_KINDS = ("transformers", "vllm", "auto")
+_SHARED: contextvars.ContextVar[dict | None] = contextvars.ContextVar("ksg_shared_engines", default=None)
 
 
 @dataclass(frozen=True)
@@ -129,6 +132,29 @@ def build_engine(kind: str, model_path: str, adapter_path: str | None = None, **
         >>> engine = build_engine("auto", resolve_model("smollm2-135m"))
         >>> engine.generate([[{"role": "user", "content": "Hi"}]], SamplingParams(max_new_tokens=16))
     """
+    cache = _SHARED.get()
+    key = (kind, model_path, adapter_path, repr(sorted(kw.items())))
+    if cache is not None and key in cache:
+        return cache[key]
+    engine = _build_engine(kind, model_path, adapter_path, **kw)
+    if cache is not None:
+        cache[key] = engine
+    return engine
+
+
+@contextlib.contextmanager
+def shared_engines() -> Iterator[None]:
+    """Within it, `build_engine` with the same arguments returns the same engine, so the steps of one actor that
+    use one model (`StepChain`: the professional's judge and answers; the generator's answers and its
+    perplexity scores) load it once."""
+    token = _SHARED.set({})
+    try:
+        yield
+    finally:
+        _SHARED.reset(token)
+
+
+def _build_engine(kind: str, model_path: str, adapter_path: str | None, **kw: Any) -> Engine:
     if kind == "openai":  # a served model (`professional.endpoint`): model_path is its id; no adapter
         from ksg_ray.engines.openai_engine import OpenAIEndpointEngine
 

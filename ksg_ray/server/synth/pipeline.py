@@ -36,7 +36,7 @@ from ksg_ray.common.chat_format import trim_to_sentence
 from ksg_ray.common.errors import KsgError
 from ksg_ray.common.hub import model_dir_engine_args, resolve_model
 from ksg_ray.common.jsonl import atomic_open, write_json_atomic, write_jsonl_atomic
-from ksg_ray.engines import SamplingParams
+from ksg_ray.engines import SamplingParams, shared_engines
 from ksg_ray.engines.ray_llm_processor import processor_generate
 from ksg_ray.engines.stage import ERROR_COLUMN, GenerateUDF, is_missing, passthrough, plain
 from ksg_ray.server.bundle_models import component_base
@@ -335,11 +335,13 @@ def _as_processor(step: Step) -> Step:
 
 class StepChain:
     """A phase's steps in one actor (`engine.fuse_steps`): each actor step's class is built once here (its model
-    loaded), and every batch goes through all the steps in turn, as the separate stages would pass it on."""
+    loaded, once for the steps that share it), and every batch goes through all the steps in turn, as the separate
+    stages would pass it on."""
 
     def __init__(self, steps: list[Step]) -> None:
-        self.steps = [step.fn(**step.kwargs) if step.actor else functools.partial(step.fn, **step.kwargs)
-                      for step in steps]
+        with shared_engines():  # steps on one model share its engine: loaded once per actor
+            self.steps = [step.fn(**step.kwargs) if step.actor else functools.partial(step.fn, **step.kwargs)
+                          for step in steps]
 
     def __call__(self, batch: dict) -> dict:
         for step in self.steps:
