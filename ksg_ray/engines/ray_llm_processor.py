@@ -146,7 +146,7 @@ class _Requests:
                     ids = prompt_ids(self.tokenizer, check_messages(to_messages(raw)))
                 except ValueError as e:
                     error = describe(e)
-            key = uuid.uuid4().hex
+            key, payload = uuid.uuid4().hex, pickle.dumps(row | {"_ksg_skip": ids is None})
             base = row_seed(self.params.seed, row[self.seed_column], self.output_column) if self.seed_column \
                 else self.params.seed
             for j in range(1 if self.params.greedy else self.params.n):
@@ -154,7 +154,7 @@ class _Requests:
                 out["_ksg_seed"].append(None if base is None else (base + j) % (1 << 63))
                 out[_KEY].append(key)
                 out[_INDEX].append(j)
-                out[_ROW].append(pickle.dumps(row | {"_ksg_skip": ids is None}))
+                out[_ROW].append(payload)
                 out[_ERROR].append(error)
         return out
 
