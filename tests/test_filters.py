@@ -69,8 +69,9 @@ def test_each_filter_rejects_its_planted_row(cfg):
                "Dear Dr. Lee, I'm Dr. Emily Lee, a highly trained and dedicated healthcare professional.",
                "Hello, I'm a caring, trustworthy, and responsible healthcare professional. Rest.",
                "Hi, my name is Anna and I will help you.", "A new answer: I have had a rash on my skin.",
+               "Dr. Elliot Black, we all have challenges. Sleep matters.",
                "Rest and drink water. A better diet helps too. I am not able to see the rash, so see your GP."]
-    assert [r is None for r in apply_filters(answer_filters(cfg), answers)] == [False] * 14 + [True]
+    assert [r is None for r in apply_filters(answer_filters(cfg), answers)] == [False] * 15 + [True]
 
 
 @needs_shared

@@ -129,9 +129,10 @@ REFUSAL = PatternFilter("refusal", r"\b(?:as an? (?:ai|language model|medical as
                         r"assist)|not equipped to)|i (?:can ?not|can't|don't) (?:provide|give|offer) (?:medical|"
                         r"financial|professional|specific))", "declines to answer")
 # A small professional told to be "a helpful, careful medical doctor" introduces that persona ("I'm Dr. Emily Lee, a
-# highly trained and dedicated healthcare professional") or writes as the patient ("Dear Dr."); real answers
-# do neither (0 of the 112 medical dev answers match).
-PERSONA = PatternFilter("persona", r"\b(?:i(?:'m| am) (?:dr\.?|doctor) [a-z]|my name is|dear (?:dr\b|doctor)|"
+# highly trained and dedicated healthcare professional", "Dr. Elliot Black, we all have challenges") or writes as
+# the patient ("Dear Dr."); real answers do neither (0 of the 112 medical dev answers match, none names a Dr.).
+PERSONA = PatternFilter("persona", r"(?-i:\bDr\.? [A-Z][a-z]+ [A-Z][a-z]+\b)|"
+                        r"\b(?:i(?:'m| am) (?:dr\.?|doctor) [a-z]|my name is|dear (?:dr\b|doctor)|"
                         r"i(?:'m| am) (?:a|an) (?:[\w-]+,? (?:and )?){0,4}(?:healthcare|medical|health) "
                         r"(?:professional|provider|expert)|highly (?:trained|skilled|qualified) "
                         r"(?:and|doctor|healthcare|medical|professional))",
