@@ -24,7 +24,7 @@ from ksg_ray.serve.openai_protocol import (
     APIError,
 )
 
-__all__ = ["LoadGauge", "ModelServer"]
+__all__ = ["LoadGauge", "ModelServer", "checked_prompt_ids", "server_error"]
 
 logger = logging.getLogger("ray.serve")  # Serve's logger: lines land in each replica's log with the request id
 
@@ -100,7 +100,7 @@ class ModelServer:
             self._generate_batch.set_batch_wait_timeout_s(self.cfg.batching.batch_wait_timeout_s if busy else 0.0)
             gens = await asyncio.gather(*(self._generate_batch((p, params)) for p in prompts))
         except Exception as e:
-            return _server_error(e).to_payload()
+            return server_error(e).to_payload()
         return {"prompt_tokens": sum(counts), "generations": gens}
 
     async def stream(self, messages: list[dict], params: SamplingParams) -> AsyncIterator[dict[str, Any]]:
@@ -110,14 +110,14 @@ class ModelServer:
             engine = await self._engine()
             prompt_tokens = await self._check_prompt(engine, messages, params)
         except Exception as e:
-            yield _server_error(e).to_payload()
+            yield server_error(e).to_payload()
             return
         yield {"prompt_tokens": prompt_tokens}
         if not hasattr(engine, "stream"):  # vLLM's offline engine: the whole answer as one piece
             try:
                 gen = (await self._generate_batch((messages, params)))[0]
             except Exception as e:
-                yield _server_error(e).to_payload()
+                yield server_error(e).to_payload()
                 return
             yield {"text": gen.text}
             yield {"generation": gen}
@@ -127,7 +127,7 @@ class ModelServer:
                 yield {"generation": item} if isinstance(item, Generation) else {"text": item}
         except Exception as e:
             self._note_engine_failure(e, engine)
-            yield _server_error(e).to_payload()
+            yield server_error(e).to_payload()
             return
         self._failures = 0
 
@@ -185,20 +185,9 @@ class ModelServer:
 
     async def _check_prompt(self, engine: Engine, messages: list[dict], params: SamplingParams) -> int:
         """The prompt's token count, refused (400) past `limits.max_prompt_tokens` or the model's context."""
-        try:
-            n = len(await asyncio.to_thread(prompt_ids, engine.tokenizer, messages))
-        except ValueError as e:
-            raise APIError(400, str(e), param="messages", code="invalid_value") from e
-        limit = self.cfg.limits.max_prompt_tokens
-        if n > limit:
-            raise APIError(400, f"the prompt is {n} tokens (chat template included); this server takes at most "
-                                f"{limit}", param="messages", code="context_length_exceeded")
-        context = _context_length(engine)
-        if context is not None and n + params.max_new_tokens > context:
-            raise APIError(400, f"the prompt ({n} tokens) plus max_tokens ({params.max_new_tokens}) exceeds the "
-                                f"model's context of {context} tokens", param="max_tokens",
-                           code="context_length_exceeded")
-        return n
+        ids = await asyncio.to_thread(checked_prompt_ids, engine.tokenizer, messages, params,
+                                      self.cfg.limits.max_prompt_tokens, _context_length(engine))
+        return len(ids)
 
     def _note_engine_failure(self, e: Exception, engine: Engine) -> None:
         """Count a failed engine call towards the health check (a fatal engine error marks it broken at once)."""
@@ -253,7 +242,30 @@ async def _drive_in_thread(items: Iterator[Any]) -> AsyncIterator[Any]:
         stop.set()
 
 
-def _server_error(e: Exception) -> APIError:
+def checked_prompt_ids(tokenizer: Any, messages: list[dict], params: SamplingParams, max_prompt_tokens: int,
+                       context: int | None) -> list[int]:
+    """Our chat format's prompt tokens; a malformed prompt, one over `max_prompt_tokens`, or one whose answer
+    budget does not fit the model's context is refused (400). Shared by both model deployments.
+
+    Raises:
+        APIError: the refusal, in OpenAI's error shape.
+    """
+    try:
+        ids = prompt_ids(tokenizer, messages)
+    except ValueError as e:
+        raise APIError(400, str(e), param="messages", code="invalid_value") from e
+    n = len(ids)
+    if n > max_prompt_tokens:
+        raise APIError(400, f"the prompt is {n} tokens (chat template included); this server takes at most "
+                            f"{max_prompt_tokens}", param="messages", code="context_length_exceeded")
+    if context is not None and n + params.max_new_tokens > context:
+        raise APIError(400, f"the prompt ({n} tokens) plus max_tokens ({params.max_new_tokens}) exceeds the "
+                            f"model's context of {context} tokens", param="max_tokens",
+                       code="context_length_exceeded")
+    return ids
+
+
+def server_error(e: Exception) -> APIError:
     """A refused request stays as it is; anything else is the server's fault (500), logged where it happened."""
     if isinstance(e, APIError):
         return e

@@ -20,20 +20,19 @@ from __future__ import annotations
 
 import asyncio
 import json
-import logging
 from collections.abc import AsyncIterator
 from typing import Any
 
 from ray import serve
 from ray.serve.llm import LLMConfig, LLMServer, build_llm_deployment
 
-from ksg_ray.engines import Generation, SamplingParams, prompt_ids
+from ksg_ray.engines import Generation, SamplingParams
 from ksg_ray.serve.config import ServeAppConfig
+from ksg_ray.serve.model_server import checked_prompt_ids, server_error
 from ksg_ray.serve.openai_protocol import APIError
 
 __all__ = ["KsgLLMServer", "build_vllm_deployment"]
 
-logger = logging.getLogger("ray.serve")
 BASE_ID = "ksg-shared-base"  # vLLM's name for the base; requests for a model id without an adapter use it
 
 
@@ -113,11 +112,8 @@ class KsgLLMServer(LLMServer):
         try:
             ids = [self._prompt(messages, params) for messages in prompts]  # refuse before any work
             gens = await asyncio.gather(*(self._complete(p, params) for p in ids))  # vLLM batches them
-        except APIError as e:
-            return e.to_payload()
         except Exception as e:
-            logger.error("request failed: %s: %s", type(e).__name__, e)
-            return APIError(500, f"generation failed: {type(e).__name__}", code="engine_error").to_payload()
+            return server_error(e).to_payload()
         return {"prompt_tokens": sum(map(len, ids)), "generations": gens}
 
     async def _complete(self, ids: list[int], params: SamplingParams) -> list[Generation]:
@@ -154,31 +150,15 @@ class KsgLLMServer(LLMServer):
                             finish = choice.get("finish_reason") or finish
                         if event.get("usage"):
                             completion_tokens = event["usage"]["completion_tokens"]
-        except APIError as e:
-            yield e.to_payload()
-            return
         except Exception as e:
-            logger.error("stream failed: %s: %s", type(e).__name__, e)
-            yield APIError(500, f"generation failed: {type(e).__name__}", code="engine_error").to_payload()
+            yield server_error(e).to_payload()
             return
         text = "".join(pieces)
         yield {"generation": Generation(text=text.strip(), finished=finish == "stop", num_tokens=completion_tokens
                                         or len(self._tokenizer(text, add_special_tokens=False).input_ids))}
 
     def _prompt(self, messages: list[dict], params: SamplingParams) -> list[int]:
-        """Our chat format's prompt tokens, refused (400) past the prompt limit or the context."""
-        try:
-            ids = prompt_ids(self._tokenizer, messages)
-        except ValueError as e:
-            raise APIError(400, str(e), param="messages", code="invalid_value") from e
-        if len(ids) > self._max_prompt_tokens:
-            raise APIError(400, f"the prompt is {len(ids)} tokens (chat template included); this server takes at "
-                                f"most {self._max_prompt_tokens}", param="messages", code="context_length_exceeded")
-        if self._context is not None and len(ids) + params.max_new_tokens > self._context:
-            raise APIError(400, f"the prompt ({len(ids)} tokens) plus max_tokens ({params.max_new_tokens}) exceeds "
-                                f"the model's context of {self._context} tokens", param="max_tokens",
-                           code="context_length_exceeded")
-        return ids
+        return checked_prompt_ids(self._tokenizer, messages, params, self._max_prompt_tokens, self._context)
 
     def _request(self, ids: list[int], params: SamplingParams, n: int, stream: bool) -> Any:
         from ray.serve.llm.openai_api_models import CompletionRequest
