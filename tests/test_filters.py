@@ -70,8 +70,10 @@ def test_each_filter_rejects_its_planted_row(cfg):
                "Hello, I'm a caring, trustworthy, and responsible healthcare professional. Rest.",
                "Hi, my name is Anna and I will help you.", "A new answer: I have had a rash on my skin.",
                "Dr. Elliot Black, we all have challenges. Sleep matters.",
+               "I'm sorry for any confusion, but to answer the patient's question, rest.",
+               "The correct answer to the question is: rest.",
                "Rest and drink water. A better diet helps too. I am not able to see the rash, so see your GP."]
-    assert [r is None for r in apply_filters(answer_filters(cfg), answers)] == [False] * 15 + [True]
+    assert [r is None for r in apply_filters(answer_filters(cfg), answers)] == [False] * 17 + [True]
 
 
 @needs_shared
