@@ -7,6 +7,7 @@ import json
 import random
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 from ksg_ray.audit.fidelity import copy_flags, fidelity_report
@@ -62,3 +63,17 @@ def test_copy_share_catches_planted_copies(splits):
     rows[2] = {"input": "Ho mal di testa da tre giorni.", "output": "Riposa e bevi molta acqua, per favore."}
     assert fidelity_report(rows, train, held_out)["other_language_share"] == pytest.approx(1 / 20)
     json.dumps(out)  # plain JSON: it goes into the eval result
+
+
+def test_embeddings_come_from_the_cache_and_do_not_depend_on_their_batch(monkeypatch):
+    from ksg_ray.common import text_metrics
+
+    texts = ["My knee hurts when I climb stairs.", "Is a fever of 39 C dangerous for a baby?", "Hello"]
+    alone = np.stack([embed_texts([t])[0] for t in texts])
+    monkeypatch.setattr(text_metrics, "_EMBEDDED", text_metrics.OrderedDict())
+    together = embed_texts([texts[1], texts[0], texts[2], texts[0]])  # one batch of mixed lengths, a repeat
+    np.testing.assert_allclose(together, alone[[1, 0, 2, 0]], atol=1e-5)
+    np.testing.assert_allclose(np.linalg.norm(together, axis=1), 1.0, atol=1e-5)
+    assert len(text_metrics._EMBEDDED) == 3
+    monkeypatch.setattr(text_metrics, "_minilm", lambda: pytest.fail("a cached text ran the model again"))
+    np.testing.assert_array_equal(embed_texts(texts[::-1]), together[[2, 0, 1]])

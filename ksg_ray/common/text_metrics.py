@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import math
 import re
-from collections import Counter
+from collections import Counter, OrderedDict
 from collections.abc import Sequence
 from functools import lru_cache
 from pathlib import Path
@@ -143,22 +143,40 @@ def _minilm():
     return AutoTokenizer.from_pretrained(str(path)), AutoModel.from_pretrained(str(path)).eval()
 
 
+# Embeddings already computed in this process, by text: the fidelity report, the domain filter and the evaluation
+# embed the same training, held-out and anchor texts again for every method and every call. ~1.5 KB each.
+_EMBEDDED: OrderedDict[str, np.ndarray] = OrderedDict()
+_EMBEDDED_MAX = 100_000
+
+
 def embed_texts(texts: Sequence[str], batch_size: int = 64) -> np.ndarray:
     """[len(texts), 384] unit-length MiniLM sentence embeddings (mean pooling over tokens, as the model was
-    trained), so a dot product is a cosine similarity."""
+    trained), so a dot product is a cosine similarity.
+
+    Texts embedded before in this process come from a cache; new ones run in batches of similar length, so
+    little compute goes to padding. A text's embedding does not depend on its batch (up to float rounding).
+    """
     import torch
 
-    tokenizer, model = _minilm()
-    out = []
-    with torch.inference_mode():
-        for start in range(0, len(texts), batch_size):
-            enc = tokenizer(list(texts[start:start + batch_size]), padding=True, truncation=True, max_length=256,
-                            return_tensors="pt")
-            hidden = model(**enc).last_hidden_state
-            mask = enc["attention_mask"].unsqueeze(-1).to(hidden.dtype)
-            pooled = (hidden * mask).sum(1) / mask.sum(1).clamp(min=1)
-            out.append(torch.nn.functional.normalize(pooled, dim=-1).numpy())
-    return np.concatenate(out) if out else np.zeros((0, 384), dtype=np.float32)
+    new = sorted({t for t in texts if t not in _EMBEDDED}, key=len)
+    if new:
+        tokenizer, model = _minilm()
+        with torch.inference_mode():
+            for start in range(0, len(new), batch_size):
+                chunk = new[start:start + batch_size]
+                enc = tokenizer(chunk, padding=True, truncation=True, max_length=256, return_tensors="pt")
+                hidden = model(**enc).last_hidden_state
+                mask = enc["attention_mask"].unsqueeze(-1).to(hidden.dtype)
+                pooled = (hidden * mask).sum(1) / mask.sum(1).clamp(min=1)
+                for text, vector in zip(chunk, torch.nn.functional.normalize(pooled, dim=-1).numpy(), strict=True):
+                    _EMBEDDED[text] = vector
+    out = np.zeros((len(texts), 384), dtype=np.float32)
+    for i, text in enumerate(texts):
+        out[i] = _EMBEDDED[text]
+        _EMBEDDED.move_to_end(text)
+    while len(_EMBEDDED) > max(_EMBEDDED_MAX, len(texts)):
+        _EMBEDDED.popitem(last=False)
+    return out
 
 
 def embedding_cosine(predictions: Sequence[str], references: Sequence[str]) -> np.ndarray:
