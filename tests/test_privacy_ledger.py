@@ -354,3 +354,20 @@ def test_privacy_show_lists_every_run_and_the_composed_epsilon(tmp_path, capsys)
     independent = pld.PLDAccountant().compose(dpa.ComposedDpEvent([_event(m) for m in runs])).get_epsilon(DELTA)
     assert independent <= shown <= 1.01 * independent  # PRV's upper bound: never below PLD
     assert f"{20 - shown:.3f} left" in out
+
+
+def test_a_run_can_target_the_total_epsilon_of_everything_spent_on_the_records(tmp_path, no_training):
+    """privacy.target_scope=total: the reward model's σ is chosen so that the generator and it compose to the
+    target (a bundle at the same ε as one DP fine-tune), as an independent accountant computes it."""
+    generator, gen_spec, cfg = _plan(tmp_path, "generator", eps=4.0)
+    _train(generator, cfg)
+    alone = _plan(tmp_path, "alone", eps=6.0, name="reward")[1]
+    reward, spec, cfg = _plan(tmp_path, "reward", eps=6.0, name="reward", overrides=("privacy.target_scope=total",))
+    assert spec.noise_multiplier > alone.noise_multiplier  # less is left for it than for a run alone
+    _train(reward, cfg)
+    events = [dpa.SelfComposedDpEvent(dpa.PoissonSampledDpEvent(s.sample_rate, dpa.GaussianDpEvent(
+        s.noise_multiplier)), s.steps) for s in (gen_spec, spec)]
+    independent = pld.PLDAccountant().compose(dpa.ComposedDpEvent(events)).get_epsilon(DELTA)
+    assert 5.85 <= independent <= open_ledger(tmp_path, DELTA).epsilon() <= 6.0
+    with pytest.raises(ValueError, match=r"already spent ε=.* of the total target ε=3\.0"):
+        _plan(tmp_path, "more", eps=3.0, name="reward", overrides=("privacy.target_scope=total",))

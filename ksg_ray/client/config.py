@@ -31,6 +31,11 @@ class PrivacySection(StrictModel):
     delta: float = Field(1e-5, gt=0, lt=1, description="δ; must be < 1/N for N private records")
     max_grad_norm: float = Field(1.0, gt=0, description="per-record clip norm C")
     accountant: Literal["prv", "rdp"] = Field("prv", description="accountant used to calibrate σ and report ε")
+    target_scope: Literal["run", "total"] = Field(
+        "run", description="run = target_epsilon is this run's own ε (the papers: each model at ε = 8); total = "
+                           "σ is chosen so that this run composed with the published runs on these records (the "
+                           "ledger's) reaches target_epsilon: the DP reward model after the generator, for a bundle "
+                           "at the same ε as a single DP fine-tune")
     total_epsilon_budget: float | None = Field(
         None, gt=0, description="cap on the composed ε of all models trained on these records (None = no cap)")
     noise_seed: int | None = Field(None, description="tests only: a known seed lets anyone subtract the noise")

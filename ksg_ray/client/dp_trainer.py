@@ -295,7 +295,8 @@ def plan_dp_run(num_records: int, privacy, train, scaling, *, run_id: str = "", 
     check_delta(privacy.delta, num_records)
     q = min(1.0, train.expected_batch_size / num_records)
     steps = steps_for(train.epochs, q, train.max_steps)
-    sigma = calibrate_noise(privacy.target_epsilon, privacy.delta, q, steps, privacy.accountant)
+    sigma = calibrate_noise(privacy.target_epsilon, privacy.delta, q, steps, privacy.accountant,
+                            prior_history if privacy.target_scope == "total" else None)
     return DPRunSpec(
         steps=steps, sample_rate=q, noise_multiplier=sigma, max_grad_norm=privacy.max_grad_norm, delta=privacy.delta,
         lr=train.lr, physical_batch_size=train.physical_batch_size, checkpoint_every=train.checkpoint_every,

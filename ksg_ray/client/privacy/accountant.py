@@ -64,9 +64,13 @@ def epsilon_for(history: list[tuple[float, float, int]], delta: float, accountan
 
 
 def calibrate_noise(
-    target_epsilon: float, delta: float, sample_rate: float, steps: int, accountant: str = "prv"
+    target_epsilon: float, delta: float, sample_rate: float, steps: int, accountant: str = "prv",
+    prior_history: list[tuple[float, float, int]] | None = None,
 ) -> float:
     """Smallest σ (within 1%) so that `steps` steps at rate q spend at most `target_epsilon`; 0 for ε = inf.
+
+    With `prior_history` (what the runs this one composes with spent), the target is the composed ε of those
+    runs and this one: σ is bisected on the composed history.
 
     Raises:
         ValueError: the target is not positive or cannot be reached.
@@ -76,7 +80,7 @@ def calibrate_noise(
     if target_epsilon <= 0:
         raise PrivacyPlanError(f"privacy.target_epsilon must be > 0, got {target_epsilon}")
     try:
-        return float(get_noise_multiplier(
+        sigma = float(get_noise_multiplier(
             target_epsilon=target_epsilon, target_delta=delta, sample_rate=sample_rate, steps=steps,
             accountant=accountant, epsilon_tolerance=0.01,
         ))
@@ -84,3 +88,22 @@ def calibrate_noise(
         raise PrivacyPlanError(
             f"cannot reach ε={target_epsilon} at δ={delta}, q={sample_rate:.4f}, {steps} steps: {e}"
         ) from e
+    if not prior_history:
+        return sigma
+    spent = epsilon_for(prior_history, delta, accountant)
+    if spent >= target_epsilon - 0.01:
+        raise PrivacyPlanError(f"the runs this one composes with already spent ε={spent:.3f} of the total "
+                               f"target ε={target_epsilon}: nothing is left for this run")
+
+    def composed(s: float) -> float:
+        return epsilon_for([*prior_history, (s, sample_rate, steps)], delta, accountant)
+
+    low, high = sigma, 2 * sigma  # the composed ε needs at least the noise of this run alone
+    while composed(high) > target_epsilon:
+        low, high = high, 2 * high
+        if high > 1e4:
+            raise PrivacyPlanError(f"cannot reach a total ε={target_epsilon} after ε={spent:.3f} already spent")
+    while high - low > 0.005 * high:  # within 0.5%: the composed ε lands just under the target
+        mid = (low + high) / 2
+        low, high = (low, mid) if composed(mid) <= target_epsilon else (mid, high)
+    return high
