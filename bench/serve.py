@@ -1,13 +1,14 @@
 """Serving: throughput at 16 concurrent clients ÷ 1 client, and p50 latency over Serve minus direct `engine.generate`.
 
-    python bench/serve.py [--model smollm2-135m] [--max-tokens 32] [--clients 16] [--seconds 20] [--rounds 8]
+    python bench/serve.py [--model smollm2-135m] [--max-tokens 32] [--clients 16] [--seconds 20] [--rounds 16]
 
 One run, side by side: the app (`ksg_ray.serve.app`, transformers engine, one model replica with one CPU
 thread, `@serve.batch` up to `--clients`) on a local Ray, and the same model as a `TransformersEngine` in this
 process with one torch thread. Every request is the same greedy chat request; Serve's answer is checked to
 equal the direct one. Latency rounds alternate direct and Serve calls so drift hits both alike. The HTTP
 clients run in this process and share the machine's cores with the replica: on a small machine that costs
-Serve some of its throughput, so the ratios are conservative.
+Serve some of its throughput, so the ratios are conservative. It also times one batched call of `--clients`
+prompts in process: how far batching can take this engine at all (the ceiling of the 16 / 1 ratio).
 """
 
 from __future__ import annotations
@@ -29,7 +30,7 @@ def main() -> None:
     parser.add_argument("--max-tokens", type=int, default=32)
     parser.add_argument("--clients", type=int, default=16)
     parser.add_argument("--seconds", type=float, default=20.0, help="length of each throughput window")
-    parser.add_argument("--rounds", type=int, default=8, help="latency samples per side")
+    parser.add_argument("--rounds", type=int, default=16, help="latency samples per side")
     parser.add_argument("--batch-wait-s", type=float, default=0.1, help="batching.batch_wait_timeout_s (the default)")
     args = parser.parse_args()
     os.environ.setdefault("RAY_AUTH_MODE", "disabled")
@@ -111,6 +112,12 @@ def main() -> None:
 
         one = throughput(1)
         many = throughput(args.clients)
+        # the engine's own ceiling for that ratio: one batched call of `clients` prompts, in this process
+        batched_s = []
+        for _ in range(2):
+            t0 = time.perf_counter()
+            engine.generate([PROMPT] * args.clients, params)
+            batched_s.append(time.perf_counter() - t0)
     finally:
         serve.shutdown()
         ray.shutdown()
@@ -123,6 +130,10 @@ def main() -> None:
     print(f"throughput 1 client: {one[0]:.2f} req/s ({one[1]:.1f} tok/s); {args.clients} clients: {many[0]:.2f} req/s "
           f"({many[1]:.1f} tok/s); errors {one[2]} + {many[2]}")
     print(f"throughput {args.clients} clients / 1 client: {many[0] / one[0]:.2f}x")
+    ceiling = args.clients / min(batched_s) * p50_direct
+    print(f"the engine alone, one batch of {args.clients} in process: {args.clients / min(batched_s):.2f} req/s, "
+          f"{ceiling:.2f}x its one-prompt rate: the ceiling of that ratio on this engine; Serve at "
+          f"{args.clients} clients reaches {many[0] / (args.clients / min(batched_s)):.0%} of its batched rate")
 
 
 if __name__ == "__main__":
