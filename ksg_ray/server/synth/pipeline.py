@@ -157,15 +157,16 @@ def _check_same_run(cfg: SynthConfig, out: Path) -> None:
     """Refuse to resume stored work made under other settings: it would mix two experiments in one dataset.
 
     The settings that shape stored model work are fingerprinted with the bundle's manifest; what only changes
-    the derived output (`dedup`, `run`, the engine), the number of refinement rounds and the rewriter (the
-    pipeline passes a new target each round) may change between runs.
+    the derived output (`dedup`, `run`, the engine) or checks it (`min_rows`), the number of refinement rounds and
+    the rewriter (the pipeline passes a new target each round) may change between runs.
     """
     settings = cfg.model_dump(mode="json", exclude={"run": True, "dedup": True, "engine": True, "bundle": True,
-                                                    "refine": {"rounds", "rewriter"}})
+                                                    "min_rows": True, "refine": {"rounds", "rewriter"}})
     settings["bundle_manifest"] = hashlib.sha256((cfg.bundle / "manifest.json").read_bytes()).hexdigest()
     path = out / "synth_run.json"
     if path.exists():
         stored = json.loads(path.read_text())
+        stored.pop("min_rows", None)  # fingerprinted by earlier versions
         if stored != settings:
             changed = sorted(k for k in settings.keys() | stored.keys() if settings.get(k) != stored.get(k))
             raise ValueError(f"{out}: holds work made with other settings ({', '.join(changed)} changed); use a new "
