@@ -132,9 +132,12 @@ REFUSAL = PatternFilter("refusal", r"\b(?:as an? (?:ai|language model|medical as
                         r"financial|professional|specific))", "declines to answer")
 # A small professional told to be "a helpful, careful medical doctor" introduces that persona ("I'm Dr. Emily Lee, a
 # highly trained and dedicated healthcare professional", "Dr. Elliot Black, we all have challenges") or writes as
-# the patient ("Dear Dr."); real answers do neither (0 of the 112 medical dev answers match, none names a Dr.).
+# the patient ("Dear Dr."), or speaks "as a medical doctor" (39 of the medical study's 237 rows); real answers do
+# none of it (0 of the 112 medical dev answers match, none names a Dr.).
 PERSONA = PatternFilter("persona", r"(?-i:\bDr\.? [A-Z][a-z]+ [A-Z][a-z]+\b)|"
                         r"\b(?:i(?:'m| am) (?:dr\.?|doctor) [a-z]|my name is|dear (?:dr\b|doctor)|"
+                        r"as an? (?:[\w-]+,? (?:and )?){0,3}(?:doctor|physician)\b|"
+                        r"i(?:'m| am) an? (?:[\w-]+ ){0,3}(?:doctor|physician)\b|"
                         r"i(?:'m| am) (?:a|an) (?:[\w-]+,? (?:and )?){0,4}(?:healthcare|medical|health) "
                         r"(?:professional|provider|expert)|highly (?:trained|skilled|qualified) "
                         r"(?:and|doctor|healthcare|medical|professional))",
