@@ -71,10 +71,11 @@ def test_each_filter_rejects_its_planted_row(cfg):
                "Hi, my name is Anna and I will help you.", "A new answer: I have had a rash on my skin.",
                "Dr. Elliot Black, we all have challenges. Sleep matters.",
                "I'm sorry for any confusion, but to answer the patient's question, rest.",
-               "The correct answer to the question is: rest.",
+               "The correct answer to the question is: rest.", "A: A is a dedicated, caring doctor.",
+               "Your answer is clear, but the phrasing of the question seems ambiguous.",
                "As a caring and compassionate doctor, I understand. Rest.", "Hey, I'm a special care animal doctor.",
                "Rest and drink water. A better diet helps too. I am not able to see the rash, so see your GP."]
-    assert [r is None for r in apply_filters(answer_filters(cfg), answers)] == [False] * 19 + [True]
+    assert [r is None for r in apply_filters(answer_filters(cfg), answers)] == [False] * 21 + [True]
 
 
 @needs_shared

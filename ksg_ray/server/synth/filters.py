@@ -118,12 +118,14 @@ class PatternFilter:
 
 
 # A small rewriter echoes the refinement prompt ("The improved answer is:", "Answer A (better)") or talks about the
-# task it was given ("to answer the patient's question", "The correct answer to the question is:").
+# task it was given ("to answer the patient's question", "The correct answer to the question is:", "Your answer is
+# clear, but the phrasing of the question...", an answer labelled "A: ...").
 META = PatternFilter("meta", r"\b(?:answer [ab]\b|(?:improved|revised|previous|past|above|better|original) (?:answer|"
                      r"version|response|question)|(?:revised|improved|rewrote|rewritten) the (?:answer|response)|"
                      r"(?:a )?good answer would|a new (?:answer|question)\b|review of (?:that|the) answer|this answer "
                      r"is|a is better than b|you are a helpful, careful|the (?:patient|user)'s (?:question|query)|"
-                     r"(?:correct|right|best|final) answer to (?:the|this|your) question)|\((?:better|worse|worst)\)",
+                     r"(?:correct|right|best|final) answer to (?:the|this|your) question|your answer is|"
+                     r"phrasing of the question)|\((?:better|worse|worst)\)|^\s*(?-i:[AB]):",
                      "talks about the task")
 # Distilled into the target, refusals ("as an AI ...", "I'm unable to provide ...") teach it to refuse the domain.
 REFUSAL = PatternFilter("refusal", r"\b(?:as an? (?:ai|language model|medical assistant)|i(?:'m| am) (?:an ai|not "
