@@ -365,8 +365,7 @@ def test_a_run_can_target_the_total_epsilon_of_everything_spent_on_the_records(t
     reward, spec, cfg = _plan(tmp_path, "reward", eps=6.0, name="reward", overrides=("privacy.target_scope=total",))
     assert spec.noise_multiplier > alone.noise_multiplier  # less is left for it than for a run alone
     _train(reward, cfg)
-    events = [dpa.SelfComposedDpEvent(dpa.PoissonSampledDpEvent(s.sample_rate, dpa.GaussianDpEvent(
-        s.noise_multiplier)), s.steps) for s in (gen_spec, spec)]
+    events = [_event(Mechanism(s.run_id, s.noise_multiplier, s.sample_rate, s.steps)) for s in (gen_spec, spec)]
     independent = pld.PLDAccountant().compose(dpa.ComposedDpEvent(events)).get_epsilon(DELTA)
     assert 5.85 <= independent <= open_ledger(tmp_path, DELTA).epsilon() <= 6.0
     with pytest.raises(ValueError, match=r"already spent ε=.* of the total target ε=3\.0"):
