@@ -199,6 +199,8 @@ def test_each_baseline_gets_its_own_synthesis_finetune_and_evaluation(ray_cluste
         (str(variants / "rewardds" / "synth"), "1", str(variants / "rewardds" / "finetune" / "round0" / "model"))]
     for out, _, _, argv in synth[2:]:
         assert all(o in argv for o in SYNTH_VARIANTS[out.split("/")[-2]])
+        assert arg(argv, "queries.share_from") == pipe  # the pipeline's samples, where drawn alike
+    assert all(arg(a, "queries.share_from") is None for _, _, _, a in synth[:2])
     tuned = [arg(a, "data.path") for name, a in calls if name == "finetune"]
     assert tuned == [f"{pipe}/synthetic.jsonl"] * 2 + [f"{variants}/{v}/synth/synthetic.jsonl"
                                                        for v in ("dp_synthetic", "knowledgesg", "rewardds", "rewardds")]

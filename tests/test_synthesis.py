@@ -126,6 +126,36 @@ def test_answer_filters_drop_candidates_with_their_reason():
     assert [r.split(":")[0] for r in out["candidates_rejected"][0]] == ["language", "degenerate"]
 
 
+def test_query_samples_are_shared_only_from_a_run_that_drew_them_alike(tmp_path):
+    from ksg_ray.server.synth.pipeline import _check_same_run, _share_queries
+
+    bundle = tmp_path / "bundle"
+    bundle.mkdir()
+    (bundle / "manifest.json").write_text('{"components": {}}')
+    src = tmp_path / "pipeline"
+    src.mkdir()
+    _check_same_run(SynthConfig(bundle=bundle, queries={"mode": "sample", "num_prompts": 3}), src)
+    rows = [{"prompt_id": f"p{i:05d}", "user_prefix": "", "samples": [f"sample {i}"], "samples_finished": [True]}
+            for i in range(3)]
+    raw = "".join(json.dumps(r) + "\n" for r in rows) + '{"prompt_id": "p00003", "sam'  # still being written
+    (src / "queries_raw.jsonl").write_text(raw)
+
+    def shared(out: str, **queries) -> dict:
+        cfg = SynthConfig(bundle=bundle, queries={"mode": "sample", "num_prompts": 2, "share_from": src, **queries})
+        (tmp_path / out).mkdir()
+        _check_same_run(cfg, tmp_path / out)
+        with JsonlStore(tmp_path / out / "queries_raw.jsonl", key="prompt_id") as store:
+            _share_queries(cfg, store, tmp_path / out)
+        return store.rows
+
+    # what turns samples into queries may differ (min_words); only this run's prompts are copied
+    assert shared("variant", min_words=5) == {r["prompt_id"]: r for r in rows[:2]}
+    assert (src / "queries_raw.jsonl").read_text() == raw  # the other run's file is only read
+    assert shared("other_temperature", temperature=0.5) == {}
+    assert shared("other_mode", mode="seed_prompt") == {}
+    assert shared("nothing_there", share_from=tmp_path / "missing") == {}
+
+
 def test_too_few_rows_names_the_step_that_lost_them(tmp_path):
     from ksg_ray.server.synth.pipeline import TooFewRows
 

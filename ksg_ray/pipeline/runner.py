@@ -99,8 +99,10 @@ class PipelineRunner:
         self.models["pipeline"] = self.distill(layout.synth_dir, layout.finetune_dir, cfg.rounds, [])
         for name in (b for b in cfg.baselines if b in SYNTH_VARIANTS):  # the papers' synthesis baselines
             rounds = cfg.rounds if name == "rewardds" else 0  # the others have no refinement
+            # the same questions as the pipeline where the variant samples them the same way
+            share = [f"queries.share_from={layout.synth_dir}"]
             self.models[name] = self.distill(layout.variant_dir(name) / "synth", layout.variant_dir(name) / "finetune",
-                                             rounds, SYNTH_VARIANTS[name], label=f" [{name}]")
+                                             rounds, [*SYNTH_VARIANTS[name], *share], label=f" [{name}]")
         if "evaluate" in cfg.stages:
             self.evaluate_methods()
             self.write_model_cards()

@@ -89,6 +89,12 @@ class QueriesSection(StrictModel):
         0.52, gt=0, le=1, description="a query this similar to a seed is a copy, rejected (KnowledgeSG: TF-IDF 0.52)")
     seed: int = Field(0, description="picks each prompt's seed questions (sampling is seeded by the top-level "
                                      "`seed`; reruns regenerate nothing: finished work is kept)")
+    share_from: Path | None = Field(
+        None, description="another synthesis output dir whose raw samples are copied in instead of drawn again, "
+                          "when it was made from the same bundle with the same seeds, domain and sampling settings "
+                          "(sampling is seeded per prompt, so they are the samples this run would draw). The "
+                          "pipeline's synthesis baselines share the pipeline's: they then differ only in what their "
+                          "methods do with the same questions")
 
 
 class EndpointSection(StrictModel):

@@ -35,7 +35,7 @@ from ksg_ray.bundle import verify_bundle
 from ksg_ray.common.chat_format import trim_to_sentence
 from ksg_ray.common.errors import KsgError
 from ksg_ray.common.hub import model_dir_engine_args, resolve_model
-from ksg_ray.common.jsonl import atomic_open, write_json_atomic, write_jsonl_atomic
+from ksg_ray.common.jsonl import atomic_open, read_jsonl, write_json_atomic, write_jsonl_atomic
 from ksg_ray.engines import SamplingParams, shared_engines
 from ksg_ray.engines.ray_llm_processor import processor_generate
 from ksg_ray.engines.stage import ERROR_COLUMN, GenerateUDF, is_missing, passthrough, plain
@@ -161,7 +161,8 @@ def _check_same_run(cfg: SynthConfig, out: Path) -> None:
     the rewriter (the pipeline passes a new target each round) may change between runs.
     """
     settings = cfg.model_dump(mode="json", exclude={"run": True, "dedup": True, "engine": True, "bundle": True,
-                                                    "min_rows": True, "refine": {"rounds", "rewriter"}})
+                                                    "min_rows": True, "refine": {"rounds", "rewriter"},
+                                                    "queries": {"share_from"}})
     settings["bundle_manifest"] = hashlib.sha256((cfg.bundle / "manifest.json").read_bytes()).hexdigest()
     path = out / "synth_run.json"
     if path.exists():
@@ -184,6 +185,8 @@ def _run_queries(cfg: SynthConfig, models: SynthModels, out: Path, errors: Jsonl
             return prompts.sample_query_messages(cfg.queries.system_prompt, _user_prefix(cfg, i))
         return prompts.query_messages(cfg.domain, i, cfg.queries.seeds_per_prompt, cfg.queries.seed)
 
+    if cfg.queries.share_from is not None:
+        _share_queries(cfg, store, out)
     todo = [{"prompt_id": f"p{i:05d}", "messages": messages(i), "user_prefix": _user_prefix(cfg, i)}
             for i in range(cfg.queries.num_prompts) if f"p{i:05d}" not in store]
     if todo:
@@ -199,6 +202,34 @@ def _run_queries(cfg: SynthConfig, models: SynthModels, out: Path, errors: Jsonl
                keep=("prompt_id", "user_prefix", "samples", "samples_finished"))
     logger.info("queries: %d/%d prompts done", len(store), cfg.queries.num_prompts)
     return store
+
+
+# what a prompt's raw samples depend on (with the bundle, `seed` and `domain`); the other query settings only
+# shape how samples become queries, so two runs that differ there may share samples
+_SAMPLING_KEYS = ("mode", "system_prompt", "user_prefixes", "per_prompt", "seeds_per_prompt", "temperature", "top_p",
+                  "max_new_tokens", "seed")
+
+
+def _share_queries(cfg: SynthConfig, store: JsonlStore, out: Path) -> None:
+    """Copy the raw samples of our prompts that `queries.share_from` already drew, if it drew them the same way
+    (else log why not and draw our own)."""
+    src = cfg.queries.share_from
+    if not (src / "synth_run.json").is_file() or not (src / "queries_raw.jsonl").is_file():
+        logger.info("queries: %s holds no samples to share; drawing our own", src)
+        return
+    def drawn(settings: dict[str, Any]) -> dict[str, Any]:
+        return {"bundle": settings["bundle_manifest"], "seed": settings["seed"], "domain": settings["domain"],
+                **{f"queries.{k}": settings["queries"].get(k) for k in _SAMPLING_KEYS}}
+    theirs, ours = (drawn(json.loads((d / "synth_run.json").read_text())) for d in (src, out))
+    if theirs != ours:
+        logger.info("queries: not sharing %s's samples, they were drawn with other settings (%s); drawing our own",
+                    src, ", ".join(sorted(k for k in ours if ours[k] != theirs[k])))
+        return
+    wanted = {f"p{i:05d}" for i in range(cfg.queries.num_prompts)}
+    text = (src / "queries_raw.jsonl").read_text(encoding="utf-8")  # read only: the other run may still be writing
+    rows = (row for _, row in read_jsonl(src / "queries_raw.jsonl", text=text[:text.rfind("\n") + 1]))
+    copied = sum(store.append(row) for row in rows if row.get("prompt_id") in wanted and row["prompt_id"] not in store)
+    logger.info("queries: %d prompts' samples shared from %s", copied, src)
 
 
 def _user_prefix(cfg: SynthConfig, i: int) -> str:
