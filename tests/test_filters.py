@@ -74,8 +74,12 @@ def test_each_filter_rejects_its_planted_row(cfg):
                "The correct answer to the question is: rest.", "A: A is a dedicated, caring doctor.",
                "Your answer is clear, but the phrasing of the question seems ambiguous.",
                "As a caring and compassionate doctor, I understand. Rest.", "Hey, I'm a special care animal doctor.",
-               "Rest and drink water. A better diet helps too. I am not able to see the rash, so see your GP."]
-    assert [r is None for r in apply_filters(answer_filters(cfg), answers)] == [False] * 21 + [True]
+               "Hello doctor, my 5 year old son has had a fever.", "Hi, I am 52 years old and have back pain.",
+               "I am 27 and I have a lump.", "Good news! My 4-year-old daughter is doing wonderfully.",
+               "Hi there, my baby is doing great.",
+               "Rest and drink water. A better diet helps too. I am not able to see the rash, so see your GP. "
+               "I am 100% sure it is not serious at 25 years of age."]
+    assert [r is None for r in apply_filters(answer_filters(cfg), answers)] == [False] * 26 + [True]
 
 
 @needs_shared

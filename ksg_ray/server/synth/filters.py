@@ -27,8 +27,8 @@ from ksg_ray.common.text_metrics import repeated_ngram, words
 if TYPE_CHECKING:
     from ksg_ray.server.synth.config import SynthConfig
 
-__all__ = ["META", "PERSONA", "REFUSAL", "DegenerateTextFilter", "DomainFilter", "LanguageFilter", "PatternFilter",
-           "TextFilter", "answer_filters", "apply_filters", "query_filters"]
+__all__ = ["META", "PATIENT_VOICE", "PERSONA", "REFUSAL", "DegenerateTextFilter", "DomainFilter", "LanguageFilter",
+           "PatternFilter", "TextFilter", "answer_filters", "apply_filters", "query_filters"]
 
 class TextFilter(Protocol):
     """A filter: one reason string per rejected text, None for a kept one."""
@@ -144,6 +144,14 @@ PERSONA = PatternFilter("persona", r"(?-i:\bDr\.? [A-Z][a-z]+ [A-Z][a-z]+\b)|"
                         r"(?:professional|provider|expert)|highly (?:trained|skilled|qualified) "
                         r"(?:and|doctor|healthcare|medical|professional))",
                         "talks about itself, not the question")
+# A small professional also writes as the patient: it greets the doctor ("Hello doctor, my 5 year old son has had
+# ..."), gives its own age, or tells of its own family ("My 4-year-old daughter is doing wonderfully"): 9 of the
+# medical study's 271 rows; 0 of the 130 medical and financial dev answers match.
+PATIENT_VOICE = PatternFilter("patient voice", r"^\W*(?:hi|hello|hey|dear)\W+(?:dr\b|doctor)|"
+                              r"\bi(?:'m| am) (?:a |an )?\d+(?:[ -]?(?:years?|yrs?|y/?o)\b|,? and (?:i|my)\b)|"
+                              r"\bmy (?:\d+[ -]?(?:years?|yrs?|months?|weeks?)[ -]old )?(?:son|daughter|husband|wife|"
+                              r"mother|mom|father|dad|baby|child|kid)(?:'s)? (?:is|has|had|was|got)\b",
+                              "writes as the patient")
 
 
 class DomainFilter:
@@ -194,10 +202,10 @@ def query_filters(cfg: SynthConfig) -> list[TextFilter]:
 
 
 def answer_filters(cfg: SynthConfig) -> list[TextFilter]:
-    """The answer candidates' filters: talk about the task, refusals, persona talk, language and degenerate text
-    (an answer need not restate the domain)."""
+    """The answer candidates' filters: talk about the task, refusals, persona talk, the patient's voice, language
+    and degenerate text (an answer need not restate the domain)."""
     f = cfg.filters
-    out: list[TextFilter] = [META, REFUSAL, PERSONA] if f.degenerate else []
+    out: list[TextFilter] = [META, REFUSAL, PERSONA, PATIENT_VOICE] if f.degenerate else []
     if f.language:
         out.append(LanguageFilter(cfg.domain.language, f.min_language_confidence))
     if f.degenerate:
