@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 from ksg_ray import cli
-from ksg_ray.audit.report import PLOTS, build_report, parse_grid
+from ksg_ray.audit.report import PLOTS, build_report, parse_grid, privacy_utility_figure
 from ksg_ray.bundle import dump_privacy
 from ksg_ray.common.run_layout import RunLayout, read_eval_results, read_funnel, write_eval_result, write_funnel
 
@@ -67,6 +67,28 @@ def test_report_renders_every_section_and_each_plot_is_a_png(run_dir):
         assert image.ndim == 3 and image.shape[0] > 100 and image.shape[1] > 100
         assert float(image[..., :3].std()) > 0.01, f"{name} is blank"
         assert f"]({name})" in md  # linked from the report
+
+
+def test_the_utility_panels_show_each_point_with_its_interval():
+    from matplotlib.container import ErrorbarContainer
+
+    with_ci = [dict(result(m, e, rouge, 0.5, "ksg"), metrics_ci={"rougeL": [rouge - 0.02, rouge + 0.05],
+                                                                   "answer_loss": [3.0 + e, 3.5 + e]})
+               for m, e, rouge in (("ksg@eps1", 1.0, 0.15), ("ksg@eps8", 8.0, 0.2))]
+    for r in with_ci:
+        r["metrics"]["answer_loss"] = 3.2 + r["epsilon"]
+    base = dict(result("base", None, 0.1, 0.5), metrics_ci={"rougeL": [0.08, 0.13]})
+    fig = privacy_utility_figure([base, *with_ci], [1.0, 8.0], "rougeL")
+    loss_ax, rouge_ax, _ = fig.axes  # answer loss first: the primary metric
+    assert "answer loss" in loss_ax.get_title() and "ROUGE-L" in rouge_ax.get_title()
+    (bars,) = [c for c in rouge_ax.containers if isinstance(c, ErrorbarContainer)]
+    segments = bars.lines[2][0].get_segments()  # one vertical bar per point, from lo to hi
+    assert [tuple(np.round(seg[:, 1], 6)) for seg in segments] == [(0.13, 0.2), (0.18, 0.25)]
+    (loss_bars,) = [c for c in loss_ax.containers if isinstance(c, ErrorbarContainer)]
+    assert [tuple(seg[:, 1]) for seg in loss_bars.lines[2][0].get_segments()] == [(4.0, 4.5), (11.0, 11.5)]
+    # the method without ε: its line sits in a band spanning its interval
+    (band,) = rouge_ax.patches
+    assert np.allclose([band.get_y(), band.get_y() + band.get_height()], [0.08, 0.13])
 
 
 def test_missing_inputs_are_named_and_no_plot_is_drawn(tmp_path):

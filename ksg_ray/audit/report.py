@@ -21,7 +21,7 @@ import sys
 from collections.abc import Sequence
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from ksg_ray.common.errors import KsgError
 from ksg_ray.common.run_layout import (
@@ -33,7 +33,11 @@ from ksg_ray.common.run_layout import (
     read_funnel,
 )
 
+if TYPE_CHECKING:
+    from matplotlib.figure import Figure
+
 __all__ = ["PLOTS", "add_report_args", "build_report", "parse_grid", "plot_funnel", "plot_privacy_utility",
+           "privacy_utility_figure",
            "plot_rewards", "run_report"]
 
 logger = logging.getLogger(__name__)
@@ -238,15 +242,25 @@ def _grid(results: list[dict], epsilon_grid: Sequence[float] | None) -> tuple[li
 
 
 def plot_privacy_utility(results: list[dict], grid: Sequence[float], utility_metric: str, path: Path) -> Path:
-    """Two panels over the ε grid (evenly spaced, ∞ last): the utility metric, and MIA AUC / canary rates.
+    """Save `privacy_utility_figure` as a PNG."""
+    privacy_utility_figure(results, grid, utility_metric).savefig(path, dpi=110)
+    return path
 
-    Methods of one `family` (default: the method) are joined by a line; methods without ε are dashed
-    horizontal reference lines.
+
+def privacy_utility_figure(results: list[dict], grid: Sequence[float], utility_metric: str) -> Figure:
+    """Panels over the ε grid (evenly spaced, ∞ last): the held-out answer loss (the primary metric, when the
+    results have it), the utility metric, and MIA AUC / canary rates.
+
+    Utility points carry their 95% bootstrap intervals as error bars (a method without ε: a dotted line in a
+    shaded band), so a difference inside the intervals does not look like a result. Methods of one `family`
+    (default: the method) are joined by a line.
     """
     from matplotlib.figure import Figure
 
-    fig = Figure(figsize=(11, 4.2), layout="constrained")
-    ax_u, ax_p = fig.subplots(1, 2)
+    utility = ["answer_loss"] if any(r["metrics"].get("answer_loss") is not None for r in results) else []
+    utility += [utility_metric] if utility_metric not in utility else []
+    fig = Figure(figsize=(5.5 * (len(utility) + 1), 4.2), layout="constrained")
+    *ax_us, ax_p = fig.subplots(1, len(utility) + 1)
     x_of = {e: i for i, e in enumerate(grid)}
     families: dict[str, list[dict]] = {}
     for r in results:
@@ -254,17 +268,19 @@ def plot_privacy_utility(results: list[dict], grid: Sequence[float], utility_met
     colors = [f"C{i % 10}" for i in range(len(families))]
     for color, (family, rows) in zip(colors, families.items(), strict=True):
         on_grid = sorted((r for r in rows if r["epsilon"] in x_of), key=lambda r: r["epsilon"])
-        for ax, key, style in ((ax_u, utility_metric, "-o"), (ax_p, "mia_auc", "-o"),
-                               (ax_p, "canary_rate_generations", "--s")):
-            section = "metrics" if key in METRIC_KEYS else "privacy"
-            pts = [(x_of[r["epsilon"]], r[section][key]) for r in on_grid if r[section].get(key) is not None]
-            label = family if ax is ax_u else f"{family}: {METRIC_LABELS[key]}"
+        for ax, key in zip(ax_us, utility, strict=True):
+            _utility_points(ax, family, color, on_grid, [r for r in rows if r["epsilon"] is None], key,
+                            x_of)
+        for key, style in (("mia_auc", "-o"), ("canary_rate_generations", "--s")):
+            label = f"{family}: {METRIC_LABELS[key]}"
+            pts = [(x_of[r["epsilon"]], r["privacy"][key]) for r in on_grid if r["privacy"].get(key) is not None]
             if pts:
-                ax.plot(*zip(*pts, strict=True), style, color=color, label=label)
+                ax_p.plot(*zip(*pts, strict=True), style, color=color, label=label)
             for r in rows:
-                if r["epsilon"] is None and r[section].get(key) is not None:
-                    ax.axhline(r[section][key], color=color, linestyle=":", label=f"{label} (no ε)")
-    for ax, title in ((ax_u, METRIC_LABELS[utility_metric]), (ax_p, "privacy attacks")):
+                if r["epsilon"] is None and r["privacy"].get(key) is not None:
+                    ax_p.axhline(r["privacy"][key], color=color, linestyle=":", label=f"{label} (no ε)")
+    titles = [f"{METRIC_LABELS[k]} (95% intervals)" for k in utility]
+    for ax, title in ((*zip(ax_us, titles, strict=True), (ax_p, "privacy attacks"))):
         ax.set_xticks(range(len(grid)), [epsilon_label(e) for e in grid])
         ax.set_xlim(-0.5, max(len(grid) - 0.5, 0.5))
         ax.set_xlabel("ε (δ fixed; ∞ = no DP)")
@@ -275,9 +291,28 @@ def plot_privacy_utility(results: list[dict], grid: Sequence[float], utility_met
     ax_p.axhline(0.5, color="grey", linewidth=0.8)
     ax_p.set_ylim(-0.02, 1.02)
     ax_p.set_ylabel("MIA AUC (0.5 = chance) / canary rate")
-    ax_u.set_ylabel(METRIC_LABELS[utility_metric])
-    fig.savefig(path, dpi=110)
-    return path
+    for ax, key in zip(ax_us, utility, strict=True):
+        ax.set_ylabel(METRIC_LABELS[key] + (" (lower is better)" if key == "answer_loss" else ""))
+    return fig
+
+
+def _utility_points(ax: Any, family: str, color: str, on_grid: list[dict], no_epsilon: list[dict], key: str,
+                    x_of: dict[float, int]) -> None:
+    """One family's `key` on one panel: points on the grid with interval error bars, joined by a line; a method
+    without ε as a dotted line in a band spanning its interval."""
+    pts = [(x_of[r["epsilon"]], r["metrics"][key], (r.get("metrics_ci") or {}).get(key))
+           for r in on_grid if r["metrics"].get(key) is not None]
+    if pts:
+        xs, ys, cis = zip(*pts, strict=True)
+        yerr = [[y - ci[0] if ci else 0 for y, ci in zip(ys, cis, strict=True)],
+                [ci[1] - y if ci else 0 for y, ci in zip(ys, cis, strict=True)]]
+        ax.errorbar(xs, ys, yerr=yerr, fmt="-o", color=color, capsize=4, label=family)
+    for r in no_epsilon:
+        y, ci = r["metrics"].get(key), (r.get("metrics_ci") or {}).get(key)
+        if y is not None:
+            ax.axhline(y, color=color, linestyle=":", label=f"{family} (no ε)")
+            if ci:
+                ax.axhspan(ci[0], ci[1], color=color, alpha=0.12)
 
 
 def plot_rewards(candidates: Sequence[float], kept: Sequence[float], path: Path) -> Path:
