@@ -157,10 +157,10 @@ def encode_epsilon(epsilon: float | str | None) -> float | str | None:
 
 
 def epsilon_label(epsilon: float | None) -> str:
-    """ε for people: 8.0 → "8", inf → "∞", None → "—" (the method used no private data)."""
+    """ε for people: 8.0 → "8", 10.5676 → "10.57", inf → "∞", None → "—" (the method used no private data)."""
     if epsilon is None:
         return "—"
-    return "∞" if math.isinf(epsilon) else f"{epsilon:g}"
+    return "∞" if math.isinf(epsilon) else f"{epsilon:.4g}"
 
 
 def decode_epsilon(epsilon: Any) -> float | None:
