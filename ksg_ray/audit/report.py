@@ -37,8 +37,7 @@ if TYPE_CHECKING:
     from matplotlib.figure import Figure
 
 __all__ = ["PLOTS", "add_report_args", "build_report", "parse_grid", "plot_funnel", "plot_privacy_utility",
-           "privacy_utility_figure",
-           "plot_rewards", "run_report"]
+           "plot_rewards", "privacy_utility_figure", "run_report"]
 
 logger = logging.getLogger(__name__)
 
@@ -269,8 +268,7 @@ def privacy_utility_figure(results: list[dict], grid: Sequence[float], utility_m
     for color, (family, rows) in zip(colors, families.items(), strict=True):
         on_grid = sorted((r for r in rows if r["epsilon"] in x_of), key=lambda r: r["epsilon"])
         for ax, key in zip(ax_us, utility, strict=True):
-            _utility_points(ax, family, color, on_grid, [r for r in rows if r["epsilon"] is None], key,
-                            x_of)
+            _utility_points(ax, family, color, on_grid, [r for r in rows if r["epsilon"] is None], key, x_of)
         for key, style in (("mia_auc", "-o"), ("canary_rate_generations", "--s")):
             label = f"{family}: {METRIC_LABELS[key]}"
             pts = [(x_of[r["epsilon"]], r["privacy"][key]) for r in on_grid if r["privacy"].get(key) is not None]
