@@ -17,6 +17,7 @@ from ksg_ray.server.synth.config import SynthConfig
 from ksg_ray.server.synth.filters import (
     DegenerateTextFilter,
     LanguageFilter,
+    PatternFilter,
     answer_filters,
     apply_filters,
     query_filters,
@@ -51,11 +52,14 @@ def test_repeated_ngram_finds_loops_only():
 
 
 def test_each_filter_rejects_its_planted_row(cfg):
-    lang, degenerate, domain = query_filters(cfg)
+    lang, degenerate, meta, domain = query_filters(cfg)
     assert lang([PLANTED["language"]])[0].startswith("language: it")
     assert "repeated 6-gram" in degenerate([PLANTED["loop"]])[0]
     assert "non-alphabetic" in degenerate([PLANTED["symbols"]])[0]
     assert all(r.startswith("off-domain") for r in domain([PLANTED["phones"], PLANTED["travel"]]))
+    echoes = meta(["You create one new question about heart health, similar in style to the examples.",
+                   "Here is a new medical question: why do I cough?", "I have a question about my new medicine."])
+    assert [r.split(":")[0] if r else None for r in echoes] == ["meta", "meta", None]
     reasons = apply_filters(query_filters(cfg), [*PLANTED.values(), "Hi doctor, my son has had a fever for "
                                                  "three days and a cough. Should I take him to hospital?"])
     assert [r.split(":")[0] if r else None for r in reasons] == [
@@ -76,10 +80,12 @@ def test_each_filter_rejects_its_planted_row(cfg):
                "As a caring and compassionate doctor, I understand. Rest.", "Hey, I'm a special care animal doctor.",
                "Hello doctor, my 5 year old son has had a fever.", "Hi, I am 52 years old and have back pain.",
                "I am 27 and I have a lump.", "Good news! My 4-year-old daughter is doing wonderfully.",
-               "Hi there, my baby is doing great.",
+               "Hi there, my baby is doing great.", "A 2 is better than B.", "Rest. A has a major flaw.",
+               "A good edit would be: rest.", "A", 'Use "A" instead of "B".', "The answer was reworded incorrectly.",
                "Rest and drink water. A better diet helps too. I am not able to see the rash, so see your GP. "
-               "I am 100% sure it is not serious at 25 years of age."]
-    assert [r is None for r in apply_filters(answer_filters(cfg), answers)] == [False] * 26 + [True]
+               "I am 100% sure it is not serious at 25 years of age. Vitamin A is better absorbed than vitamin B. "
+               "Type A is not improved by diet."]
+    assert [r is None for r in apply_filters(answer_filters(cfg), answers)] == [False] * 32 + [True]
 
 
 @needs_shared
@@ -102,5 +108,5 @@ def test_the_domain_filter_rejects_most_finance_questions(cfg):
 def test_filters_are_configurable():
     cfg = job_config(SynthConfig, ["--config", "configs/synthesize.yaml", "filters.domain=false",
                                    "filters.language=false"], "test")
-    assert [type(f) for f in query_filters(cfg)] == [DegenerateTextFilter]
+    assert [type(f) for f in query_filters(cfg)] == [DegenerateTextFilter, PatternFilter]
     assert LanguageFilter("en")(["Hello, how are you today?"]) == [None]

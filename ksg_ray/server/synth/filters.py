@@ -27,8 +27,8 @@ from ksg_ray.common.text_metrics import repeated_ngram, words
 if TYPE_CHECKING:
     from ksg_ray.server.synth.config import SynthConfig
 
-__all__ = ["META", "PATIENT_VOICE", "PERSONA", "REFUSAL", "DegenerateTextFilter", "DomainFilter", "LanguageFilter",
-           "PatternFilter", "TextFilter", "answer_filters", "apply_filters", "query_filters"]
+__all__ = ["META", "PATIENT_VOICE", "PERSONA", "QUERY_META", "REFUSAL", "DegenerateTextFilter", "DomainFilter",
+           "LanguageFilter", "PatternFilter", "TextFilter", "answer_filters", "apply_filters", "query_filters"]
 
 class TextFilter(Protocol):
     """A filter: one reason string per rejected text, None for a kept one."""
@@ -119,14 +119,25 @@ class PatternFilter:
 
 # A small rewriter echoes the refinement prompt ("The improved answer is:", "Answer A (better)") or talks about the
 # task it was given ("to answer the patient's question", "The correct answer to the question is:", "Your answer is
-# clear, but the phrasing of the question...", an answer labelled "A: ...").
+# clear, but the phrasing of the question...", an answer labelled "A: ...", "A 2 is better than B", "A has a major
+# flaw", "A good edit would be:").
 META = PatternFilter("meta", r"\b(?:answer [ab]\b|(?:improved|revised|previous|past|above|better|original) (?:answer|"
                      r"version|response|question)|(?:revised|improved|rewrote|rewritten) the (?:answer|response)|"
-                     r"(?:a )?good answer would|a new (?:answer|question)\b|review of (?:that|the) answer|this answer "
-                     r"is|a is better than b|you are a helpful, careful|the (?:patient|user)'s (?:question|query)|"
-                     r"(?:correct|right|best|final) answer to (?:the|this|your) question|your answer is|"
-                     r"phrasing of the question)|\((?:better|worse|worst)\)|^\s*(?-i:[AB]):",
+                     r"(?:a )?good (?:answer|edit) would|a new (?:answer|question)\b|review of (?:that|the) answer|"
+                     r"this answer is|you(?:'re| are) a helpful, careful|the (?:patient|user)'s (?:question|query)|"
+                     r"(?:correct|right|best|final) answer (?:to (?:the|this|your) question|would be)|your answer is|"
+                     r"phrasing of the question|answer was (?:reworded|rewritten|revised))|\((?:better|worse|worst)\)|"
+                     r"^\s*(?-i:[AB])(?::|\s*$)|(?-i:\b[AB]\b)[^.\n]{0,20}\b(?:better|worse|improved|preferred) "
+                     r"(?:than|over|by) (?-i:[AB])\b|(?:^|[.!?]\s+)(?-i:[AB]) (?:is|was|has) (?:still )?(?:not )?"
+                     r"(?:improved|an? (?:major |minor )?flaw)|\"(?-i:A)\" instead of \"(?-i:B)\"",
                      "talks about the task")
+# Asked for "a new question like these two seeds" (queries.mode seed_prompt), a small generator often repeats the
+# request ("You create one new question about heart health, similar in style to the examples", "Here is a new
+# medical question:"): 66 of the 145 rows of the medical study's RewardDS run; 0 of the 130 dev questions match.
+QUERY_META = PatternFilter("meta", r"\b(?:(?:a|one|another) new (?:\w+ )?question|new (?:medical|financial|health) "
+                           r"question|here(?:'s| is) (?:a|one|another) (?:\w+ ){0,2}question|(?:provide|create|write|"
+                           r"generate|add) (?:a|one|another|\w+ new) (?:\w+ ){0,2}question|similar in style to the "
+                           r"examples|reply with the question only)", "repeats the request for a question")
 # Distilled into the target, refusals ("as an AI ...", "I'm unable to provide ...") teach it to refuse the domain.
 REFUSAL = PatternFilter("refusal", r"\b(?:as an? (?:ai|language model|medical assistant)|i(?:'m| am) (?:an ai|not "
                         r"(?:a|an) (?:doctor|medical|healthcare|financial)|(?:not |un)able to (?:provide|give|offer|"
@@ -194,7 +205,8 @@ def query_filters(cfg: SynthConfig) -> list[TextFilter]:
     if f.language:
         out.append(LanguageFilter(d.language, f.min_language_confidence))
     if f.degenerate:
-        out.append(DegenerateTextFilter(cfg.queries.min_words, f.max_query_words, f.max_non_alpha, f.repeat_ngram))
+        out += [DegenerateTextFilter(cfg.queries.min_words, f.max_query_words, f.max_non_alpha, f.repeat_ngram),
+                QUERY_META]
     if f.domain and d.off_topics:
         out.append(DomainFilter([*d.seed_questions, *d.topics, d.description], d.off_topics, f.min_domain_margin,
                                 d.name))
