@@ -265,10 +265,12 @@ def privacy_utility_figure(results: list[dict], grid: Sequence[float], utility_m
     for r in results:
         families.setdefault(r.get("family") or r["method"], []).append(r)
     colors = [f"C{i % 10}" for i in range(len(families))]
-    for color, (family, rows) in zip(colors, families.items(), strict=True):
+    step = min(0.08, 0.6 / max(len(families), 1))  # methods at the same ε side by side, not on top of each other
+    for i, (color, (family, rows)) in enumerate(zip(colors, families.items(), strict=True)):
         on_grid = sorted((r for r in rows if r["epsilon"] in x_of), key=lambda r: r["epsilon"])
+        dodge = (i - (len(families) - 1) / 2) * step
         for ax, key in zip(ax_us, utility, strict=True):
-            _utility_points(ax, family, color, on_grid, [r for r in rows if r["epsilon"] is None], key, x_of)
+            _utility_points(ax, family, color, on_grid, [r for r in rows if r["epsilon"] is None], key, x_of, dodge)
         for key, style in (("mia_auc", "-o"), ("canary_rate_generations", "--s")):
             label = f"{family}: {METRIC_LABELS[key]}"
             pts = [(x_of[r["epsilon"]], r["privacy"][key]) for r in on_grid if r["privacy"].get(key) is not None]
@@ -295,10 +297,10 @@ def privacy_utility_figure(results: list[dict], grid: Sequence[float], utility_m
 
 
 def _utility_points(ax: Any, family: str, color: str, on_grid: list[dict], no_epsilon: list[dict], key: str,
-                    x_of: dict[float, int]) -> None:
-    """One family's `key` on one panel: points on the grid with interval error bars, joined by a line; a method
-    without ε as a dotted line in a band spanning its interval."""
-    pts = [(x_of[r["epsilon"]], r["metrics"][key], (r.get("metrics_ci") or {}).get(key))
+                    x_of: dict[float, int], dodge: float = 0.0) -> None:
+    """One family's `key` on one panel: points on the grid (shifted by `dodge`) with interval error bars, joined by
+    a line; a method without ε as a dotted line in a band spanning its interval."""
+    pts = [(x_of[r["epsilon"]] + dodge, r["metrics"][key], (r.get("metrics_ci") or {}).get(key))
            for r in on_grid if r["metrics"].get(key) is not None]
     if pts:
         xs, ys, cis = zip(*pts, strict=True)
