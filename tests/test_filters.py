@@ -82,10 +82,12 @@ def test_each_filter_rejects_its_planted_row(cfg):
                "I am 27 and I have a lump.", "Good news! My 4-year-old daughter is doing wonderfully.",
                "Hi there, my baby is doing great.", "A 2 is better than B.", "Rest. A has a major flaw.",
                "A good edit would be: rest.", "A", 'Use "A" instead of "B".', "The answer was reworded incorrectly.",
+               "A: This is an excellent explanation of the information provided.",
+               'You can use this as a perfect example of how a "best" answer can be improved.',
                "Rest and drink water. A better diet helps too. I am not able to see the rash, so see your GP. "
                "I am 100% sure it is not serious at 25 years of age. Vitamin A is better absorbed than vitamin B. "
                "Type A is not improved by diet."]
-    assert [r is None for r in apply_filters(answer_filters(cfg), answers)] == [False] * 32 + [True]
+    assert [r is None for r in apply_filters(answer_filters(cfg), answers)] == [False] * 34 + [True]
 
 
 @needs_shared
