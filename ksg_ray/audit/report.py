@@ -286,8 +286,11 @@ def privacy_utility_figure(results: list[dict], grid: Sequence[float], utility_m
         ax.set_xlabel("ε (δ fixed; ∞ = no DP)")
         ax.set_title(title)
         ax.grid(alpha=0.3)
-        if ax.get_legend_handles_labels()[0]:
-            ax.legend(fontsize=7)
+    handles, labels = ax_us[0].get_legend_handles_labels() if ax_us else ([], [])
+    if handles:  # one legend for the utility panels, below them: inside, it hides points
+        fig.legend(handles, labels, loc="outside lower center", ncols=min(len(handles), 8), fontsize=8)
+    if ax_p.get_legend_handles_labels()[0]:
+        ax_p.legend(fontsize=7)
     ax_p.axhline(0.5, color="grey", linewidth=0.8)
     ax_p.set_ylim(-0.02, 1.02)
     ax_p.set_ylabel("MIA AUC (0.5 = chance) / canary rate")
