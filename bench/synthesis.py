@@ -1,7 +1,7 @@
 """Synthesis speed vs its parts run bare, side by side in one run.
 
     python bench/synthesis.py [--engine transformers] [--prompts 192] [--tokens 48] [--batch 32]
-    python bench/synthesis.py --answers-of RUN_DIR [--config configs/pipeline.yaml]
+    python bench/synthesis.py --answers-of RUN_DIR [--config configs/pipeline.yaml] [--worker-niceness 15,0]
 
 Generation (the default). Three ways to produce the same tokens with the same model (SmolLM2-135M) and batch size:
   pipeline  — the Ray Data generate stage (`GenerateUDF` on an actor pool), rows streamed back to the driver;
@@ -17,7 +17,8 @@ queries through the answers phase twice, with the pipeline config's synthesis se
           with their start-up and model loads, rows streamed to the driver's store;
   bare  — the same steps (`answer_steps`: the same classes and arguments) called in this process on the same
           batches, one after the other, model loads included.
-Goal (issue 18): stage ≤ 1.25 × bare.
+Goal (issue 18): stage ≤ 1.25 × bare. `--worker-niceness 15,0` runs the stage once per niceness of Ray's workers
+(15: Ray's default, below the driver and Ray's own processes), one after the other, then bare.
 """
 
 from __future__ import annotations
@@ -42,12 +43,14 @@ def main() -> None:
     parser.add_argument("--cpus", type=float, default=2, help="CPUs of the pipeline's actor (= torch threads)")
     parser.add_argument("--answers-of", type=Path, help="time the answers stage on this finished run's queries")
     parser.add_argument("--config", default="configs/pipeline.yaml", help="the pipeline config of that run")
+    parser.add_argument("--worker-niceness", default="15", help="with --answers-of: the Ray workers' nice values "
+                        "to time the stage at, comma-separated (Ray's default: 15)")
     args = parser.parse_args()
     from ksg_ray.common.cpu_blas import reexec_with_mkl_intel_path
 
     reexec_with_mkl_intel_path()  # both sides on the BLAS path `ksg` runs on
     if args.answers_of:
-        answers_vs_parts(args.answers_of, args.config)
+        answers_vs_parts(args.answers_of, args.config, [int(n) for n in args.worker_niceness.split(",")])
         return
 
     import ray
@@ -102,7 +105,7 @@ def main() -> None:
     print(f"pipeline / per-prompt loop: {pipe_tps / loop_tps:.3f} (goal >= 5)")
 
 
-def answers_vs_parts(run_dir: Path, pipeline_config: str) -> None:
+def answers_vs_parts(run_dir: Path, pipeline_config: str, niceness: list[int]) -> None:
     import json
 
     import ray
@@ -121,14 +124,18 @@ def answers_vs_parts(run_dir: Path, pipeline_config: str) -> None:
                                                       f"run.output_dir={tmp}"])
         models = synth.SynthModels.from_config(cfg)
         queries, _ = synth._derive_queries(cfg, raw, [])
-        ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
-        start = time.perf_counter()
-        store = synth._run_answers(cfg, models, Path(tmp), JsonlStore(Path(tmp) / "errors.jsonl", key="error_id"),
-                                   queries)
-        stage_s = time.perf_counter() - start
-        batches = list(ray.data.from_items(synth.answer_rows(cfg, queries)).iter_batches(
-            batch_size=cfg.engine.batch_size, batch_format="numpy"))
-        ray.shutdown()
+        stage_s = {}
+        for nice in niceness:
+            os.environ["RAY_worker_niceness"] = str(nice)  # read by the raylet that this `ray.init` starts
+            ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+            out = Path(tmp) / f"nice{nice}"
+            out.mkdir()
+            start = time.perf_counter()
+            store = synth._run_answers(cfg, models, out, JsonlStore(out / "errors.jsonl", key="error_id"), queries)
+            stage_s[nice] = time.perf_counter() - start
+            batches = list(ray.data.from_items(synth.answer_rows(cfg, queries)).iter_batches(
+                batch_size=cfg.engine.batch_size, batch_format="numpy"))
+            ray.shutdown()
 
     torch.set_num_threads(cfg.engine.threads or 2)
     start = time.perf_counter()
@@ -143,10 +150,11 @@ def answers_vs_parts(run_dir: Path, pipeline_config: str) -> None:
     bare_s = time.perf_counter() - start
     print(f"answers phase, {len(queries)} queries ({len(store)} written by the stage, {rows} by the bare steps), "
           f"engine {cfg.engine.kind}, batch {cfg.engine.batch_size}, {cfg.engine.threads} threads")
-    print(f"stage (Ray Data actor pools, start-up and model loads included): {stage_s:7.1f} s")
     print(f"bare steps in process (model loads {load_s:.1f} s included):     {bare_s:7.1f} s")
-    print(f"stage / bare: {stage_s / bare_s:.2f} (goal <= 1.25); "
-          f"stage / bare without its model loads: {stage_s / (bare_s - load_s):.2f}")
+    for nice, seconds in stage_s.items():
+        print(f"stage, Ray workers at nice {nice:2d} (actor pools, start-up and model loads included): {seconds:7.1f} s"
+              f"; stage / bare: {seconds / bare_s:.2f} (goal <= 1.25), without the bare side's model loads: "
+              f"{seconds / (bare_s - load_s):.2f}")
 
 
 if __name__ == "__main__":
