@@ -19,6 +19,7 @@ from transformers import LogitsProcessor
 
 from ksg_ray.common.hardware import resolve_dtype
 from ksg_ray.engines import Generation, SamplingParams, encode, render_prompt, score_inputs
+from ksg_ray.engines.packed_linear import pack_linears
 
 __all__ = ["RowSeededSampling", "TransformersEngine"]
 
@@ -36,10 +37,12 @@ class TransformersEngine:
         dtype: weight dtype (a `torch.dtype` or its name); "auto" = bfloat16 where the device has fast bf16
             (CUDA bf16, CPU AMX / AVX-512 bf16: batched generation ran 1.87x fp32 here), else float32.
         batch_size: prompts per `generate` / forward call (`n` answers each); bounds memory.
+        packed_linear: on a CPU in fp32, run the linear layers on MKL's packed GEMM (`PackedLinear`): the
+            decode steps' few-row products 1.3-1.8x faster, the answers the same. False keeps plain sgemm.
     """
 
     def __init__(self, model_path: str, adapter_path: str | None = None, device: str | torch.device | None = None,
-                 dtype: torch.dtype | str = torch.float32, batch_size: int = 16) -> None:
+                 dtype: torch.dtype | str = torch.float32, batch_size: int = 16, packed_linear: bool = True) -> None:
         from transformers import AutoModelForCausalLM, AutoTokenizer
 
         if batch_size < 1:
@@ -58,12 +61,14 @@ class TransformersEngine:
 
             model = PeftModel.from_pretrained(model, adapter_path).merge_and_unload()
         self.model = model.to(self.device).eval()
+        packed = pack_linears(self.model) if packed_linear and self.device.type == "cpu" else 0
         # Every id that ends a turn: the model's generation config may list several (e.g. Llama 3's <|eot_id|>).
         eos = self.model.generation_config.eos_token_id
         eos = [] if eos is None else [eos] if isinstance(eos, int) else list(eos)
         self.eos_token_ids: list[int] = sorted({*eos, self.tokenizer.eos_token_id} - {None})
-        logger.info("transformers engine: %s%s on %s (%s), batch %d", model_path,
-                    f" + adapter {adapter_path}" if adapter_path else "", self.device, dtype, batch_size)
+        logger.info("transformers engine: %s%s on %s (%s), batch %d%s", model_path,
+                    f" + adapter {adapter_path}" if adapter_path else "", self.device, dtype, batch_size,
+                    f", {packed} linear layers on MKL's packed GEMM" if packed else "")
 
     @torch.inference_mode()
     def generate(self, prompts: list[list[dict]], params: SamplingParams,

@@ -1,0 +1,66 @@
+"""MKL's packed GEMM under the transformers engine: the same numbers and the same answers as plain `nn.Linear`."""
+
+import pytest
+import torch
+from conftest import save_varied_model
+from torch import nn
+from transformers import AutoModelForCausalLM
+
+from ksg_ray.engines import SamplingParams
+from ksg_ray.engines.packed_linear import MAX_PACKED_ROWS, PackedLinear, pack_linears, packed_gemm_available
+from ksg_ray.engines.transformers_engine import TransformersEngine
+
+pytestmark = pytest.mark.skipif(not packed_gemm_available(), reason="this torch has no MKL packed GEMM")
+
+PROMPTS = [
+    [{"role": "user", "content": "hi"}],
+    [{"role": "system", "content": "You are a careful doctor who explains every step."},
+     {"role": "user", "content": "What should I do about a mild fever that has lasted two days?"}],
+    [{"role": "user", "content": "I have had heartburn every night for two weeks. What could it be?"}],
+]
+
+
+@pytest.mark.parametrize("bias", [True, False])
+def test_packed_linear_equals_nn_linear_on_both_paths(bias):
+    torch.manual_seed(0)
+    linear = nn.Linear(96, 200, bias=bias)
+    packed = PackedLinear(linear)
+    with torch.inference_mode():
+        for shape in [(1, 96), (7, 96), (2, 32, 96), (MAX_PACKED_ROWS, 96), (MAX_PACKED_ROWS + 1, 96), (3, 100, 96)]:
+            x = torch.randn(shape)
+            got, want = packed(x), linear(x)
+            assert got.shape == want.shape
+            torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+    x = torch.randn(4, 96)
+    packed(x).sum().backward()  # with autograd on it takes the plain path, so gradients reach the weight
+    assert linear.weight.grad is not None and linear.weight.grad.abs().sum() > 0
+
+
+def test_pack_linears_keeps_every_parameter_and_the_logits(tiny_model_path, tmp_path):
+    save_varied_model(tiny_model_path, tmp_path)
+    model = AutoModelForCausalLM.from_pretrained(tmp_path, dtype=torch.float32).eval()
+    ids = torch.randint(0, model.config.vocab_size, (3, 20))
+    with torch.inference_mode():
+        before_logits = model(ids).logits
+    before = dict(model.named_parameters())
+    n_linear = sum(type(m) is nn.Linear for m in model.modules())
+    assert pack_linears(model) == n_linear > 0
+    assert not any(type(m) is nn.Linear for m in model.modules())
+    after = dict(model.named_parameters())
+    assert after.keys() == before.keys() and all(after[k] is before[k] for k in before)  # shared, tied stay tied
+    with torch.inference_mode():
+        torch.testing.assert_close(model(ids).logits, before_logits, rtol=1e-4, atol=1e-4)
+        torch.testing.assert_close(model(ids[:1, :5]).logits, before_logits[:1, :5], rtol=1e-4, atol=1e-4)
+    half = AutoModelForCausalLM.from_pretrained(tmp_path, dtype=torch.bfloat16)
+    assert pack_linears(half) == 0  # only fp32 has the packed sgemm
+
+
+def test_smollm2_answers_the_same_with_and_without_packing(smollm2_path):
+    params = SamplingParams(max_new_tokens=24)
+    packed = TransformersEngine(smollm2_path)
+    assert any(isinstance(m, PackedLinear) for m in packed.model.modules())
+    plain = TransformersEngine(smollm2_path, packed_linear=False)
+    assert not any(isinstance(m, PackedLinear) for m in plain.model.modules())
+    assert packed.generate(PROMPTS, params) == plain.generate(PROMPTS, params)
+    assert packed.score(PROMPTS, ["Drink water and rest."] * 3) == pytest.approx(
+        plain.score(PROMPTS, ["Drink water and rest."] * 3), abs=1e-5)
