@@ -137,6 +137,25 @@ def test_row_seeded_sampling_draws_from_the_tempered_top_p_distribution():
     assert float((cold_picks == 0).float().mean()) > 0.85  # a low temperature sharpens towards the mode
 
 
+def test_top_p_cut_equals_a_full_sort_with_and_without_its_fallback():
+    from ksg_ray.engines.transformers_engine import top_p_cut
+
+    def by_full_sort(logits, top_p):
+        probs, order = torch.sort(torch.softmax(logits, dim=-1), descending=True, dim=-1)
+        cut = (probs.cumsum(dim=-1) - probs) >= top_p
+        return cut.scatter(1, order, cut)
+
+    gen = torch.Generator().manual_seed(0)
+    # peaked rows (their nucleus is in the top 8) and flat rows (it is not: the full-sort fallback)
+    logits = torch.cat([torch.randn(6, 5000, generator=gen) * 8, torch.randn(6, 5000, generator=gen) * 0.1])
+    for top_p in (0.5, 0.9, 0.99):
+        for k in (8, 1024):
+            got = top_p_cut(logits, top_p, k=k)
+            assert torch.equal(got, by_full_sort(logits, top_p)), (top_p, k)
+            assert (~got).sum(dim=-1).min() >= 1  # at least one token kept
+    assert (~top_p_cut(logits, 0.9, k=8))[6:].sum(dim=-1).min() > 8  # the flat rows did need the fallback
+
+
 def test_a_message_marked_continue_is_left_open(engine):
     from ksg_ray.engines import CONTINUE_KEY
 
