@@ -19,6 +19,7 @@ import torch.nn.functional as F
 from peft import LoraConfig, PeftModel, get_peft_model
 
 from ksg_ray.common.sections import LoraSection
+from ksg_ray.common.torch_threads import one_torch_thread
 
 __all__ = ["JUDGE_PROMPT", "RewardExample", "bradley_terry_loss", "build_lora_reward", "collate_reward",
            "load_reward_model", "pairwise_accuracy", "reward_example_tokens", "reward_messages", "reward_pad_id",
@@ -145,9 +146,10 @@ def load_reward_model(component_dir: str | Path, model_path: str, device: str = 
     from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
     tokenizer = AutoTokenizer.from_pretrained(model_path)
-    base = AutoModelForSequenceClassification.from_pretrained(model_path, num_labels=1, dtype=torch.float32)
-    base.config.pad_token_id = reward_pad_id(tokenizer)
-    model = PeftModel.from_pretrained(base, str(component_dir)).to(device).eval()
+    with one_torch_thread():  # loaded in a Ray actor's main thread, run in another: see torch_threads
+        base = AutoModelForSequenceClassification.from_pretrained(model_path, num_labels=1, dtype=torch.float32)
+        base.config.pad_token_id = reward_pad_id(tokenizer)
+        model = PeftModel.from_pretrained(base, str(component_dir)).to(device).eval()
     return model, tokenizer
 
 

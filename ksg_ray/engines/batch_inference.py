@@ -16,7 +16,6 @@ from typing import Any
 import numpy as np
 
 from ksg_ray.engines import Generation, SamplingParams, build_engine, check_messages
-from ksg_ray.engines.one_thread import init_on_one_thread
 from ksg_ray.engines.stage import (
     ERROR_COLUMN,
     describe,
@@ -31,7 +30,6 @@ __all__ = ["RayDataModel", "LogprobUDF"]
 logger = logging.getLogger(__name__)
 
 
-@init_on_one_thread
 class LogprobUDF:
     """A `map_batches` callable class: (chat prompt, answer) in, the answer's mean token log-prob out.
 

@@ -24,7 +24,6 @@ import numpy as np
 import ray
 
 from ksg_ray.engines import SamplingParams, build_engine, check_messages
-from ksg_ray.engines.one_thread import init_on_one_thread
 
 __all__ = ["ERROR_COLUMN", "GenerateUDF", "generate_dataset", "incoming_errors", "passthrough", "to_messages",
            "is_missing", "plain", "row_seed", "run_with_fallback"]
@@ -35,7 +34,6 @@ ERROR_COLUMN = "__error__"
 FATAL_ERRORS: tuple[type[BaseException], ...] = (MemoryError,)  # plus the engine's own `fatal_errors`
 
 
-@init_on_one_thread
 class GenerateUDF:
     """A `map_batches` callable class: chat prompts in, `n` generations per row out.
 

@@ -18,6 +18,7 @@ import torch
 from transformers import LogitsProcessor
 
 from ksg_ray.common.hardware import resolve_dtype
+from ksg_ray.common.torch_threads import one_torch_thread
 from ksg_ray.engines import Generation, SamplingParams, encode, render_prompt, score_inputs
 from ksg_ray.engines.packed_linear import pack_linears
 
@@ -55,13 +56,14 @@ class TransformersEngine:
         self.tokenizer.padding_side = "left"
         if self.tokenizer.pad_token_id is None:  # Llama-style tokenizers have none; the mask makes any id safe
             self.tokenizer.pad_token = self.tokenizer.eos_token
-        model = AutoModelForCausalLM.from_pretrained(model_path, dtype=dtype)
-        if adapter_path is not None:
-            from peft import PeftModel
+        with one_torch_thread():  # loaded in a Ray actor's main thread, run in another: see torch_threads
+            model = AutoModelForCausalLM.from_pretrained(model_path, dtype=dtype)
+            if adapter_path is not None:
+                from peft import PeftModel
 
-            model = PeftModel.from_pretrained(model, adapter_path).merge_and_unload()
-        self.model = model.to(self.device).eval()
-        packed = pack_linears(self.model) if packed_linear and self.device.type == "cpu" else 0
+                model = PeftModel.from_pretrained(model, adapter_path).merge_and_unload()
+            self.model = model.to(self.device).eval()
+            packed = pack_linears(self.model) if packed_linear and self.device.type == "cpu" else 0
         # Every id that ends a turn: the model's generation config may list several (e.g. Llama 3's <|eot_id|>).
         eos = self.model.generation_config.eos_token_id
         eos = [] if eos is None else [eos] if isinstance(eos, int) else list(eos)

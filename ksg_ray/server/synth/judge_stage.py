@@ -13,7 +13,6 @@ from typing import Any
 import numpy as np
 
 from ksg_ray.engines import build_engine, check_messages
-from ksg_ray.engines.one_thread import init_on_one_thread
 from ksg_ray.engines.stage import (
     ERROR_COLUMN,
     describe,
@@ -27,7 +26,6 @@ from ksg_ray.engines.stage import (
 __all__ = ["JudgeUDF"]
 
 
-@init_on_one_thread
 class JudgeUDF:
     """A `map_batches` callable class: judge prompts in, P(yes) and a pass/fail verdict out.
 

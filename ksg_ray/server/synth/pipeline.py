@@ -37,7 +37,6 @@ from ksg_ray.common.errors import KsgError
 from ksg_ray.common.hub import model_dir_engine_args, resolve_model
 from ksg_ray.common.jsonl import atomic_open, read_jsonl, write_json_atomic, write_jsonl_atomic
 from ksg_ray.engines import SamplingParams, shared_engines
-from ksg_ray.engines.one_thread import init_on_one_thread
 from ksg_ray.engines.ray_llm_processor import processor_generate
 from ksg_ray.engines.stage import ERROR_COLUMN, GenerateUDF, is_missing, passthrough, plain
 from ksg_ray.server.bundle_models import component_base
@@ -366,7 +365,6 @@ def _as_processor(step: Step) -> Step:
         engine_kwargs=k["engine_kwargs"]), actor=False)
 
 
-@init_on_one_thread
 class StepChain:
     """A phase's steps in one actor (`engine.fuse_steps`): each actor step's class is built once here (its model
     loaded, once for the steps that share it), and every batch goes through all the steps in turn, as the separate

@@ -14,7 +14,6 @@ from typing import Any
 import numpy as np
 
 from ksg_ray.engines import build_engine, check_messages
-from ksg_ray.engines.one_thread import init_on_one_thread
 from ksg_ray.engines.stage import (
     ERROR_COLUMN,
     describe,
@@ -30,7 +29,6 @@ from ksg_ray.server.bundle_models import component_base, load_reward
 __all__ = ["ScoreUDF"]
 
 
-@init_on_one_thread
 class ScoreUDF:
     """A `map_batches` callable class: every candidate of a row gets a reward and a log-probability.
 
