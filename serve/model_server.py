@@ -85,6 +85,8 @@ class ModelServer:
         self._generate_batch.set_max_batch_size(cfg.batching.max_batch_size)
         self._generate_batch.set_batch_wait_timeout_s(cfg.batching.batch_wait_timeout_s)
         self._load = LoadGauge(cfg.batching.batch_wait_timeout_s)
+        self._engine_free = asyncio.Event()
+        self._engine_free.set()
 
     async def generate(self, prompts: list[list[dict]], params: SamplingParams) -> dict[str, Any]:
         """`params.n` answers per prompt, for the model id this request was routed with.
@@ -97,6 +99,12 @@ class ModelServer:
             counts = await asyncio.gather(*(self._check_prompt(engine, p, params) for p in prompts))
             # A lone request goes at once; a batch waits for more only while other requests are arriving.
             busy = self._load.arrived(len(prompts))
+            if busy:
+                # Under load, a request that arrives while a batch runs joins the next batch once the engine is
+                # free. Queued at once, it would start that batch alone, and the batch's other requests (sent as
+                # their answers came back) would wait for it: one client ran a batch of its own every cycle
+                # (15 + 1 of 16), a third of the engine's time.
+                await self._engine_free.wait()
             self._generate_batch.set_batch_wait_timeout_s(self.cfg.batching.batch_wait_timeout_s if busy else 0.0)
             gens = await asyncio.gather(*(self._generate_batch((p, params)) for p in prompts))
         except Exception as e:
@@ -151,16 +159,20 @@ class ModelServer:
         for i, (_, params) in enumerate(items):
             groups[params].append(i)
         out: list[list[Generation]] = [[] for _ in items]
-        for params, rows in groups.items():
-            started = time.monotonic()
-            try:
-                gens = await asyncio.to_thread(engine.generate, [items[i][0] for i in rows], params)
-                self._load.engine_call(time.monotonic() - started)
-            except Exception as e:
-                self._note_engine_failure(e, engine)
-                raise
-            for i, g in zip(rows, gens, strict=True):
-                out[i] = g
+        self._engine_free.clear()
+        try:
+            for params, rows in groups.items():
+                started = time.monotonic()
+                try:
+                    gens = await asyncio.to_thread(engine.generate, [items[i][0] for i in rows], params)
+                    self._load.engine_call(time.monotonic() - started)
+                except Exception as e:
+                    self._note_engine_failure(e, engine)
+                    raise
+                for i, g in zip(rows, gens, strict=True):
+                    out[i] = g
+        finally:
+            self._engine_free.set()
         self._failures = 0
         return out
 
