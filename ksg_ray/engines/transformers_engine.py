@@ -287,4 +287,3 @@ def top_p_cut(logits: torch.Tensor, top_p: float, k: int = 1024) -> torch.Tensor
         full_cut = (full.cumsum(dim=-1) - full) >= top_p
         cut[short] = full_cut.scatter(1, full_order, full_cut)
     return cut
-
