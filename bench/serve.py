@@ -5,7 +5,9 @@
 One run, side by side: the app (`ksg_ray.serve.app`, transformers engine, one model replica with one CPU
 thread, `@serve.batch` up to `--clients`) on a local Ray, and the same model as a `TransformersEngine` in this
 process with one torch thread. Every request is the same greedy chat request; Serve's answer is checked to
-equal the direct one. Latency rounds alternate direct and Serve calls so drift hits both alike. The HTTP
+equal the direct one. Latency rounds alternate direct and Serve calls so drift hits both alike. Throughput is
+printed two ways: over the whole window from the clients' start (their ramp-up included), and in steady state
+(each closed-loop client's rate from its first answer to its last, summed). The HTTP
 clients run in this process and share the machine's cores with the replica: on a small machine that costs
 Serve some of its throughput, so the ratios are conservative. It also times one batched call of `--clients`
 prompts in process: how far batching can take this engine at all (the ceiling of the 16 / 1 ratio).
@@ -84,31 +86,41 @@ def main() -> None:
             client.chat.completions.create(**request)
             serve_s.append(time.perf_counter() - t0)
 
-        def throughput(clients: int) -> tuple[float, float, int]:
-            """(requests/s, completion tokens/s, errors) of `clients` closed-loop clients over one window."""
-            stop_at = time.perf_counter() + args.seconds
-            counts, lock = {"req": 0, "tok": 0, "err": 0}, threading.Lock()
+        def throughput(clients: int) -> dict[str, float]:
+            """`clients` closed-loop clients over one window, two ways (requests/s, completion tokens/s):
 
-            def loop() -> None:
+            - "window": every completion from the start of the clients to the last one (the window's requests
+              still in flight at its end are waited for and counted). It includes the ramp-up: the clients being
+              created one after another, and a first batch that forms while they arrive;
+            - "steady": each client's own rate from its first completion to its last, summed over the clients
+              (a closed-loop client's rate is one request per round trip, so this is the served rate once every
+              client is sending, without the ramp-up; per client, so batched completions are not cut by the
+              window's edges).
+            """
+            stop_at = time.perf_counter() + args.seconds
+            done: list[list[tuple[float, int]]] = [[] for _ in range(clients)]
+            errors = [0] * clients
+
+            def loop(i: int) -> None:
                 c = new_client()
                 while time.perf_counter() < stop_at:
                     try:
                         tokens = c.chat.completions.create(**request).usage.completion_tokens
-                        with lock:
-                            counts["req"] += 1
-                            counts["tok"] += tokens
+                        done[i].append((time.perf_counter(), tokens))
                     except Exception:
-                        with lock:
-                            counts["err"] += 1
+                        errors[i] += 1
 
             t0 = time.perf_counter()
-            threads = [threading.Thread(target=loop) for _ in range(clients)]
+            threads = [threading.Thread(target=loop, args=(i,)) for i in range(clients)]
             for t in threads:
                 t.start()
             for t in threads:
                 t.join()
             elapsed = time.perf_counter() - t0  # includes the requests still in flight at the deadline
-            return counts["req"] / elapsed, counts["tok"] / elapsed, counts["err"]
+            steady_req = sum((len(d) - 1) / (d[-1][0] - d[0][0]) for d in done if len(d) > 1)
+            steady_tok = sum(sum(n for _, n in d[1:]) / (d[-1][0] - d[0][0]) for d in done if len(d) > 1)
+            return {"req": sum(map(len, done)) / elapsed, "tok": sum(n for d in done for _, n in d) / elapsed,
+                    "steady_req": steady_req, "steady_tok": steady_tok, "errors": sum(errors)}
 
         one = throughput(1)
         many = throughput(args.clients)
@@ -127,13 +139,15 @@ def main() -> None:
           f"max_batch_size {args.clients}, batch_wait_timeout_s {args.batch_wait_s}")
     print(f"p50 latency: direct engine.generate {p50_direct * 1000:.0f} ms, over Serve {p50_serve * 1000:.0f} ms "
           f"-> Serve adds {(p50_serve - p50_direct) * 1000:+.0f} ms ({p50_serve / p50_direct:.2f}x)")
-    print(f"throughput 1 client: {one[0]:.2f} req/s ({one[1]:.1f} tok/s); {args.clients} clients: {many[0]:.2f} req/s "
-          f"({many[1]:.1f} tok/s); errors {one[2]} + {many[2]}")
-    print(f"throughput {args.clients} clients / 1 client: {many[0] / one[0]:.2f}x")
-    ceiling = args.clients / min(batched_s) * p50_direct
-    print(f"the engine alone, one batch of {args.clients} in process: {args.clients / min(batched_s):.2f} req/s, "
-          f"{ceiling:.2f}x its one-prompt rate: the ceiling of that ratio on this engine; Serve at "
-          f"{args.clients} clients reaches {many[0] / (args.clients / min(batched_s)):.0%} of its batched rate")
+    for way, label in (("", "whole window, ramp-up included"), ("steady_", "steady state, each client first to last")):
+        print(f"throughput ({label}): 1 client {one[way + 'req']:.2f} req/s ({one[way + 'tok']:.1f} tok/s); "
+              f"{args.clients} clients {many[way + 'req']:.2f} req/s ({many[way + 'tok']:.1f} tok/s); "
+              f"{args.clients} / 1: {many[way + 'req'] / one[way + 'req']:.2f}x")
+    print(f"errors: {one['errors']} + {many['errors']}")
+    batched_rate = args.clients / min(batched_s)
+    print(f"the engine alone, one batch of {args.clients} in process: {batched_rate:.2f} req/s, "
+          f"{batched_rate * p50_direct:.2f}x its one-prompt rate: the ceiling of that ratio on this engine; Serve at "
+          f"{args.clients} clients reaches {many['steady_req'] / batched_rate:.0%} of its batched rate (steady state)")
 
 
 if __name__ == "__main__":
