@@ -84,10 +84,12 @@ def test_each_filter_rejects_its_planted_row(cfg):
                "A good edit would be: rest.", "A", 'Use "A" instead of "B".', "The answer was reworded incorrectly.",
                "A: This is an excellent explanation of the information provided.",
                'You can use this as a perfect example of how a "best" answer can be improved.',
+               "You've got it correct, and I'll make sure to provide you with a corrected answer.",
+               "Your symptoms include vomiting and coughing. The answer is: C.",
                "Rest and drink water. A better diet helps too. I am not able to see the rash, so see your GP. "
                "I am 100% sure it is not serious at 25 years of age. Vitamin A is better absorbed than vitamin B. "
                "Type A is not improved by diet."]
-    assert [r is None for r in apply_filters(answer_filters(cfg), answers)] == [False] * 34 + [True]
+    assert [r is None for r in apply_filters(answer_filters(cfg), answers)] == [False] * 36 + [True]
 
 
 @needs_shared
