@@ -121,7 +121,8 @@ class PatternFilter:
 # task it was given ("to answer the patient's question", "The correct answer to the question is:", "Your answer is
 # clear, but the phrasing of the question...", an answer labelled "A: ...", "A 2 is better than B", "A has a major
 # flaw", "A good edit would be:", reviews: "This is an excellent explanation of...", "A very informative answer",
-# grading: "You've got it correct, and I'll make sure to provide you with a corrected answer. The answer is: C.").
+# grading: "You've got it correct, and I'll make sure to provide you with a corrected answer. The answer is: C.",
+# "A possible improvement could be: ...").
 META = PatternFilter("meta", r"\b(?:answer [ab]\b|(?:improved|revised|previous|past|above|better|original) (?:answer|"
                      r"version|response|question)|(?:revised|improved|rewrote|rewritten) the (?:answer|response)|"
                      r"(?:a )?good (?:answer|edit) would|a new (?:answer|question)\b|review of (?:that|the) answer|"
@@ -133,7 +134,7 @@ META = PatternFilter("meta", r"\b(?:answer [ab]\b|(?:improved|revised|previous|p
                      r"(?:improved|an? (?:major |minor )?flaw)|\"(?-i:A)\" instead of \"(?-i:B)\"|"
                      r"^\W*(?:a: )?this is an? (?:\w+ ){0,2}(?:explanation|answer|response)\b|\ban? (?:very |more )?"
                      r"(?:informative|effective|excellent) (?:answer|response)\b|\banswer can be improved|"
-                     r"\bcorrected answer\b|\byou(?:'ve| have) got it (?:correct|right)\b|"
+                     r"\ba possible improvement\b|\bcorrected answer\b|\byou(?:'ve| have) got it (?:correct|right)\b|"
                      r"\bthe answer is:?\s*(?-i:[A-E])(?=\s*(?:[.)]|$))",
                      "talks about the task")
 # Asked for "a new question like these two seeds" (queries.mode seed_prompt), a small generator often repeats the
