@@ -86,11 +86,12 @@ def test_each_filter_rejects_its_planted_row(cfg):
                'You can use this as a perfect example of how a "best" answer can be improved.',
                "You've got it correct, and I'll make sure to provide you with a corrected answer.",
                "Your symptoms include vomiting and coughing. The answer is: C.",
+               "The correct answer is: a lump is often misunderstood.",
                "I'm so sorry. A possible improvement could be: \"It's so heartbreaking to see a mother suffer.\"",
                "Rest and drink water. A better diet helps too. I am not able to see the rash, so see your GP. "
                "I am 100% sure it is not serious at 25 years of age. Vitamin A is better absorbed than vitamin B. "
                "Type A is not improved by diet."]
-    assert [r is None for r in apply_filters(answer_filters(cfg), answers)] == [False] * 37 + [True]
+    assert [r is None for r in apply_filters(answer_filters(cfg), answers)] == [False] * 38 + [True]
 
 
 @needs_shared
