@@ -105,3 +105,37 @@ def test_length_grouped_micro_batches_change_the_padding_not_the_sum(setup, tiny
     assert n == 6
     for a, b in zip(grouped, apart, strict=True):
         torch.testing.assert_close(a, b, atol=1e-8, rtol=1e-4)
+
+
+def test_frozen_base_stored_in_bf16_gives_the_autocast_clipped_sum_bit_for_bit(tiny_model_path):
+    """The trainers store the frozen linear weights in bf16 when they run under bf16 autocast, to skip autocast's
+    per-forward casts: per-record losses and the clipped sum are exactly those of the float32-stored model, the
+    embeddings, norms and adapters stay float32, and a tied output head gets its own copy."""
+    from transformers import AutoTokenizer
+
+    from ksg_ray.common.lora import frozen_linears_to_bf16
+
+    tok = AutoTokenizer.from_pretrained(tiny_model_path)
+    examples, _ = tokenize_records(tok, load_records("demo", limit=4), max_seq_len=64, question_loss=False)
+    chunks = [collate(examples[:2], tok.pad_token_id), collate(examples[2:], tok.pad_token_id)]
+    sums = []
+    for cast in (False, True):
+        model = build_lora_lm(torch.device("cpu"), model_path=tiny_model_path, lora=LoraSection(r=4), seed=0)
+        with torch.no_grad():
+            for name, p in model.named_parameters():
+                if "lora_B" in name:
+                    p.normal_(0, 0.5)
+        if cast:
+            embed, head = model.get_input_embeddings(), model.get_output_embeddings()
+            assert head.weight is embed.weight  # the tiny model ties them, like SmolLM2
+            assert frozen_linears_to_bf16(model) > 0
+            assert head.weight.dtype == torch.bfloat16 and embed.weight.dtype == torch.float32
+            assert all(p.dtype == torch.float32 for p in model.parameters() if p.requires_grad)
+            assert any(p.dtype == torch.bfloat16 for p in model.parameters() if not p.requires_grad)
+        dp = DPSGD(model, max_grad_norm=CLIP, noise_multiplier=0.0, expected_batch_size=4)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            sums.append(dp.clipped_sum(chunks, lm_loss))
+    (before, loss_before, n_before), (after, loss_after, n_after) = sums
+    assert (n_before, loss_before) == (n_after, loss_after)
+    for a, b in zip(before, after, strict=True):
+        assert torch.equal(a, b)

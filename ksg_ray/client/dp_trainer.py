@@ -105,6 +105,8 @@ def dp_worker_loop(config: dict) -> None:
     import ray.train
     import ray.train.torch
 
+    from ksg_ray.common.lora import frozen_linears_to_bf16
+
     warnings.filterwarnings("ignore", message="Full backward hook is firing")
     task: DPTask = config["task"]
     spec: DPRunSpec = config["spec"]
@@ -112,6 +114,8 @@ def dp_worker_loop(config: dict) -> None:
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
     device = ray.train.torch.get_device()
     model = task.build_model(device)
+    if spec.bf16 and spec.strategy != "deepspeed":  # runs under autocast (below): the frozen base needs no casts
+        frozen_linears_to_bf16(model)  # (ZeRO-3 partitions frozen weights too, so DeepSpeed keeps them as built)
 
     dp = DPSGD(model, max_grad_norm=spec.max_grad_norm, noise_multiplier=spec.noise_multiplier,
                expected_batch_size=spec.expected_batch_size, rank=rank, world_size=world, noise_seed=spec.noise_seed)

@@ -153,6 +153,8 @@ def finetune_worker_loop(config: dict) -> None:
     import ray.train.torch
     from transformers import AutoTokenizer
 
+    from ksg_ray.common.lora import frozen_linears_to_bf16
+
     task: FinetuneTask = config["task"]
     spec: FinetuneSpec = config["spec"]
     ctx = ray.train.get_context()
@@ -160,6 +162,8 @@ def finetune_worker_loop(config: dict) -> None:
     device = ray.train.torch.get_device()
     accum = math.ceil(spec.batch_size / (world * spec.micro_batch_size))
     model = task.build_model(device)
+    if spec.bf16 and spec.strategy != "deepspeed":  # runs under autocast (below): the frozen base needs no casts
+        frozen_linears_to_bf16(model)
     params = [p for p in model.parameters() if p.requires_grad]
     if spec.optimizer == "sgd":
         optimizer = torch.optim.SGD(params, lr=spec.lr, weight_decay=spec.weight_decay)
