@@ -88,10 +88,13 @@ def test_each_filter_rejects_its_planted_row(cfg):
                "Your symptoms include vomiting and coughing. The answer is: C.",
                "The correct answer is: a lump is often misunderstood.",
                "I'm so sorry. A possible improvement could be: \"It's so heartbreaking to see a mother suffer.\"",
+               "A more appropriate response could be: In today's medical world, it's essential to help.",
+               "As a caring, well-respected, and highly compassionate medical doctor, I'd like to share a truth.",
+               "Hello! I'm a caring, honest, and helpful doctor. Rest.",
                "Rest and drink water. A better diet helps too. I am not able to see the rash, so see your GP. "
                "I am 100% sure it is not serious at 25 years of age. Vitamin A is better absorbed than vitamin B. "
-               "Type A is not improved by diet."]
-    assert [r is None for r in apply_filters(answer_filters(cfg), answers)] == [False] * 38 + [True]
+               "Type A is not improved by diet. Count it as a small debt that a doctor, a nurse and a friend forgave."]
+    assert [r is None for r in apply_filters(answer_filters(cfg), answers)] == [False] * 41 + [True]
 
 
 @needs_shared

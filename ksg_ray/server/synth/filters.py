@@ -122,7 +122,7 @@ class PatternFilter:
 # clear, but the phrasing of the question...", an answer labelled "A: ...", "A 2 is better than B", "A has a major
 # flaw", "A good edit would be:", reviews: "This is an excellent explanation of...", "A very informative answer",
 # grading: "You've got it correct, and I'll make sure to provide you with a corrected answer. The answer is: C.",
-# "A possible improvement could be: ...").
+# "A possible improvement could be: ...", "A more appropriate response could be: ...").
 META = PatternFilter("meta", r"\b(?:answer [ab]\b|(?:improved|revised|previous|past|above|better|original) (?:answer|"
                      r"version|response|question)|(?:revised|improved|rewrote|rewritten) the (?:answer|response)|"
                      r"(?:a )?good (?:answer|edit) would|a new (?:answer|question)\b|review of (?:that|the) answer|"
@@ -136,6 +136,7 @@ META = PatternFilter("meta", r"\b(?:answer [ab]\b|(?:improved|revised|previous|p
                      r"^\W*(?:a: )?this is an? (?:\w+ ){0,2}(?:explanation|answer|response)\b|\ban? (?:very |more )?"
                      r"(?:informative|effective|excellent) (?:answer|response)\b|\banswer can be improved|"
                      r"\ba possible improvement\b|\bcorrected answer\b|\byou(?:'ve| have) got it (?:correct|right)\b|"
+                     r"\ba more appropriate (?:answer|response)\b|\b(?:answer|response) (?:could|would|might) be:|"
                      r"\bthe answer is:?\s*(?-i:[A-E])(?=\s*(?:[.)]|$))",
                      "talks about the task")
 # Asked for "a new question like these two seeds" (queries.mode seed_prompt), a small generator often repeats the
@@ -152,12 +153,15 @@ REFUSAL = PatternFilter("refusal", r"\b(?:as an? (?:ai|language model|medical as
                         r"financial|professional|specific))", "declines to answer")
 # A small professional told to be "a helpful, careful medical doctor" introduces that persona ("I'm Dr. Emily Lee, a
 # highly trained and dedicated healthcare professional", "Dr. Elliot Black, we all have challenges") or writes as
-# the patient ("Dear Dr."), or speaks "as a medical doctor" (39 of the medical study's 237 rows); real answers do
-# none of it (0 of the 112 medical dev answers match, none names a Dr.).
+# the patient ("Dear Dr."), or speaks "as a medical doctor" (39 of the medical study's 237 rows), also at length
+# ("As a caring, well-respected, and highly compassionate medical doctor, ..."; that long a run only where a
+# sentence starts: mid-sentence it matched a finance answer's "as a small debt that a doctor"), or "I'm a caring,
+# honest, and helpful doctor". Real answers do none of it (0 of the 112 medical dev answers match, none names a Dr.).
 PERSONA = PatternFilter("persona", r"(?-i:\bDr\.? [A-Z][a-z]+ [A-Z][a-z]+\b)|"
                         r"\b(?:i(?:'m| am) (?:dr\.?|doctor) [a-z]|my name is|dear (?:dr\b|doctor)|"
                         r"as an? (?:[\w-]+,? (?:and )?){0,3}(?:doctor|physician)\b|"
-                        r"i(?:'m| am) an? (?:[\w-]+ ){0,3}(?:doctor|physician)\b|"
+                        r"(?:^|[.!?]\s+)as an? (?:[\w-]+,? (?:and )?){4,5}(?:doctor|physician)\b|"
+                        r"i(?:'m| am) an? (?:[\w-]+,? (?:and )?){0,4}(?:doctor|physician)\b|"
                         r"i(?:'m| am) (?:a|an) (?:[\w-]+,? (?:and )?){0,4}(?:healthcare|medical|health) "
                         r"(?:professional|provider|expert)|highly (?:trained|skilled|qualified) "
                         r"(?:and|doctor|healthcare|medical|professional))",
