@@ -10,7 +10,10 @@ Every path takes the same Poisson draw and runs `DPSGD.clipped_sum` (per-record 
   old          micro-batches in sampled order, logits at every position (the code before this change);
   grouped      micro-batches of similar length (`micro_batch_split`), logits at every position;
   new          grouped, and logits only where a label is (`lm_loss`): the code `dp_worker_loop` runs;
-  new + MKL    new, with torch's MKL on its Intel code path (`ksg_ray.common.cpu_blas`), where it applies.
+  new + MKL    new, with torch's MKL on its Intel code path (`ksg_ray.common.cpu_blas`), where it applies;
+  new + bf16 autocast     new under bf16 autocast, where the CPU has native bf16 (AMX / avx512_bf16);
+  new + bf16 frozen base  that, with the frozen linear weights stored in bf16 (`frozen_linears_to_bf16`): what
+               `dp_worker_loop` runs when `bf16` is on.
 
 A full logical step at these settings takes minutes per path, so each path times a systematic sample of its
 micro-batches: ordered by padded size, every --stride-th is timed and stands for the --stride around it.
@@ -30,7 +33,7 @@ import warnings
 from pathlib import Path
 
 DATA = Path(__file__).resolve().parents[2] / "shared" / "data" / "medical" / "train.jsonl"
-PATHS = ("old", "grouped", "new", "new + MKL Intel path")
+PATHS = ("old", "grouped", "new", "new + MKL Intel path", "new + bf16 autocast", "new + bf16 frozen base")
 
 
 def worker(a) -> dict:
@@ -40,7 +43,7 @@ def worker(a) -> dict:
     from ksg_ray.client.privacy.dp_sgd import DPSGD, poisson_sample
     from ksg_ray.common.chat_format import collate, tokenize_records
     from ksg_ray.common.hub import resolve_model
-    from ksg_ray.common.lora import build_lora_lm, example_tokens, lm_loss, per_sample_lm_loss
+    from ksg_ray.common.lora import build_lora_lm, example_tokens, frozen_linears_to_bf16, lm_loss, per_sample_lm_loss
     from ksg_ray.common.ray_train import TrainTask, micro_batch_split
     from ksg_ray.common.records import load_records
     from ksg_ray.common.sections import LoraSection
@@ -63,15 +66,20 @@ def worker(a) -> dict:
 
     loss_fn = lm_loss if a.path.startswith("new") else full_logits_loss
     model = build_lora_lm(torch.device("cpu"), model_path=path, lora=LoraSection())
+    if a.path.endswith("frozen base"):
+        frozen_linears_to_bf16(model)
     dp = DPSGD(model, max_grad_norm=1.0, noise_multiplier=1.0, expected_batch_size=a.batch, noise_seed=0)
+    autocast = torch.autocast("cpu", dtype=torch.bfloat16, enabled="bf16" in a.path)
     by_size = sorted(range(len(batches)), key=lambda j: batches[j]["input_ids"].numel())
     strata = [by_size[s:s + a.stride] for s in range(0, len(by_size), a.stride)]
-    dp.clipped_sum([batches[by_size[0]]], loss_fn)  # warm-up
+    with autocast:
+        dp.clipped_sum([batches[by_size[0]]], loss_fn)  # warm-up
     estimate, timed = 0.0, []
     for stratum in strata:
         j = stratum[len(stratum) // 2]
         t0 = time.perf_counter()
-        dp.clipped_sum([batches[j]], loss_fn)
+        with autocast:
+            dp.clipped_sum([batches[j]], loss_fn)
         seconds = time.perf_counter() - t0
         estimate += seconds * len(stratum)
         timed.append({"records": len(chunks[j]), "padded": batches[j]["input_ids"].numel(),
@@ -114,6 +122,7 @@ def main() -> None:
         return
 
     from ksg_ray.common import cpu_blas
+    from ksg_ray.common.hardware import bf16_available
 
     results = {}
     default = ":".join(p for p in os.environ.get("LD_PRELOAD", "").split(":") if p and cpu_blas.LIBRARY not in p)
@@ -124,6 +133,9 @@ def main() -> None:
             if env is None:
                 print(f"{path}: skipped ({cpu_blas.why_not()})")
                 continue
+        if "bf16" in path and not bf16_available("cpu"):
+            print(f"{path}: skipped (this CPU has no native bf16: AMX or avx512_bf16)")
+            continue
         results[path] = spawn(a, path, env)
         r = results[path]
         print(f"{path:<24} {r['tokens_per_s']:7.1f} real tokens/s  step {r['step_s']:6.0f} s  "
