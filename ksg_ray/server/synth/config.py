@@ -132,6 +132,9 @@ class FiltersSection(StrictModel):
     repeat_ngram: int = Field(6, ge=0, description="a word n-gram of this length seen twice is a loop (0 = off)")
     max_non_alpha: float = Field(0.25, gt=0, le=1, description="largest share of non-alphabetic characters")
     max_query_words: int = Field(250, gt=0, description="longer queries are dropped")
+    min_answer_words: int = Field(6, ge=1, description="shorter answers are dropped ('That's a great question.'; "
+                                                       "of the 5,187 real medical and financial answers only 'nan' "
+                                                       "x4 and 'Money Manager Ex PROS: CONS' are)")
     domain: bool = Field(True, description="drop queries closer to domain.off_topics than to the domain's anchors "
                                            "(MiniLM); needs domain.off_topics")
     min_domain_margin: float = Field(

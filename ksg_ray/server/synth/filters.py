@@ -232,5 +232,5 @@ def answer_filters(cfg: SynthConfig) -> list[TextFilter]:
     if f.language:
         out.append(LanguageFilter(cfg.domain.language, f.min_language_confidence))
     if f.degenerate:
-        out.append(DegenerateTextFilter(1, 100_000, f.max_non_alpha, f.repeat_ngram))
+        out.append(DegenerateTextFilter(f.min_answer_words, 100_000, f.max_non_alpha, f.repeat_ngram))
     return out
