@@ -122,7 +122,8 @@ class PatternFilter:
 # clear, but the phrasing of the question...", an answer labelled "A: ...", "A 2 is better than B", "A has a major
 # flaw", "A good edit would be:", reviews: "This is an excellent explanation of...", "A very informative answer",
 # grading: "You've got it correct, and I'll make sure to provide you with a corrected answer. The answer is: C.",
-# "A possible improvement could be: ...", "A more appropriate response could be: ...").
+# "A possible improvement could be: ...", "A more appropriate response could be: ...", "My apologies for the
+# misunderstanding earlier": none of the 5,187 real answers apologises for a misunderstanding or confusion).
 META = PatternFilter("meta", r"\b(?:answer [ab]\b|(?:improved|revised|previous|past|above|better|original) (?:answer|"
                      r"version|response|question)|(?:revised|improved|rewrote|rewritten) the (?:answer|response)|"
                      r"(?:a )?good (?:answer|edit) would|a new (?:answer|question)\b|review of (?:that|the) answer|"
@@ -137,6 +138,7 @@ META = PatternFilter("meta", r"\b(?:answer [ab]\b|(?:improved|revised|previous|p
                      r"(?:informative|effective|excellent) (?:answer|response)\b|\banswer can be improved|"
                      r"\ba possible improvement\b|\bcorrected answer\b|\byou(?:'ve| have) got it (?:correct|right)\b|"
                      r"\ba more appropriate (?:answer|response)\b|\b(?:answer|response) (?:could|would|might) be:|"
+                     r"\bapolog(?:y|ies|ise|ize) for (?:the|any) (?:misunderstanding|confusion)\b|"
                      r"\bthe answer is:?\s*(?-i:[A-E])(?=\s*(?:[.)]|$))",
                      "talks about the task")
 # Asked for "a new question like these two seeds" (queries.mode seed_prompt), a small generator often repeats the
