@@ -18,7 +18,9 @@ queries through the answers phase twice, with the pipeline config's synthesis se
   bare  — the same steps (`answer_steps`: the same classes and arguments) called in this process on the same
           batches, one after the other, model loads included.
 Goal (issue 18): stage ≤ 1.25 × bare. `--worker-niceness 15,0` runs the stage once per niceness of Ray's workers
-(15: Ray's default, below the driver and Ray's own processes), one after the other, then bare.
+(15: Ray's default, below the driver and Ray's own processes), one after the other, then bare. Each side also
+prints the machine's context switches per second (/proc/stat): on 2 cores, where the engine's 2 threads fill both,
+every switch to one of Ray's own threads stalls the engine (its other thread waits at the next barrier).
 """
 
 from __future__ import annotations
@@ -124,21 +126,22 @@ def answers_vs_parts(run_dir: Path, pipeline_config: str, niceness: list[int]) -
                                                       f"run.output_dir={tmp}"])
         models = synth.SynthModels.from_config(cfg)
         queries, _ = synth._derive_queries(cfg, raw, [])
-        stage_s = {}
+        stage_s, stage_cs = {}, {}
         for nice in niceness:
             os.environ["RAY_worker_niceness"] = str(nice)  # read by the raylet that this `ray.init` starts
             ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
             out = Path(tmp) / f"nice{nice}"
             out.mkdir()
-            start = time.perf_counter()
+            start, switches = time.perf_counter(), context_switches()
             store = synth._run_answers(cfg, models, out, JsonlStore(out / "errors.jsonl", key="error_id"), queries)
             stage_s[nice] = time.perf_counter() - start
+            stage_cs[nice] = (context_switches() - switches) / stage_s[nice]
             batches = list(ray.data.from_items(synth.answer_rows(cfg, queries)).iter_batches(
                 batch_size=cfg.engine.batch_size, batch_format="numpy"))
             ray.shutdown()
 
     torch.set_num_threads(cfg.engine.threads or 2)
-    start = time.perf_counter()
+    start, switches = time.perf_counter(), context_switches()
     steps = [(s.fn(**s.kwargs) if s.actor else (lambda b, s=s: s.fn(b, **s.kwargs))) for s in
              synth.answer_steps(cfg, models)]
     load_s = time.perf_counter() - start
@@ -148,13 +151,23 @@ def answers_vs_parts(run_dir: Path, pipeline_config: str, niceness: list[int]) -
             batch = step(batch)
         rows += len(batch["id"])
     bare_s = time.perf_counter() - start
+    bare_cs = (context_switches() - switches) / bare_s
     print(f"answers phase, {len(queries)} queries ({len(store)} written by the stage, {rows} by the bare steps), "
           f"engine {cfg.engine.kind}, batch {cfg.engine.batch_size}, {cfg.engine.threads} threads")
-    print(f"bare steps in process (model loads {load_s:.1f} s included):     {bare_s:7.1f} s")
+    print(f"bare steps in process (model loads {load_s:.1f} s included):     {bare_s:7.1f} s; "
+          f"{bare_cs:.0f} context switches/s (machine)")
     for nice, seconds in stage_s.items():
         print(f"stage, Ray workers at nice {nice:2d} (actor pools, start-up and model loads included): {seconds:7.1f} s"
               f"; stage / bare: {seconds / bare_s:.2f} (goal <= 1.25), without the bare side's model loads: "
-              f"{seconds / (bare_s - load_s):.2f}")
+              f"{seconds / (bare_s - load_s):.2f}; {stage_cs[nice]:.0f} context switches/s (machine)")
+
+
+def context_switches() -> int:
+    """The machine's context switches since boot (Linux /proc/stat; 0 elsewhere)."""
+    try:
+        return next(int(line.split()[1]) for line in open("/proc/stat") if line.startswith("ctxt "))
+    except (OSError, StopIteration):
+        return 0
 
 
 if __name__ == "__main__":

@@ -6,6 +6,7 @@ import warnings
 
 import pytest
 import torch
+from conftest import save_varied_model
 from opacus.grad_sample import GradSampleModule
 from transformers import AutoTokenizer
 
@@ -131,8 +132,9 @@ def test_a_retrained_generator_invalidates_the_candidate_cache(tmp_path, monkeyp
     from ksg_ray.common.records import load_records
 
     calls = []
-    monkeypatch.setattr(rc, "generate_answers", lambda records, **kw: calls.append(kw["adapter_path"]) or
-                        [f"{kw['adapter_path']}:{i}" for i in range(len(records))])
+    monkeypatch.setattr(rc, "generate_answer_sets", lambda records, **sources: calls.append(sorted(sources)) or
+                        {name: [f"{kw['adapter_path']}:{i}" for i in range(len(records))]
+                         for name, kw in sources.items()})
     records, cache = load_records("demo", limit=2), tmp_path / "candidates.json"
     cfg = load_config(DPRewardConfig, None, [])
     old, new = (rc.GeneratorRef("base", "gen", sha) for sha in ("sha-old", "sha-new"))
@@ -144,3 +146,20 @@ def test_a_retrained_generator_invalidates_the_candidate_cache(tmp_path, monkeyp
     rc.load_or_generate_candidates(records, cache, rc.candidate_cache_key(cfg, new, "other-data"), **sources)
     assert len(calls) == 3  # a retrained generator, then other data: generated again
     assert json.loads(cache.read_text())["key"]["generator_sha256"] == "sha-new"
+
+
+def test_two_candidate_sources_in_one_execution_keep_their_answers_apart(ray_cluster, tiny_model_path, tmp_path):
+    """The sources run as unioned branches of one Ray Data execution: every answer lands at its source and record.
+
+    Greedy answers of one model at 3 and at 6 new tokens: the shorter must start the longer, record by record.
+    """
+    from ksg_ray.client.reward_candidates import generate_answer_sets
+    from ksg_ray.common.records import load_records
+
+    save_varied_model(tiny_model_path, tmp_path / "varied")  # a tiny model whose answers differ by prompt
+    records = load_records("demo", limit=5)
+    kw = dict(engine="transformers", model_path=str(tmp_path / "varied"), adapter_path=None, batch_size=2)
+    sets = generate_answer_sets(records, short=kw | {"max_new_tokens": 3}, long=kw | {"max_new_tokens": 6})
+    assert set(sets) == {"short", "long"} and all(len(a) == len(records) for a in sets.values())
+    assert all(long.startswith(short) for short, long in zip(sets["short"], sets["long"], strict=True))
+    assert len(set(sets["long"])) > 1  # the answers differ by record, so a mixed-up order would show

@@ -32,21 +32,41 @@ def question_messages(record: Record) -> list[dict[str, str]]:
 def generate_answers(records: list[Record], *, engine: str, model_path: str, adapter_path: str | None,
                      max_new_tokens: int, batch_size: int, max_actors: int = 1) -> list[str | None]:
     """Greedy answers, one per record, in record order; None where the engine failed (reported, not dropped)."""
+    return generate_answer_sets(records, answers=dict(engine=engine, model_path=model_path, adapter_path=adapter_path,
+                                                      max_new_tokens=max_new_tokens, batch_size=batch_size,
+                                                      max_actors=max_actors))["answers"]
+
+
+def generate_answer_sets(records: list[Record], **sources: dict) -> dict[str, list[str | None]]:
+    """For each named source (`generate_answers`' keyword arguments), greedy answers per record, in record order.
+
+    One Ray Data execution: each source is a branch with its own engine pool, and the branches are unioned, so
+    their pools start and run side by side (on a 2-core machine two 1-CPU engines use both cores, where one
+    source after the other left a core idle and started an actor twice). A failed row is None in its source only.
+    """
     import ray.data
 
     from ksg_ray.engines import SamplingParams
     from ksg_ray.engines.stage import generate_dataset
 
-    ds = ray.data.from_items([{"idx": i, "messages": question_messages(r)} for i, r in enumerate(records)])
-    out = generate_dataset(ds, engine_kind=engine, model_path=model_path, adapter_path=adapter_path,
-                           sampling=SamplingParams(temperature=0.0, max_new_tokens=max_new_tokens, n=1),
-                           batch_size=batch_size, min_actors=1, max_actors=max_actors)
-    answers: list[str | None] = [None] * len(records)
-    for row in out.select_columns(["idx", "generations", "__error__"]).iter_rows():
+    branches = []
+    for name, kw in sources.items():
+        ds = ray.data.from_items([{"idx": i, "source": name, "messages": question_messages(r)}
+                                  for i, r in enumerate(records)])
+        branches.append(generate_dataset(
+            ds, engine_kind=kw["engine"], model_path=kw["model_path"], adapter_path=kw["adapter_path"],
+            sampling=SamplingParams(temperature=0.0, max_new_tokens=kw["max_new_tokens"], n=1),
+            batch_size=kw["batch_size"], min_actors=1, max_actors=kw.get("max_actors", 1)))
+    if not branches:
+        return {}
+    answers: dict[str, list[str | None]] = {name: [None] * len(records) for name in sources}
+    out = branches[0].union(*branches[1:]) if len(branches) > 1 else branches[0]
+    for row in out.select_columns(["idx", "source", "generations", "__error__"]).iter_rows():
         if row["__error__"]:
-            logger.warning("record %s: generation failed: %s", records[row["idx"]].source, row["__error__"])
+            logger.warning("record %s, %s: generation failed: %s", records[row["idx"]].source, row["source"],
+                           row["__error__"])
         else:
-            answers[row["idx"]] = list(row["generations"])[0]
+            answers[row["source"]][row["idx"]] = list(row["generations"])[0]
     return answers
 
 
@@ -64,11 +84,11 @@ def load_or_generate_candidates(records: list[Record], cache: Path, key: dict | 
         if cached:
             logger.info("%s: made for other records, another generator or other settings; generating again", cache)
         cached = dict(identity)
-    for name, kwargs in sources.items():
-        if name not in cached:
-            logger.info("generating %s answers for %d private questions", name, len(records))
-            cached[name] = generate_answers(records, **kwargs)
-            write_json_atomic(cache, cached, indent=None)
+    todo = {name: kwargs for name, kwargs in sources.items() if name not in cached}
+    if todo:
+        logger.info("generating %s answers for %d private questions", " and ".join(todo), len(records))
+        cached |= generate_answer_sets(records, **todo)
+        write_json_atomic(cache, cached, indent=None)
     return {name: cached[name] for name in sources}
 
 
