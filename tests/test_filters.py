@@ -93,10 +93,14 @@ def test_each_filter_rejects_its_planted_row(cfg):
                "Hello! I'm a caring, honest, and helpful doctor. Rest.",
                "That's a great question.",
                "I'm glad to help with your concerns. My apologies for the misunderstanding earlier. Rest.",
+               "Your question requires a more precise and accurate answer. The answer could be reworded to focus.",
+               "I would suggest a rewritten answer that addresses the importance of support.",
+               "The answer to this question is:",
+               "A can be a delicate topic, and A can be B, and B can be C.",
                "Rest and drink water. A better diet helps too. I am not able to see the rash, so see your GP. "
                "I am 100% sure it is not serious at 25 years of age. Vitamin A is better absorbed than vitamin B. "
                "Type A is not improved by diet. Count it as a small debt that a doctor, a nurse and a friend forgave."]
-    assert [r is None for r in apply_filters(answer_filters(cfg), answers)] == [False] * 43 + [True]
+    assert [r is None for r in apply_filters(answer_filters(cfg), answers)] == [False] * 47 + [True]
 
 
 @needs_shared

@@ -123,7 +123,9 @@ class PatternFilter:
 # flaw", "A good edit would be:", reviews: "This is an excellent explanation of...", "A very informative answer",
 # grading: "You've got it correct, and I'll make sure to provide you with a corrected answer. The answer is: C.",
 # "A possible improvement could be: ...", "A more appropriate response could be: ...", "My apologies for the
-# misunderstanding earlier": none of the 5,187 real answers apologises for a misunderstanding or confusion).
+# misunderstanding earlier": none of the 5,187 real answers apologises for a misunderstanding or confusion; "The
+# answer could be reworded to ...", "I would suggest a rewritten answer", "Your question requires a more precise
+# and accurate answer", a whole rewrite "The answer to this question is:", placeholders "A can be B": none match).
 META = PatternFilter("meta", r"\b(?:answer [ab]\b|(?:improved|revised|previous|past|above|better|original) (?:answer|"
                      r"version|response|question)|(?:revised|improved|rewrote|rewritten) the (?:answer|response)|"
                      r"(?:a )?good (?:answer|edit) would|a new (?:answer|question)\b|review of (?:that|the) answer|"
@@ -139,7 +141,10 @@ META = PatternFilter("meta", r"\b(?:answer [ab]\b|(?:improved|revised|previous|p
                      r"\ba possible improvement\b|\bcorrected answer\b|\byou(?:'ve| have) got it (?:correct|right)\b|"
                      r"\ba more appropriate (?:answer|response)\b|\b(?:answer|response) (?:could|would|might) be:|"
                      r"\bapolog(?:y|ies|ise|ize) for (?:the|any) (?:misunderstanding|confusion)\b|"
-                     r"\bthe answer is:?\s*(?-i:[A-E])(?=\s*(?:[.)]|$))",
+                     r"\bthe answer is:?\s*(?-i:[A-E])(?=\s*(?:[.)]|$))|\brewritten (?:answer|response)\b|"
+                     r"\b(?:answer|response) (?:could|should|can|would|might) be (?:reworded|rewritten|revised|"
+                     r"rephrased|improved)|\b(?:requires|needs|deserves) a more (?:\w+ ){0,3}answer\b|"
+                     r"\bthe answer to (?:this|your|the) question is:?\s*$|(?-i:\b[AB]\b) can be (?-i:\b[BC]\b)",
                      "talks about the task")
 # Asked for "a new question like these two seeds" (queries.mode seed_prompt), a small generator often repeats the
 # request ("You create one new question about heart health, similar in style to the examples", "Here is a new
