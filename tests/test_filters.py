@@ -15,6 +15,7 @@ from ksg_ray.common.config import job_config
 from ksg_ray.common.text_metrics import repeated_ngram
 from ksg_ray.server.synth.config import SynthConfig
 from ksg_ray.server.synth.filters import (
+    AsksBackFilter,
     DegenerateTextFilter,
     LanguageFilter,
     PatternFilter,
@@ -97,10 +98,24 @@ def test_each_filter_rejects_its_planted_row(cfg):
                "I would suggest a rewritten answer that addresses the importance of support.",
                "The answer to this question is:",
                "A can be a delicate topic, and A can be B, and B can be C.",
+               'The answer to the question should be "A medical emergency."',
+               "A possible explanation for your patient's condition could be an infection.",
+               "I'm glad to help. Pain can be hard to manage. How long have you had it? What else do you feel?",
+               "I'd be happy to help.\nCan you tell me more? Was it a genetic disorder? Are there other relatives?",
                "Rest and drink water. A better diet helps too. I am not able to see the rash, so see your GP. "
                "I am 100% sure it is not serious at 25 years of age. Vitamin A is better absorbed than vitamin B. "
                "Type A is not improved by diet. Count it as a small debt that a doctor, a nurse and a friend forgave."]
-    assert [r is None for r in apply_filters(answer_filters(cfg), answers)] == [False] * 47 + [True]
+    assert [r is None for r in apply_filters(answer_filters(cfg), answers)] == [False] * 51 + [True]
+
+
+def test_an_answer_that_mostly_asks_back_is_rejected_and_one_question_is_not():
+    asks_back = AsksBackFilter(min_questions=2, min_share=0.3)
+    answers = ["I'm glad to help. How long have you had the pain? Is it worse at night?",
+               "Sorry to hear that. What is his age? Which medicines does he take? Ibuprofen helps the pain. Rest, "
+               "ice and raise the leg. See a doctor if it swells. A sprain heals in two weeks. Keep walking gently.",
+               "Thanks for your query. Did it start after the new tablets? It may be a side effect, so stop them and "
+               "see your doctor. Drink water. Rest."]
+    assert asks_back(answers) == ["asks back: 2 of its 3 sentences are questions", None, None]
 
 
 @needs_shared

@@ -135,6 +135,9 @@ class FiltersSection(StrictModel):
     min_answer_words: int = Field(6, ge=1, description="shorter answers are dropped ('That's a great question.'; "
                                                        "of the 5,187 real medical and financial answers only 'nan' "
                                                        "x4 and 'Money Manager Ex PROS: CONS' are)")
+    asks_back: bool = Field(True, description="drop answers that mostly ask the asker questions (AsksBackFilter)")
+    asks_back_min_questions: int = Field(2, ge=1, description="questions an answer must ask to be dropped ...")
+    asks_back_min_share: float = Field(0.3, ge=0, le=1, description="... and their least share of its sentences")
     domain: bool = Field(True, description="drop queries closer to domain.off_topics than to the domain's anchors "
                                            "(MiniLM); needs domain.off_topics")
     min_domain_margin: float = Field(

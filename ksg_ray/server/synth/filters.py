@@ -6,6 +6,7 @@ small class with one reason string (the DataTrove / NeMo Curator pattern), compo
 - `LanguageFilter`: the domain's language, by py3langid (a maintained detector that ships its model, offline);
 - `DegenerateTextFilter`: the heuristic quality rules of data-curation pipelines (word counts, the share of
   non-alphabetic characters, a repeated word n-gram: a generation loop);
+- `AsksBackFilter`: an answer that mostly asks the patient questions instead of answering;
 - `DomainFilter`: MiniLM similarity to the domain's public anchors minus the similarity to public off-domain
   anchors (calibrated on public data, README "Filters").
 
@@ -27,8 +28,9 @@ from ksg_ray.common.text_metrics import repeated_ngram, words
 if TYPE_CHECKING:
     from ksg_ray.server.synth.config import SynthConfig
 
-__all__ = ["META", "PATIENT_VOICE", "PERSONA", "QUERY_META", "REFUSAL", "DegenerateTextFilter", "DomainFilter",
-           "LanguageFilter", "PatternFilter", "TextFilter", "answer_filters", "apply_filters", "query_filters"]
+__all__ = ["META", "PATIENT_VOICE", "PERSONA", "QUERY_META", "REFUSAL", "AsksBackFilter", "DegenerateTextFilter",
+           "DomainFilter", "LanguageFilter", "PatternFilter", "TextFilter", "answer_filters", "apply_filters",
+           "query_filters"]
 
 class TextFilter(Protocol):
     """A filter: one reason string per rejected text, None for a kept one."""
@@ -106,6 +108,34 @@ class DegenerateTextFilter:
         return None
 
 
+class AsksBackFilter:
+    """Rejects an answer that asks the asker questions more than it answers: at least `min_questions` of its
+    sentences end in '?' and they are at least `min_share` of its sentences.
+
+    A small professional often answers "I'm glad to help. How long have you had the pain? What's your current
+    medical condition?": distilled, that teaches the target to deflect. Doctors do ask back, but seldom only that:
+    in the last embedded run 8 of 41 written rows did this; 2 of the 130 medical and financial dev answers do.
+    """
+
+    name = "asks back"
+
+    def __init__(self, min_questions: int = 2, min_share: float = 0.3) -> None:
+        self.min_questions, self.min_share = min_questions, min_share
+
+    def __call__(self, texts: Sequence[str]) -> list[str | None]:
+        return [self._reason(t) for t in texts]
+
+    def _reason(self, text: str) -> str | None:
+        sentences = [s for s in _SENTENCE_END.split(text.strip()) if any(c.isalnum() for c in s)]
+        questions = sum(s.rstrip().endswith("?") for s in sentences)
+        if questions >= self.min_questions and questions >= self.min_share * len(sentences):
+            return f"asks back: {questions} of its {len(sentences)} sentences are questions"
+        return None
+
+
+_SENTENCE_END = re.compile(r"(?<=[.!?])\s+|\n+")
+
+
 class PatternFilter:
     """Rejects text that matches a regular expression, with the match in its reason: the answers that talk about
     the rewriting task (`META`) or decline to answer (`REFUSAL`)."""
@@ -125,7 +155,9 @@ class PatternFilter:
 # "A possible improvement could be: ...", "A more appropriate response could be: ...", "My apologies for the
 # misunderstanding earlier": none of the 5,187 real answers apologises for a misunderstanding or confusion; "The
 # answer could be reworded to ...", "I would suggest a rewritten answer", "Your question requires a more precise
-# and accurate answer", a whole rewrite "The answer to this question is:", placeholders "A can be B": none match).
+# and accurate answer", a whole rewrite "The answer to this question is:", placeholders "A can be B": none match;
+# "The answer to the question should be ...", and the asker taken for a colleague: "your patient's condition",
+# 0 of the 130 medical and financial dev answers).
 META = PatternFilter("meta", r"\b(?:answer [ab]\b|(?:improved|revised|previous|past|above|better|original) (?:answer|"
                      r"version|response|question)|(?:revised|improved|rewrote|rewritten) the (?:answer|response)|"
                      r"(?:a )?good (?:answer|edit) would|a new (?:answer|question)\b|review of (?:that|the) answer|"
@@ -144,7 +176,8 @@ META = PatternFilter("meta", r"\b(?:answer [ab]\b|(?:improved|revised|previous|p
                      r"\bthe answer is:?\s*(?-i:[A-E])(?=\s*(?:[.)]|$))|\brewritten (?:answer|response)\b|"
                      r"\b(?:answer|response) (?:could|should|can|would|might) be (?:reworded|rewritten|revised|"
                      r"rephrased|improved)|\b(?:requires|needs|deserves) a more (?:\w+ ){0,3}answer\b|"
-                     r"\bthe answer to (?:this|your|the) question is:?\s*$|(?-i:\b[AB]\b) can be (?-i:\b[BC]\b)",
+                     r"\bthe answer to (?:this|your|the) question is:?\s*$|(?-i:\b[AB]\b) can be (?-i:\b[BC]\b)|"
+                     r"\banswer to (?:this|your|the) question (?:should|would|could) be\b|\byour patient(?:'s|s)?\b",
                      "talks about the task")
 # Asked for "a new question like these two seeds" (queries.mode seed_prompt), a small generator often repeats the
 # request ("You create one new question about heart health, similar in style to the examples", "Here is a new
@@ -232,12 +265,14 @@ def query_filters(cfg: SynthConfig) -> list[TextFilter]:
 
 
 def answer_filters(cfg: SynthConfig) -> list[TextFilter]:
-    """The answer candidates' filters: talk about the task, refusals, persona talk, the patient's voice, language
-    and degenerate text (an answer need not restate the domain)."""
+    """The answer candidates' filters: talk about the task, refusals, persona talk, the patient's voice, language,
+    degenerate text and questions instead of an answer (an answer need not restate the domain)."""
     f = cfg.filters
     out: list[TextFilter] = [META, REFUSAL, PERSONA, PATIENT_VOICE] if f.degenerate else []
     if f.language:
         out.append(LanguageFilter(cfg.domain.language, f.min_language_confidence))
     if f.degenerate:
         out.append(DegenerateTextFilter(f.min_answer_words, 100_000, f.max_non_alpha, f.repeat_ngram))
+    if f.asks_back:
+        out.append(AsksBackFilter(f.asks_back_min_questions, f.asks_back_min_share))
     return out

@@ -24,6 +24,7 @@ import json
 import logging
 import math
 import os
+import re
 import time
 from collections import Counter
 from pathlib import Path
@@ -135,13 +136,19 @@ def run_synthesis(cfg: SynthConfig) -> dict[str, Any]:
     return summary
 
 
+# Funnel lines that count something else than its rows (candidates, rewrites, redactions): a drop to or from one
+# of them is not rows lost.
+_NOT_ROWS = re.compile(r"finished answer candidates$|PII redactions$|refine round \d+: ")
+
+
 class TooFewRows(KsgError, RuntimeError):
     """The synthesis wrote fewer than `min_rows` rows: says which funnel step lost the most, and why."""
 
     def __init__(self, out: Path, rows: int, min_rows: int, funnel: list[tuple[str, int]],
                  reasons: dict[str, int], failed: int) -> None:
+        chain = [step for step in funnel if not _NOT_ROWS.match(step[0])]  # counts of rows, in one unit
         drops = [(before[1] - after[1], after[0], before[1], after[1])
-                 for before, after in zip(funnel, funnel[1:], strict=False) if after[1] < before[1]]
+                 for before, after in zip(chain, chain[1:], strict=False) if after[1] < before[1]]
         worst = max(drops, default=None)
         where = (f"the step that lost the most is '{worst[1]}' ({worst[2]} -> {worst[3]})" if worst
                  else "no step lost rows: too few were asked for")
