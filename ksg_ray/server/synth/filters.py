@@ -156,8 +156,9 @@ class PatternFilter:
 # misunderstanding earlier": none of the 5,187 real answers apologises for a misunderstanding or confusion; "The
 # answer could be reworded to ...", "I would suggest a rewritten answer", "Your question requires a more precise
 # and accurate answer", a whole rewrite "The answer to this question is:", placeholders "A can be B": none match;
-# "The answer to the question should be ...", and the asker taken for a colleague: "your patient's condition",
-# 0 of the 130 medical and financial dev answers).
+# "The answer to the question should be ...", the asker taken for a colleague: "your patient's condition", "I'm
+# sorry for any misunderstanding. It seems you've been asked to address a medical question": 0 of the 130 medical
+# and financial dev answers).
 META = PatternFilter("meta", r"\b(?:answer [ab]\b|(?:improved|revised|previous|past|above|better|original) (?:answer|"
                      r"version|response|question)|(?:revised|improved|rewrote|rewritten) the (?:answer|response)|"
                      r"(?:a )?good (?:answer|edit) would|a new (?:answer|question)\b|review of (?:that|the) answer|"
@@ -172,7 +173,8 @@ META = PatternFilter("meta", r"\b(?:answer [ab]\b|(?:improved|revised|previous|p
                      r"(?:informative|effective|excellent) (?:answer|response)\b|\banswer can be improved|"
                      r"\ba possible improvement\b|\bcorrected answer\b|\byou(?:'ve| have) got it (?:correct|right)\b|"
                      r"\ba more appropriate (?:answer|response)\b|\b(?:answer|response) (?:could|would|might) be:|"
-                     r"\bapolog(?:y|ies|ise|ize) for (?:the|any) (?:misunderstanding|confusion)\b|"
+                     r"\b(?:apolog(?:y|ies|ise|ize)|sorry) for (?:the|any) (?:misunderstanding|confusion)\b|"
+                     r"\byou(?:'ve| have) been asked to\b|"
                      r"\bthe answer is:?\s*(?-i:[A-E])(?=\s*(?:[.)]|$))|\brewritten (?:answer|response)\b|"
                      r"\b(?:answer|response) (?:could|should|can|would|might) be (?:reworded|rewritten|revised|"
                      r"rephrased|improved)|\b(?:requires|needs|deserves) a more (?:\w+ ){0,3}answer\b|"
