@@ -114,7 +114,8 @@ class AsksBackFilter:
 
     A small professional often answers "I'm glad to help. How long have you had the pain? What's your current
     medical condition?": distilled, that teaches the target to deflect. Doctors do ask back, but seldom only that:
-    in the last embedded run 8 of 41 written rows did this; 2 of the 130 medical and financial dev answers do.
+    8 of the 41 rows of a fresh embedded run did this (README Status); 2 of the 130 medical and financial dev
+    answers do.
     """
 
     name = "asks back"
