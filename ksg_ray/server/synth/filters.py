@@ -159,8 +159,8 @@ class PatternFilter:
 # and accurate answer", a whole rewrite "The answer to this question is:", placeholders "A can be B": none match;
 # "The answer to the question should be ...", the asker taken for a colleague: "your patient's condition", "I'm
 # sorry for any misunderstanding. It seems you've been asked to address a medical question", "I will rephrase the
-# sentence", "I suggest rewriting the answer": 0 of the 130 medical and financial dev answers, 0 of the 5,057
-# train answers; "final edit" is left alone, a real finance answer says "FINAL EDIT:").
+# sentence", "I suggest rewriting the answer": 0 of the 130 medical and financial dev answers; "final edit" alone
+# is left, since a forum answer may well announce one).
 META = PatternFilter("meta", r"\b(?:answer [ab]\b|(?:improved|revised|previous|past|above|better|original) (?:answer|"
                      r"version|response|question)|(?:revised|improved|rewrote|rewritten) the (?:answer|response)|"
                      r"(?:a )?good (?:answer|edit) would|a new (?:answer|question)\b|review of (?:that|the) answer|"
