@@ -100,6 +100,7 @@ def test_each_filter_rejects_its_planted_row(cfg):
                "A can be a delicate topic, and A can be B, and B can be C.",
                'The answer to the question should be "A medical emergency."',
                "A possible explanation for your patient's condition could be an infection.",
+               "The patient is a 45-year-old male with the disease of a 40-year-old male.",
                "I'm sorry for any misunderstanding. It seems you've been asked to address a medical question.",
                "To make a final edit, I will rephrase the sentence to improve clarity and grammar.",
                "A. Re: Your question is not accurate. I suggest rewriting the answer with a professional tone.",
@@ -108,7 +109,7 @@ def test_each_filter_rejects_its_planted_row(cfg):
                "Rest and drink water. A better diet helps too. I am not able to see the rash, so see your GP. "
                "I am 100% sure it is not serious at 25 years of age. Vitamin A is better absorbed than vitamin B. "
                "Type A is not improved by diet. Count it as a small debt that a doctor, a nurse and a friend forgave."]
-    assert [r is None for r in apply_filters(answer_filters(cfg), answers)] == [False] * 54 + [True]
+    assert [r is None for r in apply_filters(answer_filters(cfg), answers)] == [False] * 55 + [True]
 
 
 def test_an_answer_that_mostly_asks_back_is_rejected_and_one_question_is_not():

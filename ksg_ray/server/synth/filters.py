@@ -157,7 +157,8 @@ class PatternFilter:
 # misunderstanding earlier": none of the 5,187 real answers apologises for a misunderstanding or confusion; "The
 # answer could be reworded to ...", "I would suggest a rewritten answer", "Your question requires a more precise
 # and accurate answer", a whole rewrite "The answer to this question is:", placeholders "A can be B": none match;
-# "The answer to the question should be ...", the asker taken for a colleague: "your patient's condition", "I'm
+# "The answer to the question should be ...", the asker taken for a colleague: "your patient's condition", a case
+# note instead of an answer: "The patient is a 45-year-old male with ...", "This patient has ...", "I'm
 # sorry for any misunderstanding. It seems you've been asked to address a medical question", "I will rephrase the
 # sentence", "I suggest rewriting the answer": 0 of the 130 medical and financial dev answers; "final edit" alone
 # is left, since a forum answer may well announce one).
@@ -181,7 +182,8 @@ META = PatternFilter("meta", r"\b(?:answer [ab]\b|(?:improved|revised|previous|p
                      r"\b(?:answer|response) (?:could|should|can|would|might) be (?:reworded|rewritten|revised|"
                      r"rephrased|improved)|\b(?:requires|needs|deserves) a more (?:\w+ ){0,3}answer\b|"
                      r"\bthe answer to (?:this|your|the) question is:?\s*$|(?-i:\b[AB]\b) can be (?-i:\b[BC]\b)|"
-                     r"\banswer to (?:this|your|the) question (?:should|would|could) be\b|\byour patient(?:'s|s)?\b",
+                     r"\banswer to (?:this|your|the) question (?:should|would|could) be\b|\byour patient(?:'s|s)?\b|"
+                     r"^\W*(?:the|this) patient (?:is|has|was)\b",
                      "talks about the task")
 # Asked for "a new question like these two seeds" (queries.mode seed_prompt), a small generator often repeats the
 # request ("You create one new question about heart health, similar in style to the examples", "Here is a new
