@@ -8,11 +8,9 @@ calibrated for the whole run, and the history survives checkpoints.
 
 from __future__ import annotations
 
+import functools
 import math
 from dataclasses import dataclass
-
-from opacus.accountants import PRVAccountant, RDPAccountant
-from opacus.accountants.utils import get_noise_multiplier
 
 from ksg_ray.common.errors import KsgError
 
@@ -58,6 +56,17 @@ def epsilon_for(history: list[tuple[float, float, int]], delta: float, accountan
     history = [h for h in history if h[2] > 0]
     if not history:
         return 0.0
+    return _epsilon(tuple((float(s), float(q), int(n)) for s, q, n in history), float(delta), accountant)
+
+
+@functools.lru_cache(maxsize=1024)
+def _epsilon(history: tuple[tuple[float, float, int], ...], delta: float, accountant: str) -> float:
+    """ε of a history, computed once per process: a run asks for the same history's ε several times (each step's
+    metrics, its report, the ledger's checks), and Opacus' PRV accountant takes about half a second a call on a
+    2-core CPU (most of it in the RDP bound of its domain size)."""
+    from opacus.accountants import PRVAccountant, RDPAccountant  # here: opacus imports torch (seconds), and the
+    # ledger that imports this module is also behind `ksg --help` and `ksg bundle verify`
+
     acc = PRVAccountant() if accountant == "prv" else RDPAccountant()
     acc.history = list(history)
     return float(acc.get_epsilon(delta=delta))
@@ -79,15 +88,7 @@ def calibrate_noise(
         return 0.0
     if target_epsilon <= 0:
         raise PrivacyPlanError(f"privacy.target_epsilon must be > 0, got {target_epsilon}")
-    try:
-        sigma = float(get_noise_multiplier(
-            target_epsilon=target_epsilon, target_delta=delta, sample_rate=sample_rate, steps=steps,
-            accountant=accountant, epsilon_tolerance=0.01,
-        ))
-    except ValueError as e:
-        raise PrivacyPlanError(
-            f"cannot reach ε={target_epsilon} at δ={delta}, q={sample_rate:.4f}, {steps} steps: {e}"
-        ) from e
+    sigma = _noise_multiplier(float(target_epsilon), float(delta), float(sample_rate), int(steps), accountant)
     if not prior_history:
         return sigma
     spent = epsilon_for(prior_history, delta, accountant)
@@ -107,3 +108,19 @@ def calibrate_noise(
         mid = (low + high) / 2
         low, high = (low, mid) if composed(mid) <= target_epsilon else (mid, high)
     return high
+
+
+@functools.lru_cache(maxsize=256)
+def _noise_multiplier(target_epsilon: float, delta: float, sample_rate: float, steps: int, accountant: str) -> float:
+    """Opacus' σ search (about 14 accountant calls: seconds on a 2-core CPU), once per process and plan."""
+    from opacus.accountants.utils import get_noise_multiplier  # imports torch: only where σ is calibrated
+
+    try:
+        return float(get_noise_multiplier(
+            target_epsilon=target_epsilon, target_delta=delta, sample_rate=sample_rate, steps=steps,
+            accountant=accountant, epsilon_tolerance=0.01,
+        ))
+    except ValueError as e:
+        raise PrivacyPlanError(
+            f"cannot reach ε={target_epsilon} at δ={delta}, q={sample_rate:.4f}, {steps} steps: {e}"
+        ) from e
