@@ -25,6 +25,14 @@ def _mkl_intel_path_for_children() -> None:
 _mkl_intel_path_for_children()
 
 
+def pytest_collection_modifyitems(config, items) -> None:
+    """The files with long end-to-end tests first, each file's tests together and in their order: under
+    pytest-xdist (`.ci/run`: `-n 2 --dist loadfile`) the short files then fill the end, instead of one worker
+    finishing a long file alone while the other idles."""
+    long_files = {item.path for item in items if item.get_closest_marker("e2e")}
+    items.sort(key=lambda item: item.path not in long_files)
+
+
 @pytest.fixture(autouse=True)
 def own_ledger(tmp_path_factory, monkeypatch):
     """Each test its own client ledger (`privacy.ledger_dir` unset = $KSG_LEDGER_DIR): tests never share one, and
@@ -80,6 +88,21 @@ def stop_cli_cluster(temp_dir: str, grace_s: float = 10.0) -> None:
     for p in alive:
         with contextlib.suppress(psutil.Error):
             p.kill()
+
+
+def my_processes(pattern: str) -> list:
+    """Processes started by this test process (its Ray cluster's workers and actors, its subprocesses) whose
+    command line holds `pattern`: never another pytest-xdist worker's, or a developer's own cluster's."""
+    import psutil
+
+    found = []
+    for p in _children(psutil.Process()):
+        try:
+            if pattern in " ".join(p.cmdline()):
+                found.append(p)
+        except psutil.Error:
+            continue
+    return found
 
 
 def _children(proc) -> list:
@@ -174,26 +197,58 @@ def client_bundle(ray_cluster, tmp_path_factory):
 
     Returns (directory, private records file, dp-reward summary); the dp-train summary is in
     `generator_summary.json` there. Shared by the client-job tests and the
-    server-side tests, which must work with the private file gone. With `KSG_TEST_CLIENT_BUNDLE=DIR` (CI) the
-    run is made once into DIR and a later pytest session reuses it: the vLLM tests run in their own
-    environment after the main suite, and this fixture is two minutes of DP training.
+    server-side tests, which must work with the private file gone. It is made once per directory and reused:
+    with `KSG_TEST_CLIENT_BUNDLE=DIR` (CI) by a later pytest session too (the vLLM tests run in their own
+    environment after the main suite); under pytest-xdist by every worker of the session (the first one makes
+    it, under a file lock, while the others wait). It is two DP trainings.
     """
+    import fcntl
+
+    shared = os.environ.get("KSG_TEST_CLIENT_BUNDLE")
+    if shared:
+        tmp = Path(shared)
+    elif os.environ.get("PYTEST_XDIST_WORKER"):  # the workers' base temp dirs share this parent
+        tmp = tmp_path_factory.getbasetemp().parent / "client"
+    else:
+        return _make_client_bundle(tmp_path_factory.mktemp("client"))
+    tmp.parent.mkdir(parents=True, exist_ok=True)
+    with open(tmp.parent / f".{tmp.name}.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        done = tmp / "client_bundle_summary.json"
+        if done.is_file():
+            return tmp, tmp / "private.jsonl", json.loads(done.read_text())
+        if tmp.exists():
+            shutil.rmtree(tmp)  # a session that died half-way: start over
+        return _make_client_bundle(tmp)
+
+
+@contextlib.contextmanager
+def private_data_moved_away(client_dir: Path):
+    """The shared client run's private records moved out of their place while the block runs (the server never
+    has the client's data), and put back; one test at a time across pytest-xdist workers (a file lock)."""
+    import fcntl
+
+    private, away = client_dir / "private.jsonl", client_dir / "moved-away.jsonl"
+    with open(client_dir / ".private.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        private.rename(away)
+        try:
+            yield
+        finally:
+            away.rename(private)
+
+
+def _make_client_bundle(tmp: Path):
     from ksg_ray.common.records import load_records, write_jsonl
     from ksg_ray.jobs import dp_finetune, dp_reward
 
-    shared = os.environ.get("KSG_TEST_CLIENT_BUNDLE")
-    tmp = Path(shared) if shared else tmp_path_factory.mktemp("client")
-    private, done = tmp / "private.jsonl", tmp / "client_bundle_summary.json"
-    if shared and done.is_file():
-        return tmp, private, json.loads(done.read_text())
-    if shared and tmp.exists():
-        shutil.rmtree(tmp)  # a session that died half-way: start over
     tmp.mkdir(parents=True, exist_ok=True)
+    private = tmp / "private.jsonl"
     write_jsonl(load_records("demo", limit=20), private)
     common = TINY_DP + [f"data.path={private}", f"run.output_dir={tmp / 'runs'}", f"privacy.ledger_dir={tmp / 'runs'}"]
     generator = dp_finetune.main(common + [f"run.bundle_dir={tmp / 'bundle'}"])
     (tmp / "generator_summary.json").write_text(json.dumps(generator))
     summary = dp_reward.main(common + [f"candidates.generator_bundle={tmp / 'bundle'}", "candidates.max_new_tokens=8",
                                        "privacy.total_epsilon_budget=40"])
-    done.write_text(json.dumps(summary))
+    (tmp / "client_bundle_summary.json").write_text(json.dumps(summary))  # written last: the bundle is complete
     return tmp, private, summary

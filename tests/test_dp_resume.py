@@ -10,9 +10,9 @@ import threading
 import time
 from pathlib import Path
 
-import psutil
 import pytest
 import torch
+from conftest import my_processes
 from safetensors.torch import load_file
 
 from ksg_ray.client.privacy.accountant import epsilon_for
@@ -27,22 +27,11 @@ COMMON = ["model.name=tiny-random", "data.limit=16", "data.max_seq_len=48", "tra
           "privacy.noise_seed=5", "privacy.sampling_seed=6", "run.max_failures=1"]
 
 
-def _train_workers() -> list[psutil.Process]:
-    found = []
-    for p in psutil.process_iter(["cmdline"]):
-        try:
-            if any("RayTrainWorker" in part for part in p.info["cmdline"] or []):
-                found.append(p)
-        except psutil.Error:
-            continue
-    return found
-
-
 def _kill_a_worker_after_checkpoint(run_dir, killed: list) -> None:
     deadline = time.time() + 300
     while time.time() < deadline:
         if list(run_dir.glob("checkpoint_0000002/dp_state.pt")):
-            workers = _train_workers()
+            workers = my_processes("RayTrainWorker")
             if workers:
                 os.kill(workers[-1].pid, signal.SIGKILL)
                 killed.append(workers[-1].pid)

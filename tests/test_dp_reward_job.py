@@ -7,6 +7,7 @@ import json
 
 import pytest
 import torch
+from conftest import private_data_moved_away
 
 from ksg_ray.bundle import verify_bundle
 from ksg_ray.client.privacy.accountant import epsilon_for
@@ -37,9 +38,8 @@ def test_candidates_hold_three_answers_per_record(client_bundle):
 
 
 def test_server_loads_both_models_from_the_bundle_without_the_data(client_bundle):
-    tmp, private, _ = client_bundle
-    private.rename(tmp / "moved-away.jsonl")  # the server never has the client's data
-    try:
+    tmp, _, _ = client_bundle
+    with private_data_moved_away(tmp):  # the server never has the client's data
         gen, tok = load_generator(tmp / "bundle")
         ids = tok.apply_chat_template([{"role": "user", "content": "Hi"}], add_generation_prompt=True,
                                       return_tensors="pt", return_dict=True)
@@ -51,5 +51,3 @@ def test_server_loads_both_models_from_the_bundle_without_the_data(client_bundle
         # the head was trained: it is not the freshly initialised one
         trained_head = [v for k, v in reward.state_dict().items() if "score" in k and "modules_to_save" in k]
         assert trained_head and float(trained_head[0].abs().sum()) > 0
-    finally:
-        (tmp / "moved-away.jsonl").rename(private)

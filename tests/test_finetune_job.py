@@ -10,9 +10,9 @@ import threading
 import time
 from pathlib import Path
 
-import psutil
 import pytest
 import torch
+from conftest import my_processes
 from safetensors.torch import load_file
 
 from ksg_ray.common.chat_format import IGNORE_INDEX, build_messages, collate, tokenize_records
@@ -47,18 +47,6 @@ def synthetic(tmp_path_factory) -> Path:
     return write_synthetic(tmp_path_factory.mktemp("synth") / "synthetic.jsonl")
 
 
-def _my_train_workers() -> list[psutil.Process]:
-    """Ray Train workers of this test's own Ray cluster (descendants of this process), never anyone else's."""
-    found = []
-    for p in psutil.Process().children(recursive=True):
-        try:
-            if any("RayTrainWorker" in part for part in p.cmdline()):
-                found.append(p)
-        except psutil.Error:
-            continue
-    return found
-
-
 def _has_a_registered_checkpoint(run_dir: Path) -> bool:
     """Ray has registered a checkpoint (every rank reported it): files on disk alone may be half a report."""
     try:
@@ -72,7 +60,7 @@ def _kill_a_worker_after_a_checkpoint(run_dir: Path, killed: list) -> None:
     deadline = time.time() + 300
     while time.time() < deadline:
         if _has_a_registered_checkpoint(run_dir):
-            workers = _my_train_workers()
+            workers = my_processes("RayTrainWorker")
             if workers:
                 os.kill(workers[-1].pid, signal.SIGKILL)
                 killed.append(workers[-1].pid)

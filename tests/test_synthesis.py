@@ -10,8 +10,8 @@ import threading
 import time
 
 import numpy as np
-import psutil
 import pytest
+from conftest import my_processes, private_data_moved_away
 
 from ksg_ray.common.config import KsgConfigError, load_config
 from ksg_ray.server.synth.config import SynthConfig
@@ -281,12 +281,9 @@ def _synth(bundle, out, *extra):
 
 @pytest.mark.e2e
 def test_synthesis_runs_from_the_bundle_alone_and_a_rerun_adds_nothing(client_bundle, tmp_path):
-    tmp, private, _ = client_bundle
-    private.rename(tmp / "moved-away.jsonl")  # the server never has the client's data
-    try:
+    tmp, _, _ = client_bundle
+    with private_data_moved_away(tmp):  # the server never has the client's data
         summary = _synth(tmp / "bundle", tmp_path)
-    finally:
-        (tmp / "moved-away.jsonl").rename(private)
     funnel = dict(summary["funnel"])
     assert funnel_stages(summary) == TINY_FUNNEL
     assert funnel["prompts"] == 4 and funnel["query samples generated"] == 8
@@ -322,14 +319,14 @@ def test_synthesis_runs_from_the_bundle_alone_and_a_rerun_adds_nothing(client_bu
 
 
 def _kill_first(pattern: str, ready, stop: threading.Event, killed: list) -> None:
-    """SIGKILL the first Ray actor process whose command line holds `pattern`, once `ready()` holds."""
+    """SIGKILL the first of this test's Ray actor processes whose command line holds `pattern`, once `ready()`
+    holds."""
     while not stop.is_set() and not killed:
         if ready():
-            for proc in psutil.process_iter(["pid", "cmdline"]):
-                if pattern in " ".join(proc.info["cmdline"] or []):
-                    proc.kill()
-                    killed.append(proc.info["pid"])
-                    return
+            for proc in my_processes(pattern):
+                proc.kill()
+                killed.append(proc.pid)
+                return
         time.sleep(0.05)
 
 
