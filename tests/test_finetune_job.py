@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import my_processes
+from conftest import my_processes, skip_without_extra
 from safetensors.torch import load_file
 
 from ksg_ray.common.chat_format import IGNORE_INDEX, build_messages, collate, tokenize_records
@@ -191,7 +191,7 @@ def test_round1_continues_from_round0_and_exports_merged(round0, round1, tiny_mo
 @pytest.mark.e2e
 @pytest.mark.deepspeed
 def test_deepspeed_zero3_full_finetune_on_cpu(ray_cluster, synthetic, tmp_path):
-    pytest.importorskip("deepspeed", reason="the deepspeed extra is not installed")
+    skip_without_extra("deepspeed", "deepspeed")
     s = finetune.main(SMALL + [f"data.path={synthetic}", "data.max_round=0", "train.epochs=1", "train.max_steps=2",
                                "dev.limit=2", "scaling.num_workers=2", "scaling.strategy=deepspeed",
                                "scaling.zero_stage=3", "mode=full", "export=merged", f"run.output_dir={tmp_path}"])

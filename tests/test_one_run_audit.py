@@ -134,8 +134,9 @@ def test_audit_finds_the_memorisation_at_epsilon_inf(ray_cluster, tmp_path, caps
     out = capsys.readouterr().out
     assert result["claimed_epsilon"] == "inf" and result["noise_multiplier"] == 0.0
     assert result["epsilon_lower_bound"] >= 1.0, format_result(result)
-    assert out.startswith(f"epsilon lower bound: {result['epsilon_lower_bound']:.3f} (claimed: inf, m=40, k=10, "
-                          "confidence 0.95")
+    # a line of its own (a library may log to stdout first: DeepSpeed's logger writes there)
+    bound = f"epsilon lower bound: {result['epsilon_lower_bound']:.3f} (claimed: inf, m=40, k=10, confidence 0.95"
+    assert any(line.startswith(bound) for line in out.splitlines()), out[-2000:]
     written = json.loads((tmp_path / "runs" / "audit" / "one_run.json").read_text())
     assert written["epsilon_lower_bound"] == result["epsilon_lower_bound"] and written["trained_on"] == "canaries"
     assert len(written["scores"]) == len(written["included"]) == 40 and sum(written["included"]) == written["members"]
