@@ -27,16 +27,15 @@ _mkl_intel_path_for_children()
 
 
 def _cores_shared_among_xdist_workers() -> None:
-    """Under pytest-xdist, each worker's torch, and its Ray workers' and subprocesses', on its share of the cores
-    (cores // workers threads; Ray keeps an OMP_NUM_THREADS it finds). Each side on 2 threads put 4 busy threads
-    on 2 cores: OpenMP teams spinning at their barriers against each other's, and the tests ran 2-3x slower
-    than alone (the SmolLM2 end-of-turn test 386 s against 130 s) instead of about 2x. A developer's run without
-    xdist keeps every core."""
+    """Under pytest-xdist, each worker's torch, and its Ray workers' and subprocesses', on its share of the cores:
+    OMP_NUM_THREADS = cores // workers (Ray keeps an OMP_NUM_THREADS it finds; torch reads it). With each side on
+    2 threads, 4 busy threads shared 2 cores, OpenMP teams spinning at their barriers against each other's, and
+    the tests ran 2-3x slower than alone (the SmolLM2 end-of-turn test 386 s against 130 s). A developer's run
+    without xdist keeps every core."""
     workers = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
     if workers > 1:
         threads = max(1, len(os.sched_getaffinity(0)) // workers)
         os.environ.setdefault("OMP_NUM_THREADS", str(threads))
-        os.environ.setdefault("MKL_NUM_THREADS", str(threads))
         import torch
 
         torch.set_num_threads(int(os.environ["OMP_NUM_THREADS"]))

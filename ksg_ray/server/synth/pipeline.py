@@ -411,8 +411,9 @@ def _apply(ds: ray.data.Dataset, steps: list[Step], engine: EngineSection) -> ra
         if not step.actor:
             ds = ds.map_batches(step.fn, num_cpus=LIGHT_TASK_CPUS, fn_kwargs=step.kwargs)
             continue
-        # Ray sets OMP_NUM_THREADS (torch's thread count) to floor(num_cpus) >= 1 unless the worker's env sets it.
-        env = {"OMP_NUM_THREADS": str(engine.threads)} if engine.threads else {}
+        # Ray sets OMP_NUM_THREADS (torch's thread count) to floor(num_cpus) >= 1 unless the worker's env sets it;
+        # torch takes MKL_NUM_THREADS over it where the cluster's env sets that, so both.
+        env = {"OMP_NUM_THREADS": str(engine.threads), "MKL_NUM_THREADS": str(engine.threads)} if engine.threads else {}
         for inner in step.kwargs.get("steps", [step]):  # the endpoint's token, from the driver to its actors only
             token_env = inner.kwargs.get("engine_kwargs", {}).get("api_key_env") if inner.num_cpus else None
             if token_env and token_env in os.environ:
