@@ -161,8 +161,7 @@ class PatternFilter:
 # note instead of an answer: "The patient is a 45-year-old male with ...", "This patient has ...", "I'm
 # sorry for any misunderstanding. It seems you've been asked to address a medical question", "I will rephrase the
 # sentence", "I suggest rewriting the answer", "I've revised the question to make it more concise": 0 of the 130
-# medical and financial dev answers; "final edit" alone
-# is left, since a forum answer may well announce one).
+# medical and financial dev answers; "final edit" alone is left, since a forum answer may well announce one).
 META = PatternFilter("meta", r"\b(?:answer [ab]\b|(?:improved|revised|previous|past|above|better|original) (?:answer|"
                      r"version|response|question)|(?:revised|improved|rewrote|rewritten) the "
                      r"(?:answer|response|question)|(?:a )?good (?:answer|edit) would|a new (?:answer|question)\b|"
