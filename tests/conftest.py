@@ -64,9 +64,9 @@ def pytest_collection_modifyitems(config, items) -> None:
 
 
 def skip_without_extra(package: str, extra: str) -> None:
-    """Skip where an optional extra is missing, without importing it. `pytest.importorskip("deepspeed")` would
-    import DeepSpeed into the test process, whose first accelerator lookup then logs a warning to stdout in whichever
-    later test of that worker touches it (under pytest-xdist: a CLI test that reads what it printed)."""
+    """Skip where an optional extra is missing, without importing it. `pytest.importorskip("deepspeed")` imports
+    DeepSpeed into the test process, and DeepSpeed logs to stdout: under pytest-xdist, CI once saw its accelerator
+    warning at the head of a later CLI test's captured output."""
     if importlib.util.find_spec(package) is None:
         pytest.skip(f"the {extra} extra is not installed")
 
