@@ -63,12 +63,12 @@ def pytest_collection_modifyitems(config, items) -> None:
     items.sort(key=lambda item: (-LONG_FILES.get(item.path.name, 0), item.path not in e2e_files))
 
 
-def skip_without_extra(package: str, extra: str) -> None:
+def skip_without_extra(package: str) -> None:
     """Skip where an optional extra is missing, without importing it. `pytest.importorskip("deepspeed")` imports
     DeepSpeed into the test process, and DeepSpeed logs to stdout: under pytest-xdist, CI once saw its accelerator
     warning at the head of a later CLI test's captured output."""
     if importlib.util.find_spec(package) is None:
-        pytest.skip(f"the {extra} extra is not installed")
+        pytest.skip(f"the {package} extra is not installed")
 
 
 @pytest.fixture(autouse=True)

@@ -90,7 +90,7 @@ def _assert_same(ray_sd: dict, ref_sd: dict, init: dict) -> None:
 def test_distributed_dp_step_equals_single_process_opacus(ray_cluster, tmp_path, tiny_model_path, examples,
                                                           strategy, zero_stage):
     if strategy == "deepspeed":
-        skip_without_extra("deepspeed", "deepspeed")
+        skip_without_extra("deepspeed")
     exs, pad_id = examples
     init = build_lora_lm(torch.device("cpu"), model_path=tiny_model_path, lora=LORA, seed=0).state_dict()
     ref = _reference_adapter(tiny_model_path, exs, pad_id)

@@ -191,7 +191,7 @@ def test_round1_continues_from_round0_and_exports_merged(round0, round1, tiny_mo
 @pytest.mark.e2e
 @pytest.mark.deepspeed
 def test_deepspeed_zero3_full_finetune_on_cpu(ray_cluster, synthetic, tmp_path):
-    skip_without_extra("deepspeed", "deepspeed")
+    skip_without_extra("deepspeed")
     s = finetune.main(SMALL + [f"data.path={synthetic}", "data.max_round=0", "train.epochs=1", "train.max_steps=2",
                                "dev.limit=2", "scaling.num_workers=2", "scaling.strategy=deepspeed",
                                "scaling.zero_stage=3", "mode=full", "export=merged", f"run.output_dir={tmp_path}"])
