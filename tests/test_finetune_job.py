@@ -267,20 +267,22 @@ def test_a_run_refuses_to_resume_under_other_settings(tmp_path):
 
 @pytest.mark.e2e
 def test_a_model_fine_tuned_on_the_demo_data_ends_its_greedy_answers(ray_cluster, smollm2_path, tmp_path):
-    """Answers and models that finish: SmolLM2 fine-tuned (LoRA) on the 40 demo training records ends its greedy
-    answers to the 8 held-out demo questions with end-of-turn inside 256 tokens in >= 50% of answers, and at
-    least as often as the base model. (Examples keep their end of turn, so the model learns to stop.)"""
+    """Answers and models that finish: SmolLM2 fine-tuned (LoRA, one epoch) on the 40 demo training records ends
+    its greedy answers to the 8 held-out demo questions with end-of-turn inside 128 tokens (the demo answers are
+    53-89 tokens) in >= 50% of answers, and at least as often as the base model. (Examples keep their end of
+    turn, so the model learns to stop.) Measured: tuned 7 of 8, base 2 of 8 (2 of 8 at 256 tokens too). A second
+    epoch changed nothing: dev ROUGE-L chose the first epoch's model."""
     records = load_records("demo:medical")
     train, held_out = records[:-8], records[-8:]
     path = tmp_path / "train.jsonl"
     path.write_text("".join(json.dumps({"id": f"q{i}", "round": 0, "instruction": r.instruction, "input": r.input,
                                         "output": r.output}) + "\n" for i, r in enumerate(train)))
     finetune.main(["model.name=smollm2-135m", f"data.path={path}", "data.max_seq_len=160", "dev.limit=4",
-                   "dev.max_new_tokens=8", "train.epochs=2", "train.lr=1e-3", "train.expected_batch_size=8",
+                   "dev.max_new_tokens=8", "train.epochs=1", "train.lr=1e-3", "train.expected_batch_size=8",
                    "train.physical_batch_size=8", "scaling.num_workers=1", "scaling.cpus_per_worker=2",
                    f"run.output_dir={tmp_path / 'ft'}", "run.name=demo", "export=adapter"])
     prompts = [build_messages(r)[:-1] for r in held_out]
-    greedy = SamplingParams(temperature=0.0, max_new_tokens=256)
+    greedy = SamplingParams(temperature=0.0, max_new_tokens=128)
     tuned = build_engine("transformers", *engine_paths(tmp_path / "ft" / "demo" / "model"), batch_size=8)
     base = build_engine("transformers", smollm2_path, batch_size=8)
     finished = {name: sum(g[0].finished for g in engine.generate(prompts, greedy))
