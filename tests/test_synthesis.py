@@ -282,8 +282,9 @@ def _synth(bundle, out, *extra):
 @pytest.mark.e2e
 def test_synthesis_runs_from_the_bundle_alone_and_a_rerun_adds_nothing(client_bundle, tmp_path):
     tmp, _, _ = client_bundle
+    fused = "engine.fuse_steps=true"  # as configs/synthesize.yaml runs on a CPU; the field's default is false
     with private_data_moved_away(tmp):  # the server never has the client's data
-        summary = _synth(tmp / "bundle", tmp_path)
+        summary = _synth(tmp / "bundle", tmp_path, fused)
     funnel = dict(summary["funnel"])
     assert funnel_stages(summary) == TINY_FUNNEL
     assert funnel["prompts"] == 4 and funnel["query samples generated"] == 8
@@ -311,11 +312,11 @@ def test_synthesis_runs_from_the_bundle_alone_and_a_rerun_adds_nothing(client_bu
     assert json.loads((tmp_path / "funnel.json").read_text())["funnel"] == [list(x) for x in summary["funnel"]]
 
     stores = {p.name: p.read_text() for p in tmp_path.glob("*.jsonl") if p.name not in ("rejected.jsonl",)}
-    again = _synth(tmp / "bundle", tmp_path, "min_rows=0")  # a check of the output, not a setting of the work
+    again = _synth(tmp / "bundle", tmp_path, fused, "min_rows=0")  # a check of the output, not a setting of the work
     assert again["funnel"] == summary["funnel"] and again["duplicates_refused"] == 0
     assert {p.name: p.read_text() for p in tmp_path.glob("*.jsonl") if p.name != "rejected.jsonl"} == stores
     with pytest.raises(ValueError, match=r"other settings \(answers changed\)"):
-        _synth(tmp / "bundle", tmp_path, "answers.n=3")
+        _synth(tmp / "bundle", tmp_path, fused, "answers.n=3")
 
 
 def _kill_first(pattern: str, ready, stop: threading.Event, killed: list) -> None:
