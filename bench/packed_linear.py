@@ -35,9 +35,10 @@ def main() -> None:
     from ksg_ray.common.chat_format import build_messages
     from ksg_ray.common.hub import resolve_model
     from ksg_ray.common.records import load_records
-    from ksg_ray.engines import SamplingParams, prompt_ids
+    from ksg_ray.engines import SamplingParams, packed_linear, prompt_ids
     from ksg_ray.engines.transformers_engine import TransformersEngine
 
+    packed_linear.PACK_ON_SEVERAL_THREADS = True  # the packed path at every thread count: what this bench measures
     batches = [int(b) for b in a.batches.split(",")]
     path = resolve_model(a.model)
     engines = {"plain": TransformersEngine(path, batch_size=max(batches), packed_linear=False),

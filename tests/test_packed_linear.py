@@ -6,7 +6,7 @@ from conftest import save_varied_model
 from torch import nn
 from transformers import AutoModelForCausalLM
 
-from ksg_ray.engines import SamplingParams
+from ksg_ray.engines import SamplingParams, packed_linear
 from ksg_ray.engines.packed_linear import MAX_PACKED_ROWS, PackedLinear, pack_linears, packed_gemm_available
 from ksg_ray.engines.transformers_engine import TransformersEngine
 
@@ -18,6 +18,12 @@ PROMPTS = [
      {"role": "user", "content": "What should I do about a mild fever that has lasted two days?"}],
     [{"role": "user", "content": "I have had heartburn every night for two weeks. What could it be?"}],
 ]
+
+
+@pytest.fixture(autouse=True)
+def packed_path_on_any_thread_count(monkeypatch):
+    """The packed path whatever this CPU and thread count (off on several threads outside AMD: slower there)."""
+    monkeypatch.setattr(packed_linear, "PACK_ON_SEVERAL_THREADS", True)
 
 
 @pytest.mark.parametrize("bias", [True, False])
@@ -34,6 +40,24 @@ def test_packed_linear_equals_nn_linear_on_both_paths(bias):
     x = torch.randn(4, 96)
     packed(x).sum().backward()  # with autograd on it takes the plain path, so gradients reach the weight
     assert linear.weight.grad is not None and linear.weight.grad.abs().sum() > 0
+
+
+@pytest.mark.parametrize("pays", [True, False])
+def test_several_threads_pack_only_where_packing_pays(pays, monkeypatch):
+    monkeypatch.setattr(packed_linear, "PACK_ON_SEVERAL_THREADS", pays)
+    plain_calls = []
+    linear_fn = torch.nn.functional.linear
+    monkeypatch.setattr(torch.nn.functional, "linear", lambda *a: plain_calls.append(1) or linear_fn(*a))
+    packed = PackedLinear(nn.Linear(96, 200))
+    threads = torch.get_num_threads()
+    try:
+        for n in (1, 2):
+            torch.set_num_threads(n)
+            with torch.inference_mode():
+                packed(torch.randn(8, 96))
+    finally:
+        torch.set_num_threads(threads)
+    assert len(plain_calls) == (0 if pays else 1)  # one thread packs 8 rows; two pack them only where it pays
 
 
 def test_pack_linears_keeps_every_parameter_and_the_logits(tiny_model_path, tmp_path):

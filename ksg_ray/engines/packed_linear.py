@@ -6,19 +6,38 @@ path torch.compile's CPU freezing pass takes for fp32 linears) the same product 
 2-core AMD EPYC at 2–64 rows, and greedy generation of SmolLM2-135M (64 tokens, identical answers) 1.29× / 1.12×
 faster at batch 16 / 32 on one thread, 1.49× / 1.27× on two (`bench/packed_linear.py`). At more rows
 (prefill, scoring) packing gains nothing or loses, so those calls keep the plain path; so does one row on one
-thread, where MKL's plain gemv was 5% faster (on two threads the packed one was 15% faster). The weights are
-shared, not copied; only the packed copy is extra memory.
+thread, where MKL's plain gemv was 5% faster (on two threads the packed one was 15% faster), and so do several
+threads on a CPU other than AMD's (`PACK_ON_SEVERAL_THREADS`: slower there). The weights are shared, not copied;
+only the packed copy is extra memory.
 """
 
 from __future__ import annotations
+
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-__all__ = ["MAX_PACKED_ROWS", "PackedLinear", "pack_linears", "packed_gemm_available"]
+__all__ = ["MAX_PACKED_ROWS", "PACK_ON_SEVERAL_THREADS", "PackedLinear", "pack_linears", "packed_gemm_available"]
 
 MAX_PACKED_ROWS = 64  # above it the plain sgemm is as fast (prefill, scoring): measured on this CPU
+
+
+def _packing_pays_on_several_threads() -> bool:
+    """Greedy generation, packed ÷ plain, side by side (`bench/packed_linear.py`, batch 16 / 32): on an AMD EPYC
+    (MKL on its Intel path) 1.29 / 1.12x on one thread and 1.49 / 1.27x on two; on an Intel Xeon without AMX
+    (family 6 model 207) 1.15x on one thread at batch 16 but 0.83 / 0.90x and 0.79x on two (three runs), though
+    there too the linear layers alone ran 1.3x faster packed on two threads: what is lost is in the interplay
+    with the rest of a decode step, not understood. Measured on those two CPUs only, so several threads pack on
+    AMD alone, one thread everywhere."""
+    try:
+        return "AuthenticAMD" in Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return False
+
+
+PACK_ON_SEVERAL_THREADS = _packing_pays_on_several_threads()
 
 
 def packed_gemm_available() -> bool:
@@ -40,7 +59,9 @@ class PackedLinear(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         rows = x.reshape(-1, self.in_features)
         n = rows.shape[0]
-        if n > self.max_rows or (n == 1 and torch.get_num_threads() == 1) or torch.is_grad_enabled():
+        threads = torch.get_num_threads()
+        if (n > self.max_rows or torch.is_grad_enabled() or (n == 1 and threads == 1)
+                or (threads > 1 and not PACK_ON_SEVERAL_THREADS)):
             return F.linear(x, self.weight, self.bias)
         out = torch.ops.mkl._mkl_linear(rows, self._packed, self.weight, self.bias, n)
         return out.reshape(*x.shape[:-1], self.out_features)
