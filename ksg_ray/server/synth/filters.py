@@ -160,15 +160,17 @@ class PatternFilter:
 # "The answer to the question should be ...", the asker taken for a colleague: "your patient's condition", a case
 # note instead of an answer: "The patient is a 45-year-old male with ...", "This patient has ...", "I'm
 # sorry for any misunderstanding. It seems you've been asked to address a medical question", "I will rephrase the
-# sentence", "I suggest rewriting the answer", "I've revised the question to make it more concise": 0 of the 130
-# medical and financial dev answers; "final edit" alone is left, since a forum answer may well announce one).
+# sentence", "I suggest rewriting the answer", "I've revised the question to make it more concise", a correction
+# of the asker's wording: "please refrain from using ...", "A more accurate way to phrase the question": 0 of the
+# 130 medical and financial dev answers; "final edit" alone is left, since a forum answer may well announce one).
 META = PatternFilter("meta", r"\b(?:answer [ab]\b|(?:improved|revised|previous|past|above|better|original) (?:answer|"
                      r"version|response|question)|(?:revised|improved|rewrote|rewritten) the "
                      r"(?:answer|response|question)|(?:a )?good (?:answer|edit) would|a new (?:answer|question)\b|"
                      r"review of (?:that|the) answer|"
                      r"this answer is|you(?:'re| are) a helpful, careful|the (?:patient|user)'s (?:question|query)|"
                      r"(?:correct|right|best|final) answer (?:to (?:the|this|your) question|would be|is:)|"
-                     r"your answer is|phrasing of the question|answer was (?:reworded|rewritten|revised))|"
+                     r"your answer is|phrasing of the question|answer was (?:reworded|rewritten|revised)|"
+                     r"way to (?:phrase|word|ask) (?:the|your|this) question|refrain from using)|"
                      r"\((?:better|worse|worst)\)|"
                      r"^\s*(?-i:[AB])(?::|\s*$)|(?-i:\b[AB]\b)[^.\n]{0,20}\b(?:better|worse|improved|preferred) "
                      r"(?:than|over|by) (?-i:[AB])\b|(?:^|[.!?]\s+)(?-i:[AB]) (?:is|was|has) (?:still )?(?:not )?"
