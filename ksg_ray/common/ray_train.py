@@ -109,8 +109,8 @@ def run_torch_trainer(loop: Callable[[dict], None], loop_config: dict, *, scalin
     from ray.train.torch import TorchConfig, TorchTrainer
 
     # Ray Train's controller polls its workers every 2 s by default, and each change of state (workers up, a
-    # report, the loop done) waits for the next poll: 5-6 s of every run here (a run that reports once took 14 s,
-    # 9 s at 0.2). A poll is one small call per worker. Ray Train hands this driver's setting to its controller;
+    # report, the loop done) waits for the next poll: 3-6 s of every run here (a run that reports once took 14 s,
+    # 8-11 s at 0.2). A poll is one small call per worker. Ray Train hands this driver's setting to its controller;
     # a user's own wins.
     os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.2")
     trainer = TorchTrainer(
