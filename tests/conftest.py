@@ -227,7 +227,7 @@ def smollm2_tokenizer():
 
 # One Ray Train worker: the shared bundle is a fixture, and the DP path on several workers has its own tests
 # (test_dp_finetune_job, test_dp_equivalence, test_two_nodes). One process fewer to start: the bundle took 69 s
-# alone against 90 s on two workers.
+# alone against 76-90 s on two workers.
 TINY_DP = ["model.name=tiny-random", "data.max_seq_len=96", "train.expected_batch_size=4", "train.max_steps=3",
            "scaling.num_workers=1", "privacy.delta=1e-3"]
 
