@@ -161,8 +161,9 @@ class PatternFilter:
 # note instead of an answer: "The patient is a 45-year-old male with ...", "This patient has ...", "I'm
 # sorry for any misunderstanding. It seems you've been asked to address a medical question", "I will rephrase the
 # sentence", "I suggest rewriting the answer", "I've revised the question to make it more concise", a correction
-# of the asker's wording: "please refrain from using ...", "A more accurate way to phrase the question": 0 of the
-# 130 medical and financial dev answers; "final edit" alone is left, since a forum answer may well announce one).
+# of the asker's wording: "please refrain from using ...", "A more accurate way to phrase the question", "I'd be
+# happy to help you improve that answer!": 0 of the 130 medical and financial dev answers; "final edit" alone is
+# left, since a forum answer may well announce one).
 META = PatternFilter("meta", r"\b(?:answer [ab]\b|(?:improved|revised|previous|past|above|better|original) (?:answer|"
                      r"version|response|question)|(?:revised|improved|rewrote|rewritten) the "
                      r"(?:answer|response|question)|(?:a )?good (?:answer|edit) would|a new (?:answer|question)\b|"
@@ -170,7 +171,8 @@ META = PatternFilter("meta", r"\b(?:answer [ab]\b|(?:improved|revised|previous|p
                      r"this answer is|you(?:'re| are) a helpful, careful|the (?:patient|user)'s (?:question|query)|"
                      r"(?:correct|right|best|final) answer (?:to (?:the|this|your) question|would be|is:)|"
                      r"your answer is|phrasing of the question|answer was (?:reworded|rewritten|revised)|"
-                     r"way to (?:phrase|word|ask) (?:the|your|this) question|refrain from using)|"
+                     r"way to (?:phrase|word|ask) (?:the|your|this) question|refrain from using|"
+                     r"improve (?:that|this|the|your|my) (?:answer|response))|"
                      r"\((?:better|worse|worst)\)|"
                      r"^\s*(?-i:[AB])(?::|\s*$)|(?-i:\b[AB]\b)[^.\n]{0,20}\b(?:better|worse|improved|preferred) "
                      r"(?:than|over|by) (?-i:[AB])\b|(?:^|[.!?]\s+)(?-i:[AB]) (?:is|was|has) (?:still )?(?:not )?"
