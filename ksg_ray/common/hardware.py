@@ -10,19 +10,27 @@ from __future__ import annotations
 import functools
 from pathlib import Path
 
-__all__ = ["bf16_available", "resolve_bf16", "resolve_dtype"]
+__all__ = ["amd_cpu", "bf16_available", "resolve_bf16", "resolve_dtype"]
 
 _CPU_BF16_FLAGS = ("amx_bf16", "avx512_bf16")
 
 
 @functools.cache
-def _cpu_flags() -> frozenset[str]:
+def _cpuinfo() -> str:
     try:
-        text = Path("/proc/cpuinfo").read_text()
+        return Path("/proc/cpuinfo").read_text()
     except OSError:
-        return frozenset()
-    line = next((ln for ln in text.splitlines() if ln.startswith("flags")), "")
+        return ""
+
+
+def _cpu_flags() -> frozenset[str]:
+    line = next((ln for ln in _cpuinfo().splitlines() if ln.startswith("flags")), "")
     return frozenset(line.split(":", 1)[-1].split())
+
+
+def amd_cpu() -> bool:
+    """Whether this CPU is AMD's (where MKL's packed GEMM was measured to pay on several threads)."""
+    return "AuthenticAMD" in _cpuinfo()
 
 
 def bf16_available(device_type: str = "cpu") -> bool:

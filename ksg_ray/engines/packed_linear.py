@@ -13,31 +13,23 @@ only the packed copy is extra memory.
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+from ksg_ray.common.hardware import amd_cpu
 
 __all__ = ["MAX_PACKED_ROWS", "PACK_ON_SEVERAL_THREADS", "PackedLinear", "pack_linears", "packed_gemm_available"]
 
 MAX_PACKED_ROWS = 64  # above it the plain sgemm is as fast (prefill, scoring): measured on this CPU
 
 
-def _packing_pays_on_several_threads() -> bool:
-    """Greedy generation, packed ÷ plain, side by side (`bench/packed_linear.py`, batch 16 / 32): on an AMD EPYC
-    (MKL on its Intel path) 1.29 / 1.12x on one thread and 1.49 / 1.27x on two; on an Intel Xeon without AMX
-    (family 6 model 207) 1.15x on one thread at batch 16 but 0.83 / 0.90x and 0.79x on two (three runs), though
-    there too the linear layers alone ran 1.3x faster packed on two threads: what is lost is in the interplay
-    with the rest of a decode step, not understood. Measured on those two CPUs only, so several threads pack on
-    AMD alone, one thread everywhere."""
-    try:
-        return "AuthenticAMD" in Path("/proc/cpuinfo").read_text()
-    except OSError:
-        return False
-
-
-PACK_ON_SEVERAL_THREADS = _packing_pays_on_several_threads()
+# Greedy generation, packed ÷ plain, side by side (`bench/packed_linear.py`, batch 16 / 32): on an AMD EPYC (MKL on
+# its Intel path) 1.29 / 1.12x on one thread and 1.49 / 1.27x on two; on an Intel Xeon without AMX (family 6 model
+# 207) 1.15x on one thread at batch 16 but 0.83 / 0.90x and 0.79x on two (three runs), though there too the linear
+# layers alone ran 1.3x faster packed on two threads: what is lost is in the interplay with the rest of a decode
+# step, not understood. Measured on those two CPUs only, so several threads pack on AMD alone, one thread everywhere.
+PACK_ON_SEVERAL_THREADS = amd_cpu()
 
 
 def packed_gemm_available() -> bool:
