@@ -45,15 +45,15 @@ _cores_shared_among_xdist_workers()
 
 
 # Seconds each long file took in one run of the suite on two pytest-xdist workers (`--durations=0`, summed per file;
-# a 2-core Intel Xeon; the shared client bundle, ~90 s, lands in the first file that asks for it). `.ci/run` hands
+# a 2-core Intel Xeon; the shared client bundle, ~70-90 s, lands in the first file that asks for it). `.ci/run` hands
 # files out in collection order (`--dist loadfile --no-loadscope-reorder`), so these go first, longest first, and
 # the short files fill the end: the two workers finish together (longest processing time first). xdist's own order
 # (most tests first) left the pipeline job test running alone at the end: 1,397 s against 1,243 s this way.
 # Approximate by nature; a long new file not listed here still goes before the short ones (its e2e marker).
-LONG_FILES = {"test_finetune_job.py": 512, "test_synthesis.py": 335, "test_pipeline_job.py": 263,
-              "test_one_run_audit.py": 190, "test_two_nodes.py": 154, "test_dp_equivalence.py": 129,
-              "test_dp_resume.py": 110, "test_readme_commands.py": 97, "test_professional_endpoint.py": 78,
-              "test_serve.py": 71, "test_privacy_audit.py": 68, "test_evaluation.py": 55}
+LONG_FILES = {"test_finetune_job.py": 359, "test_synthesis.py": 313, "test_pipeline_job.py": 258,
+              "test_one_run_audit.py": 192, "test_two_nodes.py": 165, "test_dp_equivalence.py": 112,
+              "test_dp_resume.py": 110, "test_professional_endpoint.py": 99, "test_serve.py": 73,
+              "test_privacy_audit.py": 70, "test_evaluation.py": 59, "test_cli.py": 55}
 
 
 def pytest_collection_modifyitems(config, items) -> None:
