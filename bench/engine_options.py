@@ -1,0 +1,75 @@
+"""Greedy generation with one transformers-engine option off and on, side by side in one process.
+
+    python bench/engine_options.py [--option packed_linear|kv_cache] [--model smollm2-135m] [--tokens 64]
+                                   [--batches 1,16,32] [--threads 1,2]
+
+`packed_linear`: the linear layers on MKL's packed GEMM (`ksg_ray/engines/packed_linear.py`) vs plain sgemm;
+`kv_cache`: the reserved KV cache (`ksg_ray/engines/kv_cache.py`) vs transformers' dynamic cache. Two
+`TransformersEngine`s of the same model, one with the option off, generate greedy answers to the same medical dev
+questions (`--batches` of them at once, the first whose prompt fits `--max-prompt-tokens`: one 945-token question
+would pad a whole batch, and synthesis batches are of like lengths; `stop_at_eos=False` so both generate the same
+token count), alternating so drift hits both alike. It prints tokens/s per engine, the ratio, and whether the
+answers are identical. Run it with MKL's Intel path (`eval "$(python -m ksg_ray.common.cpu_blas)"`), as `ksg` runs.
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+from pathlib import Path
+
+OPTIONS = {"packed_linear": "packed_linear", "kv_cache": "reserve_kv_cache"}  # --option: the engine's argument
+DATA = Path(__file__).resolve().parents[2] / "shared" / "data" / "medical" / "dev.jsonl"
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--option", choices=list(OPTIONS), default="packed_linear")
+    ap.add_argument("--model", default="smollm2-135m")
+    ap.add_argument("--data", default=str(DATA))
+    ap.add_argument("--tokens", type=int, default=64)
+    ap.add_argument("--batches", default="1,16,32")
+    ap.add_argument("--threads", default="1,2")
+    ap.add_argument("--rounds", type=int, default=2)
+    ap.add_argument("--max-prompt-tokens", type=int, default=192)
+    a = ap.parse_args()
+
+    import torch
+
+    from ksg_ray.common.chat_format import build_messages
+    from ksg_ray.common.hub import resolve_model
+    from ksg_ray.common.records import load_records
+    from ksg_ray.engines import SamplingParams, packed_linear, prompt_ids
+    from ksg_ray.engines.transformers_engine import TransformersEngine
+
+    if a.option == "packed_linear":  # the packed path at every thread count: what this bench measures
+        packed_linear.PACK_ON_SEVERAL_THREADS = True
+    batches = [int(b) for b in a.batches.split(",")]
+    path = resolve_model(a.model)
+    engines = {"off": TransformersEngine(path, batch_size=max(batches), **{OPTIONS[a.option]: False}),
+               "on": TransformersEngine(path, batch_size=max(batches))}
+    prompts = [m for m in (build_messages(r)[:-1] for r in load_records(a.data))
+               if len(prompt_ids(engines["off"].tokenizer, m)) <= a.max_prompt_tokens][:max(batches)]
+    params = SamplingParams(max_new_tokens=a.tokens, stop_at_eos=False)
+    for engine in engines.values():
+        engine.generate(prompts[:2], SamplingParams(max_new_tokens=4))  # warm-up
+    lengths = [len(prompt_ids(engines["off"].tokenizer, m)) for m in prompts]
+    print(f"{a.model}, fp32, greedy, {a.tokens} new tokens per answer, prompts of {min(lengths)}-{max(lengths)} "
+          f"tokens, torch {torch.__version__}; {a.option} off vs on")
+    print(f"{'threads':>7} {'batch':>5} {'off tok/s':>10} {'on tok/s':>9} {'ratio':>6}  same answers")
+    for threads in (int(t) for t in a.threads.split(",")):
+        torch.set_num_threads(threads)
+        for batch in batches:
+            seconds, answers = {k: 0.0 for k in engines}, {}
+            for _ in range(a.rounds):
+                for name, engine in engines.items():
+                    t0 = time.perf_counter()
+                    answers[name] = [g[0].text for g in engine.generate(prompts[:batch], params)]
+                    seconds[name] += time.perf_counter() - t0
+            rate = {k: a.rounds * batch * a.tokens / s for k, s in seconds.items()}
+            print(f"{threads:>7} {batch:>5} {rate['off']:>10.1f} {rate['on']:>9.1f} "
+                  f"{rate['on'] / rate['off']:>6.2f}  {answers['off'] == answers['on']}")
+
+
+if __name__ == "__main__":
+    main()
