@@ -18,6 +18,7 @@ from ksg_ray.server.synth.filters import (
     AsksBackFilter,
     DegenerateTextFilter,
     LanguageFilter,
+    OffQuestionFilter,
     PatternFilter,
     answer_filters,
     apply_filters,
@@ -112,7 +113,8 @@ def test_each_filter_rejects_its_planted_row(cfg):
                "Rest and drink water. A better diet helps too. I am not able to see the rash, so see your GP. "
                "I am 100% sure it is not serious at 25 years of age. Vitamin A is better absorbed than vitamin B. "
                "Type A is not improved by diet. Count it as a small debt that a doctor, a nurse and a friend forgave."]
-    assert [r is None for r in apply_filters(answer_filters(cfg), answers)] == [False] * 58 + [True]
+    question = "I have had an itchy rash on my arm for a week and I am 25. What should I do about it?"
+    assert [r is None for r in apply_filters(answer_filters(cfg), answers, question)] == [False] * 58 + [True]
 
 
 def test_an_answer_that_mostly_asks_back_is_rejected_and_one_question_is_not():
@@ -130,8 +132,31 @@ def test_filters_keep_real_medical_questions_and_answers(cfg):
     rows = _dev("medical")
     kept = [r is None for r in apply_filters(query_filters(cfg), [r["input"] for r in rows])]
     assert sum(kept) / len(rows) >= 0.95
-    kept = [r is None for r in apply_filters(answer_filters(cfg), [r["output"] for r in rows])]
+    kept = [apply_filters(answer_filters(cfg), [r["output"]], r["input"])[0] is None for r in rows]
     assert sum(kept) / len(rows) >= 0.95
+
+
+@needs_shared
+def test_every_real_answer_is_on_its_question_and_most_answers_to_other_questions_are_not(cfg):
+    rows = _dev("medical") + _dev("financial")
+    off_question = answer_filters(cfg)[-1]
+    assert isinstance(off_question, OffQuestionFilter)
+    assert all(off_question([r["output"]], r["input"] or r["instruction"]) == [None] for r in rows)
+    swapped = [off_question([rows[(i + 7) % len(rows)]["output"]], r["input"] or r["instruction"])[0]
+               for i, r in enumerate(rows)]
+    assert sum(reason is not None for reason in swapped) / len(rows) >= 0.75
+
+
+def test_an_answer_to_another_question_is_rejected_and_the_question_is_required():
+    question = "Hi, I am 52 years old and I have been having pain in my neck since 2020. I am taking no medicine."
+    answers = ["Hello 52 years old, Hello 100% recovered. Please take note of that and follow the next-of-kin rules "
+               "when you're in court.",  # both from the embedded run of session 21
+               "Neck pain at your age is most often from wear of the discs and joints of the neck. Gentle stretching, "
+               "heat and a pain reliever such as ibuprofen help; see a doctor if it spreads to your arms."]
+    reasons = OffQuestionFilter(0.3)(answers, question)
+    assert reasons[0].startswith("off question: cosine to the question") and reasons[1] is None
+    with pytest.raises(ValueError, match="'off question' filter judges answers against their question"):
+        apply_filters([OffQuestionFilter()], answers)
 
 
 @needs_shared

@@ -106,7 +106,7 @@ def test_an_answer_cut_at_the_budget_is_trimmed_to_its_last_sentence():
     assert trim_to_sentence("Rest the knee. Ice it twice a day. If it swells, see a") == \
         "Rest the knee. Ice it twice a day."
     assert trim_to_sentence("no sentence ends here") == "no sentence ends here"  # kept, not rejected
-    batch = {"answers_p": [["Rest it. Then se", "no end", "Done.", " "]],
+    batch = {"query": ["My knee hurts. What should I do?"], "answers_p": [["Rest it. Then se", "no end", "Done.", " "]],
              "answers_p_finished": [[False, False, True, False]]}
     kept = _merge_candidates(dict(batch), ["p"], require_finished=False)
     assert kept["candidates"] == [["Rest it.", "no end", "Done."]] and kept["unfinished_dropped"] == [1]
@@ -115,15 +115,19 @@ def test_an_answer_cut_at_the_budget_is_trimmed_to_its_last_sentence():
 
 
 def test_answer_filters_drop_candidates_with_their_reason():
-    from ksg_ray.server.synth.filters import DegenerateTextFilter, LanguageFilter
+    from ksg_ray.server.synth.filters import DegenerateTextFilter, LanguageFilter, OffQuestionFilter
     from ksg_ray.server.synth.pipeline import _merge_candidates
 
     loop = "Drink water and rest well. Drink water and rest well. Drink water and rest well."
-    batch = {"answers_p": [["Ho mal di testa da tre giorni e non riesco a dormire bene.", loop, "Rest it."]],
-             "answers_p_finished": [[True, True, True]]}
-    out = _merge_candidates(batch, ["p"], require_finished=True, filters=(LanguageFilter(), DegenerateTextFilter(1)))
-    assert out["candidates"] == [["Rest it."]]
-    assert [r.split(":")[0] for r in out["candidates_rejected"][0]] == ["language", "degenerate"]
+    good = "Rest the knee, put ice on it and keep it raised; see a doctor if it swells."
+    batch = {"query": ["I twisted my knee playing football and it hurts. What should I do?"],
+             "answers_p": [["Ho mal di testa da tre giorni e non riesco a dormire bene.", loop,
+                            "Follow the next-of-kin rules when you're in court.", good]],
+             "answers_p_finished": [[True, True, True, True]]}
+    out = _merge_candidates(batch, ["p"], require_finished=True,
+                            filters=(LanguageFilter(), DegenerateTextFilter(1), OffQuestionFilter(0.3)))
+    assert out["candidates"] == [[good]]  # judged against the row's own query
+    assert [r.split(":")[0] for r in out["candidates_rejected"][0]] == ["language", "degenerate", "off question"]
 
 
 def test_query_samples_are_shared_only_from_a_run_that_drew_them_alike(tmp_path):
@@ -257,7 +261,8 @@ TINY_SYNTH = ["professional.model=tiny-random", "queries.num_prompts=4", "querie
               "professional.min_yes_probability=0.3", "answers.n=2", "answers.max_new_tokens=8",
               "answers.require_finished=false", "scoring.keep_fraction=0.5", "refine.rounds=1", "refine.n=2",
               "refine.critique_max_new_tokens=8", "refine.max_new_tokens=8", "engine.batch_size=2",
-              "filters.language=false", "filters.degenerate=false"]  # a random model writes no language
+              "filters.language=false", "filters.degenerate=false",  # a random model writes no language,
+              "filters.off_question=false"]  # nor answers a question
 
 
 # The funnel's stages under TINY_SYNTH, names without their measured values ("... (reward >= pool min -0.3)"):

@@ -138,6 +138,10 @@ class FiltersSection(StrictModel):
     asks_back: bool = Field(True, description="drop answers that mostly ask the asker questions (AsksBackFilter)")
     asks_back_min_questions: int = Field(2, ge=1, description="questions an answer must ask to be dropped ...")
     asks_back_min_share: float = Field(0.3, ge=0, le=1, description="... and their least share of its sentences")
+    off_question: bool = Field(True, description="drop answers about something other than their question "
+                                                 "(OffQuestionFilter, MiniLM)")
+    min_question_cosine: float = Field(0.3, ge=-1, le=1, description="least cosine(question, answer); every medical "
+                                                                     "and financial dev pair has >= 0.31")
     domain: bool = Field(True, description="drop queries closer to domain.off_topics than to the domain's anchors "
                                            "(MiniLM); needs domain.off_topics")
     min_domain_margin: float = Field(

@@ -8,9 +8,11 @@ small class with one reason string (the DataTrove / NeMo Curator pattern), compo
   non-alphabetic characters, a repeated word n-gram: a generation loop);
 - `AsksBackFilter`: an answer that mostly asks the patient questions instead of answering;
 - `DomainFilter`: MiniLM similarity to the domain's public anchors minus the similarity to public off-domain
-  anchors (calibrated on public data, README "Filters").
+  anchors (calibrated on public data, README "Filters");
+- `OffQuestionFilter`: an answer about something other than its question (MiniLM similarity to the question).
 
-Each filter maps a list of texts to a list of reasons (None = kept), so a batch pays one model call.
+Each filter maps a list of texts to a list of reasons (None = kept), so a batch pays one model call; a filter
+that judges an answer against its question (`needs_question`) also takes the question.
 Every input is public config text or synthetic text: no filter reads the client's records.
 """
 
@@ -29,8 +31,8 @@ if TYPE_CHECKING:
     from ksg_ray.server.synth.config import SynthConfig
 
 __all__ = ["META", "PATIENT_VOICE", "PERSONA", "QUERY_META", "REFUSAL", "AsksBackFilter", "DegenerateTextFilter",
-           "DomainFilter", "LanguageFilter", "PatternFilter", "TextFilter", "answer_filters", "apply_filters",
-           "query_filters"]
+           "DomainFilter", "LanguageFilter", "OffQuestionFilter", "PatternFilter", "TextFilter", "answer_filters",
+           "apply_filters", "query_filters"]
 
 class TextFilter(Protocol):
     """A filter: one reason string per rejected text, None for a kept one."""
@@ -40,14 +42,26 @@ class TextFilter(Protocol):
     def __call__(self, texts: Sequence[str]) -> list[str | None]: ...
 
 
-def apply_filters(filters: Sequence[TextFilter], texts: Sequence[str]) -> list[str | None]:
-    """The first reason each text is rejected for (filters run in order, each on the texts still kept)."""
+def apply_filters(filters: Sequence[TextFilter], texts: Sequence[str], question: str | None = None) -> list[str | None]:
+    """The first reason each text is rejected for (filters run in order, each on the texts still kept); `question`:
+    the one the texts answer, for the filters that need it.
+
+    Raises:
+        ValueError: a filter needs the question and none was given.
+    """
     reasons: list[str | None] = [None] * len(texts)
     for f in filters:
         todo = [i for i, r in enumerate(reasons) if r is None]
         if not todo:
             break
-        for i, reason in zip(todo, f([texts[i] for i in todo]), strict=True):
+        kept = [texts[i] for i in todo]
+        if getattr(f, "needs_question", False):
+            if question is None:
+                raise ValueError(f"the {f.name!r} filter judges answers against their question: pass `question`")
+            got = f(kept, question)
+        else:
+            got = f(kept)
+        for i, reason in zip(todo, got, strict=True):
             reasons[i] = reason
     return reasons
 
@@ -260,6 +274,32 @@ class DomainFilter:
                 for m in self.margins(texts)]
 
 
+class OffQuestionFilter:
+    """Rejects an answer about something other than its question: MiniLM cosine(question, answer) < `min_cosine`.
+
+    A small professional sometimes answers what it was not asked, fluently and in the domain: a patient's neck
+    pain answered with "follow the next-of-kin rules when you're in court", months of stress with a faith
+    journey. Real answers stay near their questions: on the medical and financial dev splits (130 pairs) the
+    lowest cosine is 0.31, while a question paired with another dev answer is below 0.3 in 85% of cases.
+    """
+
+    name = "off question"
+    needs_question = True
+
+    def __init__(self, min_cosine: float = 0.3) -> None:
+        from ksg_ray.common.text_metrics import embed_texts
+
+        self._embed = embed_texts
+        self.min_cosine = min_cosine
+
+    def __call__(self, texts: Sequence[str], question: str) -> list[str | None]:
+        if not texts:
+            return []
+        e = self._embed([question, *texts])
+        return [None if c >= self.min_cosine else f"off question: cosine to the question {c:.3f} < {self.min_cosine}"
+                for c in e[1:] @ e[0]]
+
+
 def query_filters(cfg: SynthConfig) -> list[TextFilter]:
     """The query funnel's filters, in order (cheapest first), as the config asks."""
     f, d = cfg.filters, cfg.domain
@@ -277,7 +317,8 @@ def query_filters(cfg: SynthConfig) -> list[TextFilter]:
 
 def answer_filters(cfg: SynthConfig) -> list[TextFilter]:
     """The answer candidates' filters: talk about the task, refusals, persona talk, the patient's voice, language,
-    degenerate text and questions instead of an answer (an answer need not restate the domain)."""
+    degenerate text, questions instead of an answer, and an answer to another question (an answer need not
+    restate the domain)."""
     f = cfg.filters
     out: list[TextFilter] = [META, REFUSAL, PERSONA, PATIENT_VOICE] if f.degenerate else []
     if f.language:
@@ -286,4 +327,6 @@ def answer_filters(cfg: SynthConfig) -> list[TextFilter]:
         out.append(DegenerateTextFilter(f.min_answer_words, 100_000, f.max_non_alpha, f.repeat_ngram))
     if f.asks_back:
         out.append(AsksBackFilter(f.asks_back_min_questions, f.asks_back_min_share))
+    if f.off_question:
+        out.append(OffQuestionFilter(f.min_question_cosine))
     return out

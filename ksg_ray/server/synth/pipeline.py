@@ -488,7 +488,7 @@ def _merge_candidates(batch: dict, sources: list[str], require_finished: bool, f
         del out[f"answers_{source}"], out[f"answers_{source}_finished"]
     rejected: list[list[str]] = [[] for _ in range(n)]
     for i in range(n):
-        reasons = apply_filters(filters, texts[i])
+        reasons = apply_filters(filters, texts[i], out["query"][i])
         rejected[i] = [r for r in reasons if r is not None]
         texts[i], origins[i], finished[i] = ([x for x, r in zip(col, reasons, strict=True) if r is None]
                                              for col in (texts[i], origins[i], finished[i]))
