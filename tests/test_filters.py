@@ -150,7 +150,7 @@ def test_every_real_answer_is_on_its_question_and_most_answers_to_other_question
 def test_an_answer_to_another_question_is_rejected_and_the_question_is_required():
     question = "Hi, I am 52 years old and I have been having pain in my neck since 2020. I am taking no medicine."
     answers = ["Hello 52 years old, Hello 100% recovered. Please take note of that and follow the next-of-kin rules "
-               "when you're in court.",  # both from the embedded run of session 21
+               "when you're in court.",  # from an embedded run (session 21)
                "Neck pain at your age is most often from wear of the discs and joints of the neck. Gentle stretching, "
                "heat and a pain reliever such as ibuprofen help; see a doctor if it spreads to your arms."]
     reasons = OffQuestionFilter(0.3)(answers, question)

@@ -23,8 +23,9 @@ def varied_model(tiny_model_path, tmp_path_factory):
     return str(out)
 
 
-def kv(keys: int, positions: int) -> torch.Tensor:
-    return torch.arange(float(keys * 2 * positions * 4)).reshape(keys, 2, positions, 4)
+def kv(batch: int, positions: int) -> torch.Tensor:
+    """Distinct keys of shape [batch, 2 heads, positions, 4 dims]."""
+    return torch.arange(float(batch * 2 * positions * 4)).reshape(batch, 2, positions, 4)
 
 
 def test_a_layer_returns_what_concatenation_would_and_writes_in_place():

@@ -4,7 +4,7 @@ A decode step multiplies a few rows (one per sequence in the batch) by every wei
 is slow at such skinny shapes; with the weight packed once into MKL's internal layout (`mkl_sgemm_pack`, the
 path torch.compile's CPU freezing pass takes for fp32 linears) the same product ran 1.3–1.8× faster on this
 2-core AMD EPYC at 2–64 rows, and greedy generation of SmolLM2-135M (64 tokens, identical answers) 1.29× / 1.12×
-faster at batch 16 / 32 on one thread, 1.49× / 1.27× on two (`bench/packed_linear.py`). At more rows
+faster at batch 16 / 32 on one thread, 1.49× / 1.27× on two (`bench/engine_options.py`). At more rows
 (prefill, scoring) packing gains nothing or loses, so those calls keep the plain path; so does one row on one
 thread, where MKL's plain gemv was 5% faster (on two threads the packed one was 15% faster), and so do several
 threads on a CPU other than AMD's (`PACK_ON_SEVERAL_THREADS`: slower there). The weights are shared, not copied;
@@ -24,7 +24,7 @@ __all__ = ["MAX_PACKED_ROWS", "PACK_ON_SEVERAL_THREADS", "PackedLinear", "pack_l
 MAX_PACKED_ROWS = 64  # above it the plain sgemm is as fast (prefill, scoring): measured on this CPU
 
 
-# Greedy generation, packed ÷ plain, side by side (`bench/packed_linear.py`, batch 16 / 32): on an AMD EPYC (MKL on
+# Greedy generation, packed ÷ plain, side by side (`bench/engine_options.py`, batch 16 / 32): on an AMD EPYC (MKL on
 # its Intel path) 1.29 / 1.12x on one thread and 1.49 / 1.27x on two; on an Intel Xeon without AMX (family 6 model
 # 207) 1.15x on one thread at batch 16 but 0.83 / 0.90x and 0.79x on two (three runs), though there too the linear
 # layers alone ran 1.3x faster packed on two threads: what is lost is in the interplay with the rest of a decode
