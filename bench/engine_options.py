@@ -1,15 +1,18 @@
 """Greedy generation with one transformers-engine option off and on, side by side in one process.
 
-    python bench/engine_options.py [--option packed_linear|kv_cache] [--model smollm2-135m] [--tokens 64]
-                                   [--batches 1,16,32] [--threads 1,2]
+    python bench/engine_options.py [--option packed_linear|kv_cache|max_padding] [--model smollm2-135m]
+                                   [--tokens 64] [--batches 1,16,32] [--threads 1,2] [--engine-batch N] [--score]
 
 `packed_linear`: the linear layers on MKL's packed GEMM (`ksg_ray/engines/packed_linear.py`) vs plain sgemm;
-`kv_cache`: the reserved KV cache (`ksg_ray/engines/kv_cache.py`) vs transformers' dynamic cache. Two
-`TransformersEngine`s of the same model, one with the option off, generate greedy answers to the same medical dev
-questions (`--batches` of them at once, the first whose prompt fits `--max-prompt-tokens`: one 945-token question
-would pad a whole batch, and synthesis batches are of like lengths; `stop_at_eos=False` so both generate the same
-token count), alternating so drift hits both alike. It prints tokens/s per engine, the ratio, and whether the
-answers are identical. Run it with MKL's Intel path (`eval "$(python -m ksg_ray.common.cpu_blas)"`), as `ksg` runs.
+`kv_cache`: the reserved KV cache (`ksg_ray/engines/kv_cache.py`) vs transformers' dynamic cache; `max_padding`:
+prompts grouped by length (`length_batches`) vs the caller's order. Two `TransformersEngine`s of the same model,
+one with the option off, generate greedy answers to the same medical dev questions (`--batches` of them per call,
+`--engine-batch` per forward pass; the first whose prompt fits `--max-prompt-tokens`: one 943-token question
+pads a whole batch in the caller's order; `stop_at_eos=False` so both generate the same token count), alternating
+so drift hits both alike. It prints tokens/s per engine, the ratio, and whether the answers are identical; with
+`--score`, also the time to score the questions' reference answers and the largest score difference. Run it with
+MKL's Intel path (`eval "$(python -m ksg_ray.common.cpu_blas)"`), as `ksg` runs. For `max_padding`, give the dev
+questions as they come: `--option max_padding --batches 48 --engine-batch 16 --max-prompt-tokens 4096 --score`.
 """
 
 from __future__ import annotations
@@ -18,7 +21,9 @@ import argparse
 import time
 from pathlib import Path
 
-OPTIONS = {"packed_linear": "packed_linear", "kv_cache": "reserve_kv_cache"}  # --option: the engine's argument
+# --option: the engine's argument, and its value when off
+OPTIONS = {"packed_linear": ("packed_linear", False), "kv_cache": ("reserve_kv_cache", False),
+           "max_padding": ("max_padding", None)}
 DATA = Path(__file__).resolve().parents[2] / "shared" / "data" / "medical" / "dev.jsonl"
 
 
@@ -32,6 +37,8 @@ def main() -> None:
     ap.add_argument("--threads", default="1,2")
     ap.add_argument("--rounds", type=int, default=2)
     ap.add_argument("--max-prompt-tokens", type=int, default=192)
+    ap.add_argument("--engine-batch", type=int, default=None, help="rows per forward pass (default: max --batches)")
+    ap.add_argument("--score", action="store_true", help="also time scoring the reference answers")
     a = ap.parse_args()
 
     import torch
@@ -46,10 +53,14 @@ def main() -> None:
         packed_linear.PACK_ON_SEVERAL_THREADS = True
     batches = [int(b) for b in a.batches.split(",")]
     path = resolve_model(a.model)
-    engines = {"off": TransformersEngine(path, batch_size=max(batches), **{OPTIONS[a.option]: False}),
-               "on": TransformersEngine(path, batch_size=max(batches))}
-    prompts = [m for m in (build_messages(r)[:-1] for r in load_records(a.data))
-               if len(prompt_ids(engines["off"].tokenizer, m)) <= a.max_prompt_tokens][:max(batches)]
+    argument, off = OPTIONS[a.option]
+    engine_batch = a.engine_batch or max(batches)
+    engines = {"off": TransformersEngine(path, batch_size=engine_batch, **{argument: off}),
+               "on": TransformersEngine(path, batch_size=engine_batch)}
+    records = [r for r in load_records(a.data)
+               if len(prompt_ids(engines["off"].tokenizer, build_messages(r)[:-1])) <= a.max_prompt_tokens]
+    records = records[:max(batches)]
+    prompts = [build_messages(r)[:-1] for r in records]
     params = SamplingParams(max_new_tokens=a.tokens, stop_at_eos=False)
     for engine in engines.values():
         engine.generate(prompts[:2], SamplingParams(max_new_tokens=4))  # warm-up
@@ -69,6 +80,16 @@ def main() -> None:
             rate = {k: a.rounds * batch * a.tokens / s for k, s in seconds.items()}
             print(f"{threads:>7} {batch:>5} {rate['off']:>10.1f} {rate['on']:>9.1f} "
                   f"{rate['on'] / rate['off']:>6.2f}  {answers['off'] == answers['on']}")
+            if a.score:
+                scores, best = {}, {k: float("inf") for k in engines}
+                for _ in range(a.rounds):
+                    for name, engine in engines.items():
+                        t0 = time.perf_counter()
+                        scores[name] = engine.score(prompts[:batch], [r.output for r in records[:batch]])
+                        best[name] = min(best[name], time.perf_counter() - t0)
+                worst = max(abs(x - y) for x, y in zip(scores["off"], scores["on"], strict=True))
+                print(f"{'':>13} scoring the {batch} reference answers: off {best['off']:.1f} s, on "
+                      f"{best['on']:.1f} s ({best['off'] / best['on']:.2f}x), largest difference {worst:.1e}")
 
 
 if __name__ == "__main__":

@@ -13,6 +13,7 @@ import pytest
 import torch
 from conftest import save_random_lora, save_varied_model
 
+from ksg_ray.common.batching import length_batches
 from ksg_ray.common.chat_format import build_messages, prompt_text
 from ksg_ray.common.records import Record
 from ksg_ray.engines import Engine, Generation, SamplingParams, build_engine, encode, prompt_ids, render_prompt
@@ -47,7 +48,8 @@ def one_torch_thread():
 
 @pytest.fixture(scope="module")
 def engine(varied_model_path) -> TransformersEngine:
-    return TransformersEngine(varied_model_path, batch_size=2)  # 3 prompts = one padded chunk + one single
+    # the caller's order (no length grouping): 3 prompts = one padded chunk (the first two) + one single
+    return TransformersEngine(varied_model_path, batch_size=2, max_padding=None)
 
 
 @pytest.fixture(scope="module")
@@ -177,6 +179,46 @@ def test_greedy_batched_equals_single_prompt_generate(engine):
         ref = reference_greedy(engine, messages, 12)
         assert gen.text == engine.tokenizer.decode(ref, skip_special_tokens=True).strip()
         assert engine.generate([messages], params)[0][0] == gen
+
+
+def test_length_batches_group_like_lengths_and_bound_padding():
+    lengths = [100, 943, 90, 110, 95, 100]
+    assert length_batches(lengths, 16, None) == [[0, 1, 2, 3, 4, 5]]  # the caller's order
+    assert length_batches(lengths, 4, None) == [[0, 1, 2, 3], [4, 5]]
+    assert length_batches(lengths, 16, 0.25) == [[1], [3, 0, 5, 4, 2]]  # longest first, ties in order
+    assert length_batches(lengths, 2, 0.25) == [[1], [3, 0], [5, 4], [2]]
+    assert length_batches(lengths, 16, 0.0) == [[1], [3], [0, 5], [4], [2]]
+    assert length_batches([], 16, 0.25) == []
+    rng = np.random.default_rng(0)
+    for _ in range(200):
+        lengths = rng.integers(1, 1000, size=int(rng.integers(1, 60))).tolist()
+        rows, padding = int(rng.integers(1, 20)), float(rng.choice([0.0, 0.25, 1.0]))
+        batches = length_batches(lengths, rows, padding)
+        assert sorted(i for b in batches for i in b) == list(range(len(lengths)))  # every row once
+        for b in batches:
+            assert 1 <= len(b) <= rows
+            real = sum(lengths[i] for i in b)
+            assert max(lengths[i] for i in b) * len(b) <= (1 + padding) * real
+
+
+def test_length_grouping_keeps_every_answer_and_score(varied_model_path):
+    """Grouping by length changes which prompts share a batch, not what each one gets, nor its place."""
+    prompts = PROMPTS + [[{"role": "user", "content": "Tell me everything about fevers. " * 12}]] + PROMPTS[::-1]
+    answers = [f"answer number {i} " * (i + 1) for i in range(len(prompts))]
+    grouped = {mp: TransformersEngine(varied_model_path, batch_size=2, max_padding=mp) for mp in (None, 0.0, 10.0)}
+    lengths = [len(prompt_ids(grouped[None].tokenizer, p)) for p in prompts]
+    assert len({str(length_batches(lengths, 2, mp)) for mp in grouped}) == 3  # different batches...
+    greedy = SamplingParams(max_new_tokens=8)
+    seeded = SamplingParams(temperature=1.0, top_p=0.9, n=2, max_new_tokens=8)
+    seeds = list(range(len(prompts)))
+    runs = {mp: (e.generate(prompts, greedy), e.generate(prompts, seeded, seeds=seeds), e.score(prompts, answers))
+            for mp, e in grouped.items()}
+    for mp in (0.0, 10.0):  # ...the same answers and scores, in the caller's order
+        assert runs[mp][0] == runs[None][0] and runs[mp][1] == runs[None][1]
+        assert runs[mp][2] == pytest.approx(runs[None][2], abs=1e-4)
+    assert runs[None][0][0] == runs[None][0][-1] and runs[None][0][0] != runs[None][0][1]
+    with pytest.raises(ValueError, match="max_padding"):
+        TransformersEngine(varied_model_path, max_padding=-1)
 
 
 def test_finished_means_ended_with_end_of_turn(engine, monkeypatch):

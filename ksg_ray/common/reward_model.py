@@ -10,6 +10,7 @@ only group privacy).
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
@@ -18,6 +19,7 @@ import torch
 import torch.nn.functional as F
 from peft import LoraConfig, PeftModel, get_peft_model
 
+from ksg_ray.common.batching import length_batches
 from ksg_ray.common.sections import LoraSection
 from ksg_ray.common.torch_threads import one_torch_thread
 
@@ -155,16 +157,17 @@ def load_reward_model(component_dir: str | Path, model_path: str, device: str = 
 
 @torch.no_grad()
 def score_texts(model, tokenizer, questions: list[str], answers: list[str], max_seq_len: int = 512,
-                batch_size: int = 16) -> list[float]:
-    """Rewards of (question, answer) pairs, batched."""
+                batch_size: int = 16, max_padding: float | None = 0.25) -> list[float]:
+    """Rewards of (question, answer) pairs, in batches of like lengths (`length_batches`), in the input order."""
     pad = reward_pad_id(tokenizer)
-    out: list[float] = []
-    for i in range(0, len(questions), batch_size):
-        exs = [RewardExample(rows=[judge_chat_ids(tokenizer, q, a, max_seq_len)], pairs=[])
-               for q, a in zip(questions[i:i + batch_size], answers[i:i + batch_size], strict=True)]
-        batch = collate_reward(exs, pad)
-        dev = next(model.parameters()).device
-        out.extend(reward_scores(model, {k: v.to(dev) for k, v in batch.items()}).tolist())
+    rows = [judge_chat_ids(tokenizer, q, a, max_seq_len) for q, a in zip(questions, answers, strict=True)]
+    out = [math.nan] * len(rows)
+    dev = next(model.parameters()).device
+    for chunk in length_batches([len(r) for r in rows], batch_size, max_padding):
+        batch = collate_reward([RewardExample(rows=[rows[i]], pairs=[]) for i in chunk], pad)
+        for i, reward in zip(chunk, reward_scores(model, {k: v.to(dev) for k, v in batch.items()}).tolist(),
+                             strict=True):
+            out[i] = reward
     return out
 
 
