@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import my_processes, skip_without_extra
+from conftest import my_processes, save_varied_model, skip_without_extra
 from safetensors.torch import load_file
 
 from ksg_ray.common.chat_format import IGNORE_INDEX, build_messages, collate, tokenize_records
@@ -24,7 +24,14 @@ from ksg_ray.engines import SamplingParams, build_engine
 from ksg_ray.jobs import finetune
 from ksg_ray.server.finetune.data import NO_DEV
 from ksg_ray.server.finetune.export import engine_paths, read_model_dir
-from ksg_ray.server.finetune.trainer import best_epoch, build_finetune_model, check_run_identity, micro_batches
+from ksg_ray.server.finetune.trainer import (
+    best_epoch,
+    build_finetune_model,
+    check_run_identity,
+    dev_rouge_l,
+    greedy_answers,
+    micro_batches,
+)
 
 SMALL = ["model.name=tiny-random", "data.max_seq_len=64", "dev.limit=4", "dev.max_new_tokens=8", "train.lr=5e-3",
          "train.expected_batch_size=8", "train.physical_batch_size=4", "lora.dropout=0"]
@@ -288,3 +295,15 @@ def test_a_model_fine_tuned_on_the_demo_data_ends_its_greedy_answers(ray_cluster
     finished = {name: sum(g[0].finished for g in engine.generate(prompts, greedy))
                 for name, engine in (("tuned", tuned), ("base", base))}
     assert finished["tuned"] >= 4 and finished["tuned"] >= finished["base"], finished
+
+
+def test_dev_answers_come_back_in_prompt_order_though_generated_longest_first(tiny_model_path, tmp_path):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    save_varied_model(tiny_model_path, tmp_path)  # greedy answers that differ from prompt to prompt
+    model, tok = AutoModelForCausalLM.from_pretrained(tmp_path), AutoTokenizer.from_pretrained(tmp_path)
+    prompts = [[{"role": "user", "content": c}] for c in ("hi", "Tell me about fevers. " * 10, "2+2?")]
+    alone = [greedy_answers(model, tok, [p], 6)[0] for p in prompts]
+    assert len(set(alone)) == 3
+    score, answers = dev_rouge_l(model, tok, prompts, alone, batch_size=2, max_new_tokens=6)
+    assert answers == alone and score == pytest.approx(1.0)

@@ -358,23 +358,26 @@ def dev_rouge_l(model: torch.nn.Module, tokenizer: Any, prompts: list[list[dict]
     """Mean ROUGE-L F1 of greedy answers against the references, the prompts shared out over the ranks.
 
     Every rank makes the same number of `generate` calls (a short share is padded with a repeated prompt whose
-    answer is dropped), as ZeRO-3's collective forwards require. Returns (score, this rank's answers).
+    answer is dropped), as ZeRO-3's collective forwards require. The calls take the prompts longest first, so
+    a long one pads batch-mates of like length. Returns (score, this rank's answers, in its prompts' order).
     """
     from ksg_ray.common.text_metrics import rouge_l
+    from ksg_ray.engines import prompt_ids
 
     mine = list(range(rank, len(prompts), world))
+    longest_first = sorted(mine, key=lambda i: -len(prompt_ids(tokenizer, prompts[i])))
     calls = math.ceil(math.ceil(len(prompts) / world) / batch_size)
-    total, answers = 0.0, []
+    total, answers = 0.0, {}
     for c in range(calls):
-        idx = mine[c * batch_size:(c + 1) * batch_size]
+        idx = longest_first[c * batch_size:(c + 1) * batch_size]
         got = greedy_answers(model, tokenizer, [prompts[i] for i in idx] or prompts[:1], max_new_tokens, synced_gpus)
         for i, answer in zip(idx, got, strict=False):
             total += rouge_l(answer, references[i])
-            answers.append(answer)
+            answers[i] = answer
     summed = torch.tensor([total], dtype=torch.float64)
     if world > 1:
         dist.all_reduce(summed)
-    return float(summed[0]) / len(prompts), answers
+    return float(summed[0]) / len(prompts), [answers[i] for i in mine]
 
 
 def build_finetune_model(device: torch.device, *, model_path: str, mode: str, lora, seed: int = 0,
