@@ -5,14 +5,16 @@
 
 `packed_linear`: the linear layers on MKL's packed GEMM (`ksg_ray/engines/packed_linear.py`) vs plain sgemm;
 `kv_cache`: the reserved KV cache (`ksg_ray/engines/kv_cache.py`) vs transformers' dynamic cache; `max_padding`:
-prompts grouped by length (`length_batches`) vs the caller's order. Two `TransformersEngine`s of the same model,
-one with the option off, generate greedy answers to the same medical dev questions (`--batches` of them per call,
-`--engine-batch` per forward pass; the first whose prompt fits `--max-prompt-tokens`: one 943-token question
-pads a whole batch in the caller's order; `stop_at_eos=False` so both generate the same token count), alternating
-so drift hits both alike. It prints tokens/s per engine, the ratio, and whether the answers are identical; with
-`--score`, also the time to score the questions' reference answers and the largest score difference. Run it with
-MKL's Intel path (`eval "$(python -m ksg_ray.common.cpu_blas)"`), as `ksg` runs. For `max_padding`, give the dev
-questions as they come: `--option max_padding --batches 48 --engine-batch 16 --max-prompt-tokens 4096 --score`.
+prompts grouped by length (`length_batches`) vs the caller's order. Two `TransformersEngine`s of the same model, one
+with the option off, generate greedy answers to the same medical dev questions (`--batches` of them per call,
+`--engine-batch` per forward pass; the first whose prompt is `--min-prompt-tokens` to `--max-prompt-tokens` long:
+one 943-token question pads a whole batch in the caller's order; `stop_at_eos=False` so both generate the same token
+count), alternating so drift hits both alike. It prints tokens/s per engine, the ratio, and whether the answers are
+identical; with `--score`, also the time to score the questions' reference answers and the largest score difference.
+Run it with MKL's Intel path (`eval "$(python -m ksg_ray.common.cpu_blas)"`), as `ksg` runs. For `max_padding`, give
+the dev questions as they come: `--option max_padding --batches 48 --engine-batch 16 --max-prompt-tokens 4096
+--score`; and a case where one more batch would cost more than its padding: `--option max_padding --data
+../shared/data/medical/train.jsonl --min-prompt-tokens 100 --max-prompt-tokens 200 --batches 16 --tokens 256`.
 """
 
 from __future__ import annotations
@@ -37,6 +39,7 @@ def main() -> None:
     ap.add_argument("--threads", default="1,2")
     ap.add_argument("--rounds", type=int, default=2)
     ap.add_argument("--max-prompt-tokens", type=int, default=192)
+    ap.add_argument("--min-prompt-tokens", type=int, default=0)
     ap.add_argument("--engine-batch", type=int, default=None, help="rows per forward pass (default: max --batches)")
     ap.add_argument("--score", action="store_true", help="also time scoring the reference answers")
     a = ap.parse_args()
@@ -57,8 +60,8 @@ def main() -> None:
     engine_batch = a.engine_batch or max(batches)
     engines = {"off": TransformersEngine(path, batch_size=engine_batch, **{argument: off}),
                "on": TransformersEngine(path, batch_size=engine_batch)}
-    records = [r for r in load_records(a.data)
-               if len(prompt_ids(engines["off"].tokenizer, build_messages(r)[:-1])) <= a.max_prompt_tokens]
+    records = [r for r in load_records(a.data) if a.min_prompt_tokens
+               <= len(prompt_ids(engines["off"].tokenizer, build_messages(r)[:-1])) <= a.max_prompt_tokens]
     records = records[:max(batches)]
     prompts = [build_messages(r)[:-1] for r in records]
     params = SamplingParams(max_new_tokens=a.tokens, stop_at_eos=False)

@@ -189,16 +189,20 @@ def test_length_batches_group_like_lengths_and_bound_padding():
     assert length_batches(lengths, 2, 0.25) == [[1], [3, 0], [5, 4], [2]]
     assert length_batches(lengths, 16, 0.0) == [[1], [3], [0, 5], [4], [2]]
     assert length_batches([], 16, 0.25) == []
+    # padding worth less than another decode pass stays: with the 943-token prompt the other five carry 4,220 tokens
+    assert length_batches(lengths, 16, 0.0, padding_allowance=200) == [[1], [3, 0, 5, 4, 2]]
+    assert length_batches(lengths, 16, 0.0, padding_allowance=12_000) == [[1, 3, 0, 5, 4, 2]]
     rng = np.random.default_rng(0)
     for _ in range(200):
         lengths = rng.integers(1, 1000, size=int(rng.integers(1, 60))).tolist()
         rows, padding = int(rng.integers(1, 20)), float(rng.choice([0.0, 0.25, 1.0]))
-        batches = length_batches(lengths, rows, padding)
+        allowance = int(rng.choice([0, 500]))
+        batches = length_batches(lengths, rows, padding, allowance)
         assert sorted(i for b in batches for i in b) == list(range(len(lengths)))  # every row once
         for b in batches:
             assert 1 <= len(b) <= rows
             real = sum(lengths[i] for i in b)
-            assert max(lengths[i] for i in b) * len(b) <= (1 + padding) * real
+            assert max(lengths[i] for i in b) * len(b) - real <= max(padding * real, allowance)
 
 
 def test_length_grouping_keeps_every_answer_and_score(varied_model_path):
@@ -373,6 +377,18 @@ def test_generate_dataset_keeps_every_row(ray_cluster, engine, varied_model_path
         assert r["__error__"] is None
         assert list(r["generations"]) == [g.text for g in expected[r["id"] % 3]]
         assert len(r["generations_finished"]) == 2
+
+
+def test_ray_data_model_answers_and_scores_in_the_callers_order(ray_cluster, engine, varied_model_path):
+    """Its rows go to Ray Data longest first (like lengths share a batch); each result comes back to its row."""
+    from ksg_ray.engines.batch_inference import RayDataModel
+
+    prompts = PROMPTS + [[{"role": "user", "content": "Tell me everything about fevers. " * 12}]]
+    model = RayDataModel("transformers", varied_model_path, batch_size=2, engine_kwargs={"batch_size": 2})
+    params = SamplingParams(max_new_tokens=6)
+    assert [g[0].text for g in model.generate(prompts, params)] == [g[0].text for g in engine.generate(prompts, params)]
+    answers = ["a b c", "d", "e f", "g h i j"]
+    assert model.score(prompts, answers) == pytest.approx(engine.score(prompts, answers), abs=1e-4)
 
 
 def test_vllm_missing_names_the_extra():
