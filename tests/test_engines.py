@@ -13,7 +13,7 @@ import pytest
 import torch
 from conftest import save_random_lora, save_varied_model
 
-from ksg_ray.common.batching import length_batches
+from ksg_ray.common.batching import length_batches, longest_first
 from ksg_ray.common.chat_format import build_messages, prompt_text
 from ksg_ray.common.records import Record
 from ksg_ray.engines import Engine, Generation, SamplingParams, build_engine, encode, prompt_ids, render_prompt
@@ -203,6 +203,15 @@ def test_length_batches_group_like_lengths_and_bound_padding():
             assert 1 <= len(b) <= rows
             real = sum(lengths[i] for i in b)
             assert max(lengths[i] for i in b) * len(b) - real <= max(padding * real, allowance)
+
+
+def test_longest_first_orders_rows_by_characters_and_tolerates_malformed_ones():
+    prompts = [[{"role": "user", "content": "ab"}],
+               [{"role": "system", "content": "abc"}, {"role": "user", "content": "d"}],
+               "not a chat", [{"role": "user", "content": "abcdef"}], [{"role": "user"}]]
+    assert longest_first(prompts) == [3, 1, 0, 2, 4]  # ties (0 characters) keep their order
+    assert longest_first(prompts, ["", "", "x" * 9, "", "y"]) == [2, 3, 1, 0, 4]
+    assert longest_first([]) == []
 
 
 def test_length_grouping_keeps_every_answer_and_score(varied_model_path):

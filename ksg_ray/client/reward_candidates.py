@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from ksg_ray.bundle import NOT_DP_REASONS
+from ksg_ray.common.batching import longest_first
 from ksg_ray.common.chat_format import build_messages
 from ksg_ray.common.jsonl import write_json_atomic
 from ksg_ray.common.records import Record
@@ -49,10 +50,10 @@ def generate_answer_sets(records: list[Record], **sources: dict) -> dict[str, li
     from ksg_ray.engines import SamplingParams
     from ksg_ray.engines.stage import generate_dataset
 
+    prompts = [question_messages(r) for r in records]
     branches = []
     for name, kw in sources.items():
-        ds = ray.data.from_items([{"idx": i, "source": name, "messages": question_messages(r)}
-                                  for i, r in enumerate(records)])
+        ds = ray.data.from_items([{"idx": i, "source": name, "messages": prompts[i]} for i in longest_first(prompts)])
         branches.append(generate_dataset(
             ds, engine_kind=kw["engine"], model_path=kw["model_path"], adapter_path=kw["adapter_path"],
             sampling=SamplingParams(temperature=0.0, max_new_tokens=kw["max_new_tokens"], n=1),

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-__all__ = ["length_batches"]
+__all__ = ["length_batches", "longest_first"]
 
 
 def length_batches(lengths: list[int], max_rows: int, max_padding: float | None,
@@ -31,3 +31,16 @@ def length_batches(lengths: list[int], max_rows: int, max_padding: float | None,
         batches.append([i])
         real = lengths[i]
     return batches
+
+
+def longest_first(prompts: list, answers: list | None = None) -> list[int]:
+    """Row order for a Ray Data stage whose batches are padded: longest first by characters (chat messages'
+    contents, plus the answer when scoring), so that rows of like length share a batch; Ray Data cuts batches in
+    the order it is given, and the engine groups only within a batch. A malformed row counts 0 here and is
+    reported by the stage that checks it."""
+    def chars(i: int) -> int:
+        p = prompts[i] if isinstance(prompts[i], list) else []
+        return sum(len(str(m.get("content", ""))) for m in p if isinstance(m, dict)) + \
+            (len(str(answers[i])) if answers else 0)
+
+    return sorted(range(len(prompts)), key=lambda i: -chars(i))

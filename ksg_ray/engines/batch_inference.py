@@ -15,6 +15,7 @@ from typing import Any
 
 import numpy as np
 
+from ksg_ray.common.batching import longest_first
 from ksg_ray.engines import Generation, SamplingParams, build_engine, check_messages
 from ksg_ray.engines.stage import (
     ERROR_COLUMN,
@@ -115,7 +116,7 @@ class RayDataModel:
 
         if not prompts:
             return []
-        ds = ray.data.from_items([{"idx": i, "messages": prompts[i]} for i in _longest_first(prompts)])
+        ds = ray.data.from_items([{"idx": i, "messages": prompts[i]} for i in longest_first(prompts)])
         out = generate_dataset(ds, engine_kind=self.engine_kind, model_path=self.model_path,
                                adapter_path=self.adapter_path, sampling=params, batch_size=self.batch_size,
                                max_actors=self.max_actors, num_cpus=self.num_cpus, num_gpus=self.num_gpus,
@@ -139,7 +140,7 @@ class RayDataModel:
         if not prompts:
             return []
         ds = ray.data.from_items([{"idx": i, "messages": prompts[i], "answer": answers[i]}
-                                  for i in _longest_first(prompts, answers)])
+                                  for i in longest_first(prompts, answers)])
         out = ds.map_batches(
             LogprobUDF, fn_constructor_kwargs=dict(engine_kind=self.engine_kind, model_path=self.model_path,
                                                  adapter_path=self.adapter_path, engine_kwargs=self.engine_kwargs),
@@ -151,14 +152,3 @@ class RayDataModel:
                 logger.warning("row %d: scoring failed: %s", row["idx"], row["__error__"])
             scores[row["idx"]] = float(row["score"])
         return scores
-
-
-def _longest_first(prompts: list[list[dict]], answers: list[str] | None = None) -> list[int]:
-    """Row order for a dataset whose batches are padded: longest first by characters, so that rows of like
-    length share a batch (the engine groups within a batch; Ray Data cuts the batches in this order)."""
-    def chars(i: int) -> int:  # a malformed row counts 0 here and is reported by the actor that checks it
-        p = prompts[i] if isinstance(prompts[i], list) else []
-        return sum(len(str(m.get("content", ""))) for m in p if isinstance(m, dict)) + \
-            (len(str(answers[i])) if answers else 0)
-
-    return sorted(range(len(prompts)), key=lambda i: -chars(i))
