@@ -8,7 +8,7 @@
 prompts grouped by length (`length_batches`) vs the caller's order. Two `TransformersEngine`s of the same model, one
 with the option off, generate greedy answers to the same medical dev questions (`--batches` of them per call,
 `--engine-batch` per forward pass; the first whose prompt is `--min-prompt-tokens` to `--max-prompt-tokens` long:
-one 943-token question pads a whole batch in the caller's order; `stop_at_eos=False` so both generate the same token
+one 945-token question pads a whole batch in the caller's order; `stop_at_eos=False` so both generate the same token
 count), alternating so drift hits both alike. It prints tokens/s per engine, the ratio, and whether the answers are
 identical; with `--score`, also the time to score the questions' reference answers and the largest score difference.
 Run it with MKL's Intel path (`eval "$(python -m ksg_ray.common.cpu_blas)"`), as `ksg` runs. For `max_padding`, give

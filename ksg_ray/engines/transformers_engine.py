@@ -53,7 +53,7 @@ class TransformersEngine:
             a decode step does not copy the whole cache; the answers the same. False keeps transformers' own.
         max_padding: group the prompts (and scored pairs) of one call by length, so that a batch's padding is at
             most this fraction of its real tokens, or what another decode pass would cost (`PADDING_PER_NEW_TOKEN`;
-            `common.batching.length_batches`): one 943-token medical question no longer pads fifteen 100-token
+            `common.batching.length_batches`): one 945-token medical question no longer pads fifteen 100-token
             ones to its length. 48 medical dev questions were answered 1.63x faster and their answers
             scored 2.12x, the same answers (`bench/engine_options.py --option max_padding`); None keeps the
             caller's order, `batch_size` at a time.
