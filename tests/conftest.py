@@ -87,24 +87,55 @@ def init_local_ray() -> None:
                                        "TORCH_EXTENSIONS_DIR": os.environ["TORCH_EXTENSIONS_DIR"]}})
 
 
-def start_cli_node(temp_dir: str, *args: str) -> None:
-    """`ray start --temp-dir=TEMP_DIR ARGS` on 127.0.0.1 with every port of its own (a free one each), so it runs
-    beside other Ray clusters on this machine (another node of the same cluster, a developer's cluster)."""
+_PORTS_GIVEN: set[int] = set()
+
+
+def free_ports(n: int) -> list[int]:
+    """N distinct free ports on 127.0.0.1, none given before in this session. (Ports found one at a time, each
+    socket closed before the next, can repeat: the kernel hands a just-closed port out again, and two of a node's
+    ports were once the same, so `ray start` failed.)"""
     import socket
+
+    held: list[socket.socket] = []
+    ports: list[int] = []
+    try:
+        while len(ports) < n:
+            s = socket.socket()
+            s.bind(("127.0.0.1", 0))
+            held.append(s)  # held open until all are found: the kernel cannot hand it out twice
+            port = s.getsockname()[1]
+            if port not in _PORTS_GIVEN:
+                ports.append(port)
+                _PORTS_GIVEN.add(port)
+    finally:
+        for s in held:
+            s.close()
+    return ports
+
+
+def start_cli_node(temp_dir: str, *args: str, attempts: int = 2) -> None:
+    """`ray start --temp-dir=TEMP_DIR ARGS` on 127.0.0.1 with every port of its own (a free one each), so it runs
+    beside other Ray clusters on this machine (another node of the same cluster, a developer's cluster). A port
+    is free when chosen but may be taken before Ray binds it; a failed start is stopped and tried again with new
+    ports (ATTEMPTS in all)."""
     import subprocess
     import sys
 
-    def free_port() -> int:
-        with socket.socket() as s:
-            s.bind(("127.0.0.1", 0))
-            return s.getsockname()[1]
-
-    ports = ["--node-manager-port", "--object-manager-port", "--dashboard-agent-listen-port",
+    names = ["--node-manager-port", "--object-manager-port", "--dashboard-agent-listen-port",
              "--dashboard-agent-grpc-port", "--runtime-env-agent-port", "--metrics-export-port"]
     ray = str(Path(sys.executable).parent / "ray")  # the CLI of the Ray these tests import
-    subprocess.run([ray, "start", "--node-ip-address=127.0.0.1", f"--temp-dir={temp_dir}", "--disable-usage-stats",
-                    *args, *[f"{p}={free_port()}" for p in ports]], check=True,
-                   env={**os.environ, "RAY_AUTH_MODE": "disabled"})
+    for attempt in range(1, attempts + 1):
+        ports = [f"{name}={port}" for name, port in zip(names, free_ports(len(names)), strict=True)]
+        try:
+            subprocess.run([ray, "start", "--node-ip-address=127.0.0.1", f"--temp-dir={temp_dir}",
+                            "--disable-usage-stats", *args, *ports], check=True,
+                           env={**os.environ, "RAY_AUTH_MODE": "disabled"})
+            return
+        except subprocess.CalledProcessError:
+            stop_cli_cluster(temp_dir)
+            if attempt == attempts:
+                raise
+            print(f"ray start failed (attempt {attempt} of {attempts}, ports {ports}); trying new ports")
 
 
 def stop_cli_cluster(temp_dir: str, grace_s: float = 10.0) -> None:

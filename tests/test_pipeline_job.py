@@ -7,7 +7,6 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import socket
 import subprocess
 import sys
 import tempfile
@@ -15,6 +14,7 @@ from pathlib import Path
 
 import openai
 import pytest
+from conftest import free_ports
 
 ROOT = Path(__file__).resolve().parents[1]
 RAY = str(Path(sys.executable).parent / "ray")  # the CLI of the Ray these tests import
@@ -67,14 +67,15 @@ def private_text_outside_client(run_dir: Path, records: list, min_len: int = 40)
     return found
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _yaml_list(items: list[str]) -> str:
     return "[" + ", ".join(items) + "]"
+
+
+def test_free_ports_never_repeat():
+    """A node's ports and its cluster's GCS and dashboard ports are chosen in separate calls: none may repeat
+    (CI once failed `ray start` on two equal ports)."""
+    ports = free_ports(8) + free_ports(2) + [p for _ in range(20) for p in free_ports(1)]
+    assert len(set(ports)) == len(ports) == 30
 
 
 @pytest.fixture
@@ -87,7 +88,7 @@ def ray_head():
     was_up = ray.is_initialized()
     if was_up:
         ray.shutdown()
-    gcs, dashboard = _free_port(), _free_port()
+    gcs, dashboard = free_ports(2)
     temp_dir = tempfile.mkdtemp(prefix="ksg-ray-")  # short: Ray's socket paths live under it
     try:
         start_cli_node(temp_dir, "--head", f"--port={gcs}", "--num-cpus=2", "--include-dashboard=true",
@@ -102,7 +103,7 @@ def ray_head():
 
 @pytest.mark.e2e
 def test_pipeline_submitted_as_a_ray_job_serves_a_model_the_openai_client_can_ask(ray_head, tmp_path):
-    port = _free_port()
+    (port,) = free_ports(1)
     run_dir = tmp_path / "run"
     overrides = [f"run_dir={run_dir}", "held_out=4", "canaries.fraction=0", "rounds=0", "baselines=[pipeline]",
                  "stages=[dp_train, dp_reward, synthesize, finetune, evaluate, report, serve]", f"serve.port={port}"]

@@ -18,7 +18,8 @@ import subprocess
 import tempfile
 
 import pytest
-from test_pipeline_job import RAY, ROOT, TINY, TINY_DP, _free_port
+from conftest import free_ports
+from test_pipeline_job import RAY, ROOT, TINY, TINY_DP
 
 # what each node offers: engines (two: a phase's actors start while the last phase's are still shutting down) and
 # one Ray Train worker
@@ -35,7 +36,7 @@ def two_nodes():
     was_up = ray.is_initialized()
     if was_up:
         ray.shutdown()
-    gcs, dashboard = _free_port(), _free_port()
+    gcs, dashboard = free_ports(2)
     resources = f"--resources={json.dumps(SLOTS)}"
     temp_dir = tempfile.mkdtemp(prefix="ksg-ray-")  # short: Ray's socket paths live under it
     try:
