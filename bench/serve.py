@@ -5,7 +5,8 @@
 One run, side by side: the app (`ksg_ray.serve.app`, transformers engine, one model replica with one CPU
 thread, `@serve.batch` up to `--clients`) on a local Ray, and the same model as a `TransformersEngine` in this
 process with one torch thread. Every request is the same greedy chat request; Serve's answer is checked to
-equal the direct one. Latency rounds alternate direct and Serve calls so drift hits both alike. Throughput is
+equal the direct one. Latency rounds alternate direct and Serve calls so drift hits both alike; the median of
+each round's own difference is printed too, the steadier figure where the machine's speed drifts. Throughput is
 printed two ways: over the whole window from the clients' start (their ramp-up included), and in steady state
 (each closed-loop client's rate from its first answer to its last, summed). The HTTP
 clients run in this process and share the machine's cores with the replica: on a small machine that costs
@@ -137,8 +138,11 @@ def main() -> None:
     p50_direct, p50_serve = statistics.median(direct_s), statistics.median(serve_s)
     print(f"model {args.model}, greedy, {direct_answer.num_tokens} new tokens per request, 1 CPU thread each side, "
           f"max_batch_size {args.clients}, batch_wait_timeout_s {args.batch_wait_s}")
+    paired = statistics.median(s - d for s, d in zip(serve_s, direct_s, strict=True))
     print(f"p50 latency: direct engine.generate {p50_direct * 1000:.0f} ms, over Serve {p50_serve * 1000:.0f} ms "
-          f"-> Serve adds {(p50_serve - p50_direct) * 1000:+.0f} ms ({p50_serve / p50_direct:.2f}x)")
+          f"-> Serve adds {(p50_serve - p50_direct) * 1000:+.0f} ms ({p50_serve / p50_direct:.2f}x); the median of "
+          f"the {len(serve_s)} rounds' own differences (each Serve call less the direct call just before it, so "
+          f"drift between rounds cancels): {paired * 1000:+.0f} ms")
     for way, label in (("", "whole window, ramp-up included"), ("steady_", "steady state, each client first to last")):
         print(f"throughput ({label}): 1 client {one[way + 'req']:.2f} req/s ({one[way + 'tok']:.1f} tok/s); "
               f"{args.clients} clients {many[way + 'req']:.2f} req/s ({many[way + 'tok']:.1f} tok/s); "
