@@ -5,10 +5,10 @@ a synthesis run whose professional answers come over HTTP."""
 from __future__ import annotations
 
 import json
-import socket
 
 import openai
 import pytest
+from conftest import free_ports
 
 from ksg_ray.engines import SamplingParams, build_engine
 
@@ -23,9 +23,7 @@ def endpoint(ray_cluster, smollm2_path):
 
     from ksg_ray.serve.app import build_app
 
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+    (port,) = free_ports(1)
     serve.start(http_options={"host": "127.0.0.1", "port": port})
     app = build_app({"models": {"pro": smollm2_path},
                      "engine": {"kind": "transformers", "num_cpus": 1, "max_models_per_replica": 1},

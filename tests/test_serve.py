@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import socket
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -21,7 +20,7 @@ import pytest
 import requests
 import torch
 import yaml
-from conftest import save_random_lora, save_varied_model
+from conftest import free_ports, save_random_lora, save_varied_model
 
 from ksg_ray.common.config import KsgConfigError
 from ksg_ray.engines import SamplingParams, prompt_ids
@@ -73,9 +72,7 @@ def server(ray_cluster, model_dirs) -> str:
 
     from ksg_ray.serve.app import build_app
 
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+    (port,) = free_ports(1)
     serve.start(http_options={"host": "127.0.0.1", "port": port})
     app = build_app({
         "models": model_dirs,

