@@ -6,7 +6,9 @@ One run, side by side: the app (`ksg_ray.serve.app`, transformers engine, one mo
 thread, `@serve.batch` up to `--clients`) on a local Ray, and the same model as a `TransformersEngine` in this
 process with one torch thread. Every request is the same greedy chat request; Serve's answer is checked to
 equal the direct one. Latency rounds alternate direct and Serve calls so drift hits both alike; the median of
-each round's own difference is printed too, the steadier figure where the machine's speed drifts. Throughput is
+each round's own difference is printed too, the steadier figure where the machine's speed drifts, and Serve's own
+share: each call less the engine time the replica reports for it (`Server-Timing`), free of the few percent by
+which the same engine's speed differs between two processes. Throughput is
 printed two ways: over the whole window from the clients' start (their ramp-up included), and in steady state
 (each closed-loop client's rate from its first answer to its last, summed). The HTTP
 clients run in this process and share the machine's cores with the replica: on a small machine that costs
@@ -78,14 +80,15 @@ def main() -> None:
         served = client.chat.completions.create(**request)  # also loads the model in the replica
         assert served.choices[0].message.content == direct_answer.text, "Serve and the engine disagree"
 
-        direct_s, serve_s = [], []
+        direct_s, serve_s, engine_in_replica_s = [], [], []
         for _ in range(args.rounds):
             t0 = time.perf_counter()
             engine.generate([PROMPT], params)
             direct_s.append(time.perf_counter() - t0)
             t0 = time.perf_counter()
-            client.chat.completions.create(**request)
+            raw = client.chat.completions.with_raw_response.create(**request)
             serve_s.append(time.perf_counter() - t0)
+            engine_in_replica_s.append(float(raw.headers["Server-Timing"].removeprefix("engine;dur=")) / 1000)
 
         def throughput(clients: int) -> dict[str, float]:
             """`clients` closed-loop clients over one window, two ways (requests/s, completion tokens/s):
@@ -143,6 +146,11 @@ def main() -> None:
           f"-> Serve adds {(p50_serve - p50_direct) * 1000:+.0f} ms ({p50_serve / p50_direct:.2f}x); the median of "
           f"the {len(serve_s)} rounds' own differences (each Serve call less the direct call just before it, so "
           f"drift between rounds cancels): {paired * 1000:+.0f} ms")
+    own = statistics.median(s - e for s, e in zip(serve_s, engine_in_replica_s, strict=True))
+    print(f"Serve's own share: each Serve call less its engine time in the replica (`Server-Timing`, the same "
+          f"request and process), median {own * 1000:+.0f} ms; the engine in the replica, p50 "
+          f"{statistics.median(engine_in_replica_s) * 1000:.0f} ms against {p50_direct * 1000:.0f} ms here (the "
+          f"same engine's speed differs a few percent from process to process on a small machine)")
     for way, label in (("", "whole window, ramp-up included"), ("steady_", "steady state, each client first to last")):
         print(f"throughput ({label}): 1 client {one[way + 'req']:.2f} req/s ({one[way + 'tok']:.1f} tok/s); "
               f"{args.clients} clients {many[way + 'req']:.2f} req/s ({many[way + 'tok']:.1f} tok/s); "

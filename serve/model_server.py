@@ -92,7 +92,8 @@ class ModelServer:
         """`params.n` answers per prompt, for the model id this request was routed with.
 
         Returns:
-            {"prompt_tokens": total, "generations": [[Generation, ...] per prompt]}, or an error payload.
+            {"prompt_tokens": total, "generations": [[Generation, ...] per prompt], "engine_s": the longest
+            engine call that answered them (the ingress reports it as `Server-Timing`)}, or an error payload.
         """
         try:
             engine = await self._engine()
@@ -106,10 +107,11 @@ class ModelServer:
                 # (15 + 1 of 16), a third of the engine's time.
                 await self._engine_free.wait()
             self._generate_batch.set_batch_wait_timeout_s(self.cfg.batching.batch_wait_timeout_s if busy else 0.0)
-            gens = await asyncio.gather(*(self._generate_batch((p, params)) for p in prompts))
+            answered = await asyncio.gather(*(self._generate_batch((p, params)) for p in prompts))
         except Exception as e:
             return server_error(e).to_payload()
-        return {"prompt_tokens": sum(counts), "generations": gens}
+        return {"prompt_tokens": sum(counts), "generations": [gens for gens, _ in answered],
+                "engine_s": max(seconds for _, seconds in answered)}
 
     async def stream(self, messages: list[dict], params: SamplingParams) -> AsyncIterator[dict[str, Any]]:
         """One answer as it is generated: {"prompt_tokens"} first (or an error payload, and nothing more), then
@@ -123,7 +125,7 @@ class ModelServer:
         yield {"prompt_tokens": prompt_tokens}
         if not hasattr(engine, "stream"):  # vLLM's offline engine: the whole answer as one piece
             try:
-                gen = (await self._generate_batch((messages, params)))[0]
+                gen = (await self._generate_batch((messages, params)))[0][0]
             except Exception as e:
                 yield server_error(e).to_payload()
                 return
@@ -150,27 +152,30 @@ class ModelServer:
             raise RuntimeError(f"engine broken: {self._broken}")
 
     @serve.batch(max_batch_size=8, batch_wait_timeout_s=0.02)  # real values set from the config in __init__
-    async def _generate_batch(self, items: list[tuple[list[dict], SamplingParams]]) -> list[list[Generation]]:
-        """Requests for one model (Serve splits batches by multiplexed model id), one engine call per setting."""
+    async def _generate_batch(self, items: list[tuple[list[dict], SamplingParams]]
+                              ) -> list[tuple[list[Generation], float]]:
+        """Requests for one model (Serve splits batches by multiplexed model id), one engine call per setting;
+        each request's answers with the seconds of the engine call that made them."""
         model_id = serve.get_multiplexed_model_id()
         engine = await self.engine_for(model_id)
         logger.debug("batch of %d request(s) for %r", len(items), model_id)
         groups: dict[SamplingParams, list[int]] = defaultdict(list)
         for i, (_, params) in enumerate(items):
             groups[params].append(i)
-        out: list[list[Generation]] = [[] for _ in items]
+        out: list[tuple[list[Generation], float]] = [([], 0.0) for _ in items]
         self._engine_free.clear()
         try:
             for params, rows in groups.items():
                 started = time.monotonic()
                 try:
                     gens = await asyncio.to_thread(engine.generate, [items[i][0] for i in rows], params)
-                    self._load.engine_call(time.monotonic() - started)
+                    seconds = time.monotonic() - started
+                    self._load.engine_call(seconds)
                 except Exception as e:
                     self._note_engine_failure(e, engine)
                     raise
                 for i, g in zip(rows, gens, strict=True):
-                    out[i] = g
+                    out[i] = (g, seconds)
         finally:
             self._engine_free.set()
         self._failures = 0

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import re
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -119,6 +120,21 @@ def test_chat_answer_and_usage_match_the_engine(client, direct):
     assert resp.usage.prompt_tokens == len(prompt_ids(direct["tiny-base"].tokenizer, ASK))
     assert resp.usage.completion_tokens == ref.num_tokens
     assert resp.usage.total_tokens == resp.usage.prompt_tokens + resp.usage.completion_tokens
+
+
+def test_server_timing_header_gives_the_engine_time_inside_the_request(server):
+    """The ingress reports the engine's share (`Server-Timing: engine;dur=<ms>`): what the serving layer adds is
+    the rest, measured in the replica's own process (bench/serve.py)."""
+    headers = {"Authorization": f"Bearer {TOKEN}"}
+    for path, body in (("chat/completions", {"model": "tiny-base", "messages": ASK, "max_tokens": 8}),
+                       ("completions", {"model": "tiny-base", "prompt": ["Hi", "Hello there"], "max_tokens": 8})):
+        started = time.perf_counter()
+        resp = requests.post(f"{server}/v1/{path}", json=body, headers=headers, timeout=120)
+        elapsed_ms = (time.perf_counter() - started) * 1000
+        assert resp.status_code == 200, resp.text
+        timing = re.fullmatch(r"engine;dur=(\d+\.\d)", resp.headers["Server-Timing"])
+        assert timing, resp.headers["Server-Timing"]
+        assert 0 < float(timing.group(1)) < elapsed_ms
 
 
 def test_chat_stream_is_the_same_answer_in_openai_chunks(client, server, direct):
