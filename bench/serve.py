@@ -8,7 +8,8 @@ process with one torch thread. Every request is the same greedy chat request; Se
 equal the direct one. Latency rounds alternate direct and Serve calls so drift hits both alike; the median of
 each round's own difference is printed too, the steadier figure where the machine's speed drifts, and Serve's own
 share: each call less the engine time the replica reports for it (`Server-Timing`), free of the few percent by
-which the same engine's speed differs between two processes. Throughput is
+which the same engine's speed differs between two processes, with the `openai` client and with a plain HTTP
+client (the client library's own parsing is not Serve's). Throughput is
 printed two ways: over the whole window from the clients' start (their ramp-up included), and in steady state
 (each closed-loop client's rate from its first answer to its last, summed). The HTTP
 clients run in this process and share the machine's cores with the replica: on a small machine that costs
@@ -19,12 +20,15 @@ prompts in process: how far batching can take this engine at all (the ceiling of
 from __future__ import annotations
 
 import argparse
+import http.client
+import json
 import os
 import socket
 import statistics
 import threading
 import time
 import warnings
+from typing import Any
 
 PROMPT = [{"role": "user", "content": "Write a long, detailed story about a dragon who learns to bake bread."}]
 
@@ -80,7 +84,12 @@ def main() -> None:
         served = client.chat.completions.create(**request)  # also loads the model in the replica
         assert served.choices[0].message.content == direct_answer.text, "Serve and the engine disagree"
 
-        direct_s, serve_s, engine_in_replica_s = [], [], []
+        def engine_s(headers: Any) -> float:
+            return float(headers.get("Server-Timing").removeprefix("engine;dur=")) / 1000
+
+        plain = http.client.HTTPConnection("127.0.0.1", port)  # no client library: Serve's share alone
+        body, headers = json.dumps(request), {"Content-Type": "application/json"}
+        direct_s, serve_s, own_s, plain_own_s = [], [], [], []
         for _ in range(args.rounds):
             t0 = time.perf_counter()
             engine.generate([PROMPT], params)
@@ -88,7 +97,13 @@ def main() -> None:
             t0 = time.perf_counter()
             raw = client.chat.completions.with_raw_response.create(**request)
             serve_s.append(time.perf_counter() - t0)
-            engine_in_replica_s.append(float(raw.headers["Server-Timing"].removeprefix("engine;dur=")) / 1000)
+            own_s.append(serve_s[-1] - engine_s(raw.headers))
+            t0 = time.perf_counter()
+            plain.request("POST", "/v1/chat/completions", body, headers)
+            resp = plain.getresponse()
+            assert resp.status == 200 and json.loads(resp.read())["choices"][0]["message"]["content"] == \
+                direct_answer.text
+            plain_own_s.append(time.perf_counter() - t0 - engine_s(resp.headers))
 
         def throughput(clients: int) -> dict[str, float]:
             """`clients` closed-loop clients over one window, two ways (requests/s, completion tokens/s):
@@ -146,11 +161,10 @@ def main() -> None:
           f"-> Serve adds {(p50_serve - p50_direct) * 1000:+.0f} ms ({p50_serve / p50_direct:.2f}x); the median of "
           f"the {len(serve_s)} rounds' own differences (each Serve call less the direct call just before it, so "
           f"drift between rounds cancels): {paired * 1000:+.0f} ms")
-    own = statistics.median(s - e for s, e in zip(serve_s, engine_in_replica_s, strict=True))
-    print(f"Serve's own share: each Serve call less its engine time in the replica (`Server-Timing`, the same "
-          f"request and process), median {own * 1000:+.0f} ms; the engine in the replica, p50 "
-          f"{statistics.median(engine_in_replica_s) * 1000:.0f} ms against {p50_direct * 1000:.0f} ms here (the "
-          f"same engine's speed differs a few percent from process to process on a small machine)")
+    print(f"Serve's own share: each call less its engine time in the replica (`Server-Timing`, the same request "
+          f"and process; the same engine's speed differs a few percent from one process to another on a small "
+          f"machine), median {statistics.median(own_s) * 1000:+.1f} ms with the openai client, "
+          f"{statistics.median(plain_own_s) * 1000:+.1f} ms with a plain HTTP client (http.client, one connection)")
     for way, label in (("", "whole window, ramp-up included"), ("steady_", "steady state, each client first to last")):
         print(f"throughput ({label}): 1 client {one[way + 'req']:.2f} req/s ({one[way + 'tok']:.1f} tok/s); "
               f"{args.clients} clients {many[way + 'req']:.2f} req/s ({many[way + 'tok']:.1f} tok/s); "
