@@ -20,7 +20,12 @@ from ksg_ray.serve.config import ServeAppConfig, parse_app_config
 from ksg_ray.serve.ingress import OpenAIIngress, read_body
 from ksg_ray.serve.model_server import ModelServer
 
-__all__ = ["ModelServer", "OpenAIIngress", "build_app", "read_body"]
+__all__ = ["REPLICA_ENV", "ModelServer", "OpenAIIngress", "build_app", "read_body"]
+
+# Our replicas run our code and their handles' router on Serve's own event loop instead of a thread and a loop of
+# their own, as Ray's throughput-optimized mode does: ~2 ms less per request here (README, Serve). Safe because
+# nothing of ours blocks the loop: engine calls, model loads and long prompts' tokenization go to threads.
+REPLICA_ENV = {"RAY_SERVE_RUN_USER_CODE_IN_SEPARATE_THREAD": "0", "RAY_SERVE_RUN_ROUTER_IN_SEPARATE_LOOP": "0"}
 
 
 def build_app(args: dict[str, Any] | ServeAppConfig) -> serve.Application:
@@ -49,9 +54,10 @@ def build_app(args: dict[str, Any] | ServeAppConfig) -> serve.Application:
         model_server = ModelServer.options(
             autoscaling_config=cfg.autoscaling.serve_options(),
             max_ongoing_requests=cfg.ingress.model_max_ongoing_requests,
-            ray_actor_options={"num_cpus": cfg.engine.num_cpus, "num_gpus": cfg.engine.num_gpus},
+            ray_actor_options={"num_cpus": cfg.engine.num_cpus, "num_gpus": cfg.engine.num_gpus,
+                               "runtime_env": {"env_vars": REPLICA_ENV}},
         ).bind(cfg)
     return OpenAIIngress.options(
         num_replicas=cfg.ingress.num_replicas, max_ongoing_requests=cfg.ingress.max_ongoing_requests,
-        ray_actor_options={"num_cpus": cfg.ingress.num_cpus},
+        ray_actor_options={"num_cpus": cfg.ingress.num_cpus, "runtime_env": {"env_vars": REPLICA_ENV}},
     ).bind(cfg, model_server)

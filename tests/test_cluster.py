@@ -235,6 +235,7 @@ def test_rayservice_is_the_serve_config_app_with_gpu_engine_and_cluster_paths():
     for key in ("name", "route_prefix", "import_path"):
         assert app[key] == ref_app[key], f"serveConfigV2 {key}: {app[key]!r} != serve/config.yaml {ref_app[key]!r}"
     assert cluster["http_options"]["port"] == reference["http_options"]["port"]
+    assert cluster["controller_options"] == reference["controller_options"]
 
     module, attr = app["import_path"].split(":")
     package_dirs = tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["setuptools"]["package-dir"]

@@ -72,9 +72,10 @@ def server(ray_cluster, model_dirs) -> str:
     from ray import serve
 
     from ksg_ray.serve.app import build_app
+    from ksg_ray.serve.launch import CONTROLLER_OPTIONS
 
     (port,) = free_ports(1)
-    serve.start(http_options={"host": "127.0.0.1", "port": port})
+    serve.start(http_options={"host": "127.0.0.1", "port": port}, controller_options=CONTROLLER_OPTIONS)
     app = build_app({
         "models": model_dirs,
         "engine": {"kind": "transformers", "num_cpus": 1, "max_models_per_replica": 3},
@@ -175,6 +176,29 @@ def test_adapter_is_selected_by_the_model_field(client, direct):
     assert base != adapted
     assert adapted == greedy(direct["tiny-lora"], ASK, 12).text
     assert isinstance(ask("tiny-embedded-lora"), str)  # an adapter naming the embedded base loads and answers
+
+
+def test_the_proxy_and_replicas_run_with_the_fast_request_path(server):
+    """`CONTROLLER_OPTIONS` reach Serve's HTTP proxy (the controller starts it with its own environment), so it
+    sends requests over Serve's gRPC data plane rather than Ray actor calls; both replicas run our code on
+    Serve's event loop (`REPLICA_ENV`). Together ~7 ms less per request here (README, Serve)."""
+    import psutil
+    import ray
+    from ray._private import ray_constants
+
+    from ksg_ray.serve.app import REPLICA_ENV
+
+    node = ray._private.worker._global_node
+    raylet = node.all_processes[ray_constants.PROCESS_TYPE_RAYLET][0].process.pid
+    titles = {p: " ".join(p.cmdline()) for p in psutil.Process(raylet).children(recursive=True)}
+    proxies = [p for p, title in titles.items() if title.startswith("ray::ProxyActor")]
+    replicas = [p for p, title in titles.items() if title.startswith("ray::ServeReplica:ksg-test:")]
+    assert proxies, "no Serve proxy found under this session's raylet"
+    assert len(replicas) == 2, titles.values()  # the ingress and the model server
+    for proxy in proxies:
+        assert proxy.environ().get("RAY_SERVE_PROXY_USE_GRPC") == "1"
+    for replica in replicas:
+        assert REPLICA_ENV.items() <= replica.environ().items(), titles[replica]
 
 
 def test_concurrent_requests_are_batched_without_changing_answers(client, direct):
@@ -376,8 +400,11 @@ def test_token_from_env_and_refusal_to_start_open(monkeypatch):
 def test_serve_config_file_is_a_valid_serve_config_with_valid_args():
     from ray.serve.schema import ServeDeploySchema
 
+    from ksg_ray.serve.launch import CONTROLLER_OPTIONS
+
     data = yaml.safe_load((ROOT / "serve" / "config.yaml").read_text())
     ServeDeploySchema.model_validate(data)
+    assert data["controller_options"] == CONTROLLER_OPTIONS  # `serve run` gets what `ksg serve` gets
     app = next(a for a in data["applications"] if a["import_path"] == "ksg_ray.serve.app:build_app")
     assert isinstance(parse_app_config(app["args"]), ServeAppConfig)
 
