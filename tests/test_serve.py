@@ -190,15 +190,18 @@ def test_the_proxy_and_replicas_run_with_the_fast_request_path(server):
 
     node = ray._private.worker._global_node
     raylet = node.all_processes[ray_constants.PROCESS_TYPE_RAYLET][0].process.pid
-    titles = {p: " ".join(p.cmdline()) for p in psutil.Process(raylet).children(recursive=True)}
-    proxies = [p for p, title in titles.items() if title.startswith("ray::ProxyActor")]
-    replicas = [p for p, title in titles.items() if title.startswith("ray::ServeReplica:ksg-test:")]
+    envs: list[tuple[str, dict[str, str]]] = []  # (process title, environment) of this session's Ray workers
+    for proc in psutil.Process(raylet).children(recursive=True):
+        try:
+            envs.append((" ".join(proc.cmdline()), proc.environ()))
+        except (psutil.NoSuchProcess, psutil.ZombieProcess):  # a worker that came and went meanwhile
+            continue
+    proxies = [env for title, env in envs if title.startswith("ray::ProxyActor")]
+    replicas = [env for title, env in envs if title.startswith("ray::ServeReplica:ksg-test:")]
     assert proxies, "no Serve proxy found under this session's raylet"
-    assert len(replicas) == 2, titles.values()  # the ingress and the model server
-    for proxy in proxies:
-        assert proxy.environ().get("RAY_SERVE_PROXY_USE_GRPC") == "1"
-    for replica in replicas:
-        assert REPLICA_ENV.items() <= replica.environ().items(), titles[replica]
+    assert len(replicas) == 2, [title for title, _ in envs]  # the ingress and the model server
+    assert all(env.get("RAY_SERVE_PROXY_USE_GRPC") == "1" for env in proxies)
+    assert all(REPLICA_ENV.items() <= env.items() for env in replicas)
 
 
 def test_concurrent_requests_are_batched_without_changing_answers(client, direct):
