@@ -55,7 +55,7 @@ def main() -> None:
     from ksg_ray.engines import SamplingParams
     from ksg_ray.engines.transformers_engine import TransformersEngine
     from ksg_ray.serve.app import build_app
-    from ksg_ray.serve.launch import CONTROLLER_OPTIONS
+    from ksg_ray.serve.launch import start_serve
 
     torch.set_num_threads(1)
     path = resolve_model(args.model)
@@ -64,7 +64,7 @@ def main() -> None:
         port = s.getsockname()[1]
     ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False,
              runtime_env={"env_vars": {"RAY_AUTH_MODE": "disabled", "HF_HUB_OFFLINE": "1"}})
-    serve.start(http_options={"host": "127.0.0.1", "port": port}, controller_options=CONTROLLER_OPTIONS)
+    start_serve("127.0.0.1", port)
     serve.run(build_app({
         "models": {"m": path},
         "engine": {"kind": "transformers", "num_cpus": 1},

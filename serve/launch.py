@@ -16,7 +16,7 @@ import yaml
 from ksg_ray.common.config import KsgConfigError
 from ksg_ray.serve.config import ServeAppConfig, parse_app_config
 
-__all__ = ["CONTROLLER_OPTIONS", "add_serve_args", "app_config_from_args", "run_serve"]
+__all__ = ["CONTROLLER_OPTIONS", "add_serve_args", "app_config_from_args", "run_serve", "start_serve"]
 
 logger = logging.getLogger(__name__)
 
@@ -27,6 +27,14 @@ APP_IMPORT_PATH = "ksg_ray.serve.app:build_app"
 # are started by the controller and take its environment. Only applied when Serve starts (serve/config.yaml's
 # `controller_options` block says the same for `serve run`/`serve deploy`).
 CONTROLLER_OPTIONS: dict[str, Any] = {"runtime_env": {"env_vars": {"RAY_SERVE_PROXY_USE_GRPC": "1"}}}
+
+
+def start_serve(host: str, port: int) -> None:
+    """Start Serve on the current Ray with its HTTP proxy on host:port and `CONTROLLER_OPTIONS` (what `ksg serve`,
+    the pipeline's serve stage, the bench and the tests all start; Serve ignores both when it already runs)."""
+    from ray import serve
+
+    serve.start(http_options={"host": host, "port": port}, controller_options=CONTROLLER_OPTIONS)
 
 
 def add_serve_args(parser: argparse.ArgumentParser) -> None:
@@ -76,7 +84,7 @@ def run_serve(args: argparse.Namespace) -> int:
         print(e)
         return 2
     ray.init(ignore_reinit_error=True)
-    serve.start(http_options={"host": args.host, "port": args.port}, controller_options=CONTROLLER_OPTIONS)
+    start_serve(args.host, args.port)
     serve.run(build_app(cfg), name="ksg", route_prefix="/")
     url = f"http://{args.host}:{args.port}/v1"
     print(f"serving {sorted(cfg.models)} at {url} (OpenAI-compatible; auth {'on' if cfg.auth.enabled else 'off'})"

@@ -22,10 +22,10 @@ def endpoint(ray_cluster, smollm2_path):
     from ray import serve
 
     from ksg_ray.serve.app import build_app
-    from ksg_ray.serve.launch import CONTROLLER_OPTIONS
+    from ksg_ray.serve.launch import start_serve
 
     (port,) = free_ports(1)
-    serve.start(http_options={"host": "127.0.0.1", "port": port}, controller_options=CONTROLLER_OPTIONS)
+    start_serve("127.0.0.1", port)
     app = build_app({"models": {"pro": smollm2_path},
                      "engine": {"kind": "transformers", "num_cpus": 1, "max_models_per_replica": 1},
                      "batching": {"max_batch_size": 8, "batch_wait_timeout_s": 0.05},

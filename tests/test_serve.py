@@ -72,10 +72,10 @@ def server(ray_cluster, model_dirs) -> str:
     from ray import serve
 
     from ksg_ray.serve.app import build_app
-    from ksg_ray.serve.launch import CONTROLLER_OPTIONS
+    from ksg_ray.serve.launch import start_serve
 
     (port,) = free_ports(1)
-    serve.start(http_options={"host": "127.0.0.1", "port": port}, controller_options=CONTROLLER_OPTIONS)
+    start_serve("127.0.0.1", port)
     app = build_app({
         "models": model_dirs,
         "engine": {"kind": "transformers", "num_cpus": 1, "max_models_per_replica": 3},

@@ -26,10 +26,10 @@ def vllm_server(ray_cluster, smollm2_path, smollm2_adapter) -> str:
     from ray import serve
 
     from ksg_ray.serve.app import build_app
-    from ksg_ray.serve.launch import CONTROLLER_OPTIONS
+    from ksg_ray.serve.launch import start_serve
 
     (port,) = free_ports(1)
-    serve.start(http_options={"host": "127.0.0.1", "port": port}, controller_options=CONTROLLER_OPTIONS)
+    start_serve("127.0.0.1", port)
     app = build_app({"models": {"base": smollm2_path, "distilled": smollm2_adapter},
                      "engine": {"kind": "vllm", "num_cpus": 1,
                                 "engine_kwargs": {"dtype": "float32", "max_model_len": 1024}},

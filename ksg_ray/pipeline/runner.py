@@ -276,11 +276,11 @@ def deploy(model_dir: Path, host: str, port: int, model_id: str = "ksg-distilled
 
     from ksg_ray.serve.app import build_app
     from ksg_ray.serve.config import parse_app_config
-    from ksg_ray.serve.launch import CONTROLLER_OPTIONS
+    from ksg_ray.serve.launch import start_serve
 
     app_config = parse_app_config({"models": {model_id: str(Path(model_dir).resolve())}})
     app_config.check_model_dirs()
-    serve.start(http_options={"host": host, "port": port}, controller_options=CONTROLLER_OPTIONS)
+    start_serve(host, port)
     serve.run(build_app(app_config), name="ksg", route_prefix="/", blocking=False)
     url = f"http://{host}:{port}/v1"
     print(f"[pipeline] serving {model_id!r} at {url} (OpenAI-compatible)", flush=True)
