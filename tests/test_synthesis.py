@@ -17,6 +17,7 @@ from ksg_ray.common.config import KsgConfigError, load_config
 from ksg_ray.server.synth.config import SynthConfig
 from ksg_ray.server.synth.dedup import near_duplicates, similar_to_any
 from ksg_ray.server.synth.pii import PIIScrubber
+from ksg_ray.server.synth.pipeline import refine_queries
 from ksg_ray.server.synth.prompts import parse_query, query_messages
 from ksg_ray.server.synth.reward_filter import average_ranks, best_rewrite, combined_ranks, keep_top, positive_negative
 from ksg_ray.server.synth.store import JsonlStore
@@ -43,6 +44,18 @@ def test_keep_top_fraction_and_the_refinement_pool_rule():
     assert keep_top({"a": 1.0}, 0.125) == ["a"]  # never empty
     assert best_rewrite([0.1, 0.7, 0.9], [True, True, False], pool_min=0.5) == 1  # unfinished never kept
     assert best_rewrite([0.1, 0.4], [True, True], pool_min=0.5) is None
+
+
+def test_refinement_takes_every_query_or_a_fixed_sample_of_max_queries():
+    candidates = {f"q{i}": ([{"text": "a"}] if i % 4 else []) for i in range(40)}  # every 4th has no candidate
+    with_candidates = [q for q, c in candidates.items() if c]
+    assert refine_queries(candidates, None, 0, 1) == with_candidates
+    assert refine_queries(candidates, 30, 0, 1) == with_candidates  # fewer than the cap: all of them
+    sample = refine_queries(candidates, 8, 0, 1)
+    assert len(sample) == 8 and set(sample) <= set(with_candidates)
+    assert sample == [q for q in with_candidates if q in sample]  # in the candidates' order
+    assert refine_queries(dict(reversed(candidates.items())), 8, 0, 1)[::-1] == sample  # the order does not pick
+    assert refine_queries(candidates, 8, 0, 2) != sample and refine_queries(candidates, 8, 1, 1) != sample
 
 
 def test_store_refuses_duplicates_and_survives_a_cut_line(tmp_path):
@@ -270,7 +283,8 @@ TINY_SYNTH = ["professional.model=tiny-random", "queries.num_prompts=4", "querie
 TINY_FUNNEL = ["prompts", "query samples generated", "unique well-formed queries",
                "not copies of a seed (tfidf < 0.52)", "passed the professional filter", "finished answer candidates",
                "queries with a scored candidate", "kept by reward-guided filtering (top 0.5)",
-               "refine round 1: finished rewrites", "refine round 1: rewrites kept", "pool after round 1",
+               "refine round 1: queries refined", "refine round 1: finished rewrites", "refine round 1: rewrites kept",
+               "pool after round 1",
                "after duplicate removal (tfidf < 0.9)", "PII redactions", "written"]
 
 
@@ -295,6 +309,7 @@ def test_synthesis_runs_from_the_bundle_alone_and_a_rerun_adds_nothing(client_bu
     assert funnel["prompts"] == 4 and funnel["query samples generated"] == 8
     counts = [c for name, c in summary["funnel"] if name != "PII redactions"]
     assert counts[1:5] == sorted(counts[1:5], reverse=True)  # each filter only removes
+    assert funnel["refine round 1: queries refined"] == funnel["queries with a scored candidate"]  # no max_queries
     assert summary["failed_rows"] == 0 and summary["duplicates_refused"] == 0
     rejected = [json.loads(line) for line in (tmp_path / "rejected.jsonl").read_text().splitlines()]
     assert funnel["unique well-formed queries"] + sum(1 for r in rejected if "sample" in r and "id" not in r) == 8

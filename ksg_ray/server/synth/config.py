@@ -168,6 +168,9 @@ class ScoringSection(StrictModel):
 class RefineSection(StrictModel):
     rounds: int = Field(1, ge=0, description="Self-Optimizing Refinement rounds (RewardDS: 2)")
     n: int = Field(6, gt=0, description="rewrites per query and round")
+    max_queries: int | None = Field(
+        None, gt=0, description="refine a fixed sample of at most this many queries per round (a small run's "
+                                "size); None = every query with candidates (RewardDS)")
     rewriter: str = Field(
         "professional", description="professional | generator | a model folder (the current fine-tuned target)")
     temperature: float = Field(1.0, ge=0)

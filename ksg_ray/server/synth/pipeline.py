@@ -24,6 +24,7 @@ import json
 import logging
 import math
 import os
+import random
 import re
 import time
 from collections import Counter
@@ -304,12 +305,14 @@ def _run_answers(cfg: SynthConfig, models: SynthModels, out: Path, errors: Jsonl
 
 def _run_refine_round(cfg: SynthConfig, models: SynthModels, out: Path, errors: JsonlStore, r: int,
                       candidates: dict[str, list[dict]], queries: dict[str, dict]) -> JsonlStore:
-    """One Self-Optimizing Refinement round over every query with candidates (RewardDS: only answers change)."""
+    """One Self-Optimizing Refinement round over every query with candidates (RewardDS: only answers change), or
+    over a fixed sample of `refine.max_queries` of them (the same sample on a rerun, so a resumed round adds none)."""
     store = JsonlStore(out / f"refine_r{r}.jsonl", key="id")
     todo = []
-    for qid, cands in candidates.items():
-        if qid in store or not cands:
+    for qid in refine_queries(candidates, cfg.refine.max_queries, cfg.seed, r):
+        if qid in store:
             continue
+        cands = candidates[qid]
         pos, neg = positive_negative([c["reward"] for c in cands], [c["logprob"] for c in cands], cfg.scoring.alpha)
         query = queries[qid]["query"]
         todo.append({"id": qid, "query": query, "positive": cands[pos]["text"],
@@ -321,6 +324,16 @@ def _run_refine_round(cfg: SynthConfig, models: SynthModels, out: Path, errors: 
                 "unfinished_dropped", "candidates_rejected")
         _drain(ds, f"refine round {r}", len(todo), cfg, store, errors, key="id", keep=keep)
     return store
+
+
+def refine_queries(candidates: dict[str, list[dict]], max_queries: int | None, seed: int | None, r: int) -> list[str]:
+    """The queries round `r` refines, in `candidates`' order: every one with candidates, or a sample of
+    `max_queries` of them drawn from (seed, round) alone, so a rerun refines the same ones."""
+    chosen = [qid for qid, cands in candidates.items() if cands]
+    if max_queries is None or len(chosen) <= max_queries:
+        return chosen
+    sample = set(random.Random(f"refine round {r}, seed {seed}").sample(sorted(chosen), max_queries))
+    return [qid for qid in chosen if qid in sample]
 
 
 def refine_steps(cfg: SynthConfig, models: SynthModels, r: int) -> list[Step]:
@@ -618,7 +631,8 @@ def _update_pool(cfg: SynthConfig, r: int, refined: dict[str, dict], candidates:
             pool.append(_pool_row(qid, new[best], r, "refine", models))
             kept += 1
         candidates[qid] = candidates[qid] + new
-    funnel += [(f"refine round {r}: finished rewrites", rewrites),
+    funnel += [(f"refine round {r}: queries refined", sum(q in candidates for q in refined)),
+               (f"refine round {r}: finished rewrites", rewrites),
                (f"refine round {r}: rewrites kept (reward >= pool min {pool_min:.3f})", kept),
                (f"pool after round {r}", len(pool))]
 
