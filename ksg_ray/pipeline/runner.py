@@ -175,7 +175,16 @@ class PipelineRunner:
         return model_dir
 
     def evaluate_methods(self) -> None:
-        """Every method on the held-out split, with the privacy audit (members, canaries, synthetic scan)."""
+        """Every method on the held-out split, with the privacy audit (members, canaries, synthetic scan).
+
+        The evaluations run in this process one after the other (`engine.ray: false`) and share their engines
+        (`shared_engines`): the judge, and the base model it may be, load once, not once per method."""
+        from ksg_ray.engines import shared_engines
+
+        with shared_engines():
+            self._evaluate_methods()
+
+    def _evaluate_methods(self) -> None:
         from ksg_ray.jobs import evaluate
 
         cfg, layout = self.cfg, self.layout
