@@ -172,9 +172,16 @@ def test_each_baseline_gets_its_own_synthesis_finetune_and_evaluation(ray_cluste
 
     empty_synthesis: set[str] = set()  # output dirs whose synthesis writes no row
 
+    from ksg_ray import engines
+
+    judge_loads: list[str] = []
+    monkeypatch.setattr(engines, "_build_engine", lambda kind, path, adapter, **kw: judge_loads.append(path))
+
     def recorder(name: str):
         def record(argv: list[str]) -> None:
             calls.append((name, argv))
+            if name == "evaluate":  # each evaluation asks for the judge, as jobs/evaluate.py does
+                engines.build_engine("transformers", "the-judge")
             if name == "synthesize":  # a synthesis output for the fine-tune stage to find
                 out = Path(arg(argv, "run.output_dir"))
                 out.mkdir(parents=True, exist_ok=True)
@@ -210,6 +217,7 @@ def test_each_baseline_gets_its_own_synthesis_finetune_and_evaluation(ray_cluste
     evals = {arg(a, "run.method"): a for name, a in calls if name == "evaluate"}
     assert list(evals) == ["base", "non_private", "dp_finetune", "dp_synthetic", "knowledgesg", "rewardds",
                            "pipeline", "dp_finetune@4"]
+    assert judge_loads == ["the-judge"]  # the evaluations share their engines: the judge loads once, not 8 times
     assert arg(evals["pipeline"], "model.name") == str(run / "finetune" / "round1" / "model")
     assert arg(evals["rewardds"], "model.name") == str(variants / "rewardds" / "finetune" / "round1" / "model")
     assert arg(evals["knowledgesg"], "model.name") == str(variants / "knowledgesg" / "finetune" / "round0" / "model")
