@@ -58,6 +58,26 @@ def test_refinement_takes_every_query_or_a_fixed_sample_of_max_queries():
     assert refine_queries(candidates, 8, 0, 2) != sample and refine_queries(candidates, 8, 1, 1) != sample
 
 
+def test_a_run_stored_before_max_queries_resumes_as_every_query(tmp_path):
+    from ksg_ray.server.synth.pipeline import _check_same_run
+
+    (tmp_path / "bundle").mkdir()
+    (tmp_path / "bundle" / "manifest.json").write_text("{}")
+    out = tmp_path / "out"
+    out.mkdir()
+
+    def cfg(*extra: str) -> SynthConfig:
+        return load_config(SynthConfig, "configs/synthesize.yaml", [f"bundle={tmp_path / 'bundle'}", *extra])
+
+    _check_same_run(cfg(), out)
+    stored = json.loads((out / "synth_run.json").read_text())
+    del stored["refine"]["max_queries"]  # as written before the field existed
+    (out / "synth_run.json").write_text(json.dumps(stored))
+    _check_same_run(cfg(), out)  # None = every query, as that run refined
+    with pytest.raises(ValueError, match=r"other settings \(refine changed\)"):
+        _check_same_run(cfg("refine.max_queries=16"), out)
+
+
 def test_store_refuses_duplicates_and_survives_a_cut_line(tmp_path):
     path = tmp_path / "s.jsonl"
     with JsonlStore(path) as store:

@@ -176,6 +176,7 @@ def _check_same_run(cfg: SynthConfig, out: Path) -> None:
     if path.exists():
         stored = json.loads(path.read_text())
         stored.pop("min_rows", None)  # fingerprinted by earlier versions
+        stored.get("refine", {}).setdefault("max_queries", None)  # earlier versions refined every query
         if stored != settings:
             changed = sorted(k for k in settings.keys() | stored.keys() if settings.get(k) != stored.get(k))
             raise ValueError(f"{out}: holds work made with other settings ({', '.join(changed)} changed); use a new "
