@@ -18,6 +18,7 @@ from typing import Any
 import torch
 
 from ksg_ray.common.sections import ScalingSection
+from ksg_ray.common.train_payload import pack, run_packed
 
 __all__ = ["TrainTask", "deepspeed_initialize", "gathered_params", "micro_batch_split", "run_torch_trainer",
            "to_device"]
@@ -114,8 +115,8 @@ def run_torch_trainer(loop: Callable[[dict], None], loop_config: dict, *, scalin
     # a user's own wins.
     os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.2")
     trainer = TorchTrainer(
-        loop,
-        train_loop_config=loop_config,
+        run_packed,
+        train_loop_config=pack(loop, loop_config),  # unpickled on the workers only (`train_payload`)
         scaling_config=ScalingConfig(num_workers=scaling.num_workers, use_gpu=scaling.use_gpu,
                                      resources_per_worker={"CPU": scaling.cpus_per_worker,
                                                            **scaling.resources_per_worker},
