@@ -91,10 +91,11 @@ def round0(ray_cluster, synthetic, tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def round1(round0, synthetic):
-    """Round 1 (pool grown by the refinement rows) continues from round 0's model, on one worker, merged."""
+    """Round 1 (pool grown by the refinement rows) continues from round 0's model, merged, in Ray Train's local
+    mode (the loop in this process, as the embedded default runs it)."""
     out, first, _ = round0
     return finetune.main(SMALL + [f"data.path={synthetic}", "data.max_round=1", "train.epochs=1", "train.max_steps=3",
-                                  f"init.from={out / 'round0' / 'model'}", "scaling.num_workers=1",
+                                  f"init.from={out / 'round0' / 'model'}", "scaling.num_workers=0",
                                   f"run.output_dir={out}", "run.name=round1", "export=merged"])
 
 

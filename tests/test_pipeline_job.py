@@ -19,7 +19,7 @@ from conftest import free_ports
 ROOT = Path(__file__).resolve().parents[1]
 RAY = str(Path(sys.executable).parent / "ray")  # the CLI of the Ray these tests import
 TINY_DP = ["model.name=tiny-random", "data.max_seq_len=96", "train.expected_batch_size=4", "train.max_steps=2",
-           "scaling.num_workers=1", "privacy.delta=1e-3"]
+           "scaling.num_workers=0", "privacy.delta=1e-3"]  # Ray Train's local mode, as the embedded default
 TINY = {
     "dp_train.overrides": TINY_DP,
     "dp_reward.overrides": TINY_DP + ["candidates.max_new_tokens=8", "privacy.total_epsilon_budget=40"],
@@ -31,7 +31,7 @@ TINY = {
                              "filters.language=false", "filters.degenerate=false", "filters.domain=false",
                              "filters.off_question=false"],
     "finetune.overrides": ["model.name=tiny-random", "train.epochs=1", "dev.limit=2", "dev.max_new_tokens=4",
-                           "data.max_seq_len=96", "scaling.num_workers=1"],
+                           "data.max_seq_len=96", "scaling.num_workers=0"],
     "evaluate.overrides": ["data.limit=4", "data.max_new_tokens=8", "audit.limit=4", "audit.max_new_tokens=4",
                            "engine.ray=false", "judge.model=null"],
 }

@@ -97,17 +97,36 @@ def deepspeed_initialize(model: torch.nn.Module, optimizer: torch.optim.Optimize
 
 def run_torch_trainer(loop: Callable[[dict], None], loop_config: dict, *, scaling: ScalingSection, storage: Path,
                       name: str, max_failures: int, checkpoint_config=None):
-    """Run `loop` on `scaling.num_workers` Ray Train workers (gloo on CPU, NCCL on GPU) and return the `Result`.
+    """Run `loop` on `scaling.num_workers` Ray Train workers (gloo on CPU, NCCL on GPU) and return the `Result`;
+    with `num_workers: 0`, in this process (Ray Train's local mode, its checkpoints kept by `local_train`).
 
     Args:
         loop: the `train_loop_per_worker`; it and `loop_config` must be picklable.
         scaling: workers, their CPUs/GPUs and custom resources, and their placement.
         storage, name: the run lives in `storage/name`; a rerun with both unchanged resumes it.
-        max_failures: worker failures recovered from (each restart resumes from the latest checkpoint).
+        max_failures: worker failures recovered from (each restart resumes from the latest checkpoint; none in
+            local mode, where a rerun resumes).
         checkpoint_config: a `ray.train.CheckpointConfig`; None keeps the 2 latest checkpoints.
+
+    Raises:
+        ValueError: local mode with DeepSpeed (one process has no DeepSpeed group to shard over).
     """
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchConfig, TorchTrainer
+
+    checkpoint_config = checkpoint_config or CheckpointConfig(num_to_keep=2)
+    if scaling.num_workers == 0:
+        from ksg_ray.common.local_train import local_run_config, run_packed_locally
+
+        if scaling.strategy == "deepspeed":
+            raise ValueError("scaling.num_workers=0 runs the loop in this process (Ray Train's local mode), which "
+                             "has no DeepSpeed: set scaling.strategy=ddp, or num_workers >= 1")
+        trainer = TorchTrainer(
+            run_packed_locally,
+            train_loop_config=pack(loop, loop_config) | local_run_config(storage / name, checkpoint_config),
+            scaling_config=ScalingConfig(num_workers=0, use_gpu=scaling.use_gpu),
+            run_config=RunConfig(name=name, storage_path=str(storage)))
+        return trainer.fit()
 
     # Ray Train's controller polls its workers every 2 s by default, and each change of state (workers up, a
     # report, the loop done) waits for the next poll: 3-6 s of every run here (a run that reports once took 14 s,
@@ -124,6 +143,6 @@ def run_torch_trainer(loop: Callable[[dict], None], loop_config: dict, *, scalin
         torch_config=TorchConfig(backend="nccl" if scaling.use_gpu else "gloo"),
         run_config=RunConfig(name=name, storage_path=str(storage),
                              failure_config=FailureConfig(max_failures=max_failures),
-                             checkpoint_config=checkpoint_config or CheckpointConfig(num_to_keep=2)),
+                             checkpoint_config=checkpoint_config),
     )
     return trainer.fit()
