@@ -219,7 +219,7 @@ def test_one_query_trains_without_dev_and_exports_the_last_epoch(ray_cluster, tm
     path = tmp_path / "synthetic.jsonl"
     path.write_text("".join(json.dumps(r) + "\n" for r in rows))
     s = finetune.main(SMALL + [f"data.path={path}", "train.epochs=2", "train.expected_batch_size=4",
-                               "scaling.num_workers=1", f"run.output_dir={tmp_path}", "export=adapter"])
+                               "scaling.num_workers=0", f"run.output_dir={tmp_path}", "export=adapter"])
     assert s["dev"] == {"source": NO_DEV, "records": 0} and s["rows"] == 4
     assert s["dev_rouge_l"] == [None, None] and s["best_epoch"] == 2 and s["best_dev_rouge_l"] is None
     assert s["checkpoint"].endswith("checkpoint_epoch002_step0000002")
@@ -287,7 +287,7 @@ def test_a_model_fine_tuned_on_the_demo_data_ends_its_greedy_answers(ray_cluster
                                         "output": r.output}) + "\n" for i, r in enumerate(train)))
     finetune.main(["model.name=smollm2-135m", f"data.path={path}", "data.max_seq_len=160", "dev.limit=4",
                    "dev.max_new_tokens=8", "train.epochs=1", "train.lr=1e-3", "train.expected_batch_size=8",
-                   "train.physical_batch_size=8", "scaling.num_workers=1", "scaling.cpus_per_worker=2",
+                   "train.physical_batch_size=8", "scaling.num_workers=0",
                    f"run.output_dir={tmp_path / 'ft'}", "run.name=demo", "export=adapter"])
     prompts = [build_messages(r)[:-1] for r in held_out]
     greedy = SamplingParams(temperature=0.0, max_new_tokens=128)

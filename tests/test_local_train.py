@@ -51,7 +51,9 @@ def test_a_killed_local_run_resumes_with_the_same_epsilon_and_result(tmp_path, c
     died = subprocess.run([sys.executable, "-c", KILLED_AT_STEP_2, *_args(out_a)], capture_output=True, text=True)
     assert died.returncode == -9, died.stderr[-2000:]
     index = json.loads((out_a / "generator" / INDEX_FILE).read_text())
-    assert [e["metrics"]["step"] for e in index] == [1, 2] and not (out_a / "bundle").exists()
+    assert [e["dir"] for e in index] == ["checkpoint_0000001", "checkpoint_0000002"]
+    assert not (out_a / "bundle").exists()
+    killed = json.loads((out_a / "generator" / "checkpoint_0000002" / "progress.json").read_text())["losses"]
 
     caplog.set_level(logging.INFO, logger="ksg_ray.client.dp_trainer")
     a = dp_finetune.main(_args(out_a))  # the same job again, in this process
@@ -60,7 +62,7 @@ def test_a_killed_local_run_resumes_with_the_same_epsilon_and_result(tmp_path, c
 
     progress = json.loads((Path(a["checkpoint"]) / "progress.json").read_text())
     assert len(progress["losses"]) == STEPS  # no step redone, none skipped
-    assert progress["losses"][:2] == pytest.approx([e["metrics"]["loss"] for e in index])  # steps 1-2 as killed
+    assert progress["losses"][:2] == pytest.approx(killed)  # steps 1-2 are the killed process's
     expected = epsilon_for([(a["noise_multiplier"], a["sample_rate"], STEPS)], 1e-3)
     assert a["epsilon"] == pytest.approx(expected, rel=1e-9)
     assert a["epsilon"] == pytest.approx(b["epsilon"], rel=1e-9)  # the killed run's steps counted once

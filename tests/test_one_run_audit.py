@@ -117,7 +117,7 @@ def test_cli_parses_audit_one_run():
 
 GAME = ["model.name=tiny-random", "data.max_seq_len=64", "lora.target_modules=[q_proj,v_proj,lm_head]",
         "audit.canaries=40", "audit.k=10", "audit.seed=0", "train.expected_batch_size=16", "train.max_steps=3",
-        "train.epochs=3", "train.lr=0.01", "train.checkpoint_every=100", "scaling.num_workers=1",
+        "train.epochs=3", "train.lr=0.01", "train.checkpoint_every=100", "scaling.num_workers=0",
         "privacy.sampling_seed=0"]
 
 

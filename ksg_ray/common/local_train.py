@@ -33,7 +33,7 @@ from ksg_ray.common.train_payload import run_packed
 
 __all__ = ["INDEX_FILE", "LOCAL_RUN_KEY", "PersistentLocalRun", "local_run_config", "run_packed_locally"]
 
-INDEX_FILE = "local_checkpoints.json"  # in storage/name: the persisted checkpoints, in report order
+INDEX_FILE = "local_checkpoints.json"  # in storage/name: the kept checkpoints and their scores, in report order
 LOCAL_RUN_KEY = "ksg_local_run"  # the train_loop_config entry that says where the run persists
 logger = logging.getLogger(__name__)
 
@@ -51,6 +51,8 @@ class PersistentLocalRun(LocalTrainFnUtils):
         self.__dict__.update(local.__dict__)  # Ray's train context and dataset shards for this run
         self.run_dir, self.checkpoint_config = Path(run_dir), checkpoint_config
         self.run_dir.mkdir(parents=True, exist_ok=True)
+        for partial in self.run_dir.glob(".partial-*"):  # copies a killed process left unfinished
+            shutil.rmtree(partial, ignore_errors=True)
         index = self.run_dir / INDEX_FILE
         entries = json.loads(index.read_text()) if index.is_file() else []
         self.entries: list[dict[str, Any]] = [e for e in entries if (self.run_dir / e["dir"]).is_dir()]
@@ -68,7 +70,10 @@ class PersistentLocalRun(LocalTrainFnUtils):
         shutil.rmtree(partial, ignore_errors=True)
         shutil.copytree(checkpoint.path, partial)
         shutil.rmtree(dest, ignore_errors=True)
-        self.entries = [e for e in self.entries if e["dir"] != name] + [{"dir": name, "metrics": metrics}]
+        attribute = self.checkpoint_config.checkpoint_score_attribute
+        score = float(metrics[attribute]) if attribute and metrics.get(attribute) is not None else math.nan
+        entry = {"dir": name, "score": None if math.isnan(score) else score}
+        self.entries = [e for e in self.entries if e["dir"] != name] + [entry]
         self._drop_unkept()
         # The index first, then the folder: a process killed in between leaves an entry whose folder is missing,
         # which the next run skips (it resumes from the checkpoint before), never a folder the index lacks.
@@ -88,14 +93,12 @@ class PersistentLocalRun(LocalTrainFnUtils):
         keep = self.checkpoint_config.num_to_keep
         if keep is None or len(self.entries) <= keep:
             return
-        attribute, sign = self.checkpoint_config.checkpoint_score_attribute, \
-            (1 if self.checkpoint_config.checkpoint_score_order == "max" else -1)
+        scored = self.checkpoint_config.checkpoint_score_attribute is not None
+        sign = 1 if self.checkpoint_config.checkpoint_score_order == "max" else -1
 
         def rank(i: int) -> tuple[float, int]:  # higher is better; a tie keeps the newer
-            if attribute is None:
-                return (0.0, i)
-            score = self.entries[i]["metrics"].get(attribute)
-            return (-math.inf if score is None else sign * float(score), i)
+            score = self.entries[i]["score"]
+            return (0.0 if not scored else -math.inf if score is None else sign * score, i)
 
         best = set(sorted(range(len(self.entries)), key=rank)[-keep:]) | {len(self.entries) - 1}
         for i, entry in enumerate(self.entries):
