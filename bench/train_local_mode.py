@@ -7,7 +7,7 @@ one worker each run starts a controller and a worker process, which import the m
 `scaling.num_workers=0` (Ray Train's local mode, `ksg_ray/common/local_train.py`) the loop runs in the job's own
 process. Each round runs the job both ways, alternating, in one process with a local Ray up as in the pipeline
 (the box's speed drifts by the hour, so only side-by-side figures compare), each run in a fresh directory:
-the job's wall time, and the same job's result (ε, the adapter's norm) both ways.
+the job's wall time, and what it reports (ε and steps; the fine-tune's steps and best epoch) both ways.
 """
 
 from __future__ import annotations

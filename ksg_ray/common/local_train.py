@@ -1,8 +1,9 @@
 """Ray Train's local mode (`scaling.num_workers: 0`) with checkpoints that outlive the process.
 
 With `ScalingConfig(num_workers=0)` Ray Train runs the loop in the calling process: no controller or worker
-process starts, which on a 2-core machine is ~11 s of every run (two processes, their imports of torch,
-transformers, peft and opacus, the gloo group; `bench/ray_train_start.py`). Ray 2.60's local mode keeps only the
+process starts (two processes, the worker's imports of torch, transformers, peft and opacus, the gloo group), which
+on a 2-core machine took a DP fine-tune of the embedded default from 62.6 to 39.3 s side by side
+(`bench/train_local_mode.py`). Ray 2.60's local mode keeps only the
 last reported checkpoint, in memory, pointing at the loop's temporary directory, and never reads the run's
 storage, so a rerun would start again from step 0. `PersistentLocalRun` stands in for Ray's local train-function
 utilities while the loop runs: each reported checkpoint is copied to `storage/name/<checkpoint_dir_name>` as Ray

@@ -50,8 +50,9 @@ class TrainSection(StrictModel):
 class ScalingSection(StrictModel):
     num_workers: int = Field(
         1, ge=0, description="Ray Train workers; 0 = Ray Train's local mode: the loop runs in the job's own process "
-                             "(no worker processes to start, ~11 s a run on 2 cores; one process: no DeepSpeed, no "
-                             "worker restarts; a rerun resumes from the run's checkpoints, `local_train`)")
+                             "(no worker processes to start: a DP fine-tune 62.6 -> 39.3 s on 2 cores; one process: "
+                             "no DeepSpeed, no worker restarts; a rerun resumes from the run's checkpoints, "
+                             "`local_train`)")
     use_gpu: bool = False
     cpus_per_worker: float = Field(1, gt=0)
     resources_per_worker: dict[str, float] = Field(
