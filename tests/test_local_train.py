@@ -110,3 +110,19 @@ def test_local_mode_refuses_deepspeed(tmp_path):
     with pytest.raises(ValueError, match="local mode.*DeepSpeed"):
         run_torch_trainer(lambda config: None, {}, scaling=ScalingSection(num_workers=0, strategy="deepspeed"),
                           storage=tmp_path, name="x", max_failures=0)
+
+
+def test_a_run_begun_on_workers_resumes_in_local_mode_from_rays_record(tmp_path):
+    """Ray Train's checkpoint manager records a worker run's checkpoints in its snapshot (Ray 2.60's format, as a
+    one-worker DP run wrote it here): local mode resumes from that run's latest checkpoint."""
+    run_dir = tmp_path / "generator"
+    for step in (4, 6):
+        (run_dir / f"checkpoint_{step:07d}").mkdir(parents=True)
+    result = {"version": 0, "checkpoint_dir_name": "checkpoint_0000006", "metrics": {"step": 6, "loss": 3.05}}
+    (run_dir / "checkpoint_manager_snapshot.json").write_text(json.dumps({
+        "ray_version": "2.60.0", "checkpoint_report_indices": [3, 5], "latest_checkpoint_result": result,
+        "checkpoint_results": [{"version": 0, "checkpoint_dir_name": "checkpoint_0000004",
+                                "metrics": {"step": 4, "loss": 2.87}}, result]}))
+    run = PersistentLocalRun(LocalTrainFnUtils(experiment_name="t"), run_dir, CheckpointConfig(num_to_keep=2))
+    assert Path(run.get_checkpoint().path).name == "checkpoint_0000006"
+    assert [e["dir"] for e in run.entries] == ["checkpoint_0000004", "checkpoint_0000006"]

@@ -9,7 +9,8 @@ storage, so a rerun would start again from step 0. `PersistentLocalRun` stands i
 utilities while the loop runs: each reported checkpoint is copied to `storage/name/<checkpoint_dir_name>` as Ray
 Train's storage does on workers, the `CheckpointConfig` keeps what Ray's checkpoint manager keeps (the latest and
 the `num_to_keep` best), and a rerun's `ray.train.get_checkpoint()` is the latest one: a job that died resumes
-as it does on workers. One process means one worker: no DeepSpeed, and no worker restarts (`max_failures`).
+as it does on workers (a run begun on workers too, from Ray's own record of its checkpoints; not the reverse).
+One process means one worker: no DeepSpeed, and no worker restarts (`max_failures`).
 """
 
 from __future__ import annotations
@@ -35,6 +36,7 @@ from ksg_ray.common.train_payload import run_packed
 __all__ = ["INDEX_FILE", "LOCAL_RUN_KEY", "PersistentLocalRun", "local_run_config", "run_packed_locally"]
 
 INDEX_FILE = "local_checkpoints.json"  # in storage/name: the kept checkpoints and their scores, in report order
+RAY_SNAPSHOT = "checkpoint_manager_snapshot.json"  # what Ray Train's checkpoint manager writes there on workers
 LOCAL_RUN_KEY = "ksg_local_run"  # the train_loop_config entry that says where the run persists
 logger = logging.getLogger(__name__)
 
@@ -55,7 +57,7 @@ class PersistentLocalRun(LocalTrainFnUtils):
         for partial in self.run_dir.glob(".partial-*"):  # copies a killed process left unfinished
             shutil.rmtree(partial, ignore_errors=True)
         index = self.run_dir / INDEX_FILE
-        entries = json.loads(index.read_text()) if index.is_file() else []
+        entries = json.loads(index.read_text()) if index.is_file() else self._entries_from_workers()
         self.entries: list[dict[str, Any]] = [e for e in entries if (self.run_dir / e["dir"]).is_dir()]
         self._last_metrics = None
         self._last_checkpoint = self._checkpoint(self.entries[-1]) if self.entries else None
@@ -81,6 +83,22 @@ class PersistentLocalRun(LocalTrainFnUtils):
         write_json_atomic(self.run_dir / INDEX_FILE, self.entries, indent=None)
         partial.rename(dest)
         self._last_checkpoint = self._checkpoint(self.entries[-1])
+
+    def _entries_from_workers(self) -> list[dict[str, Any]]:
+        """A run begun on Ray Train workers: its checkpoints as Ray's checkpoint manager recorded them in
+        `RAY_SNAPSHOT` (Ray 2.60's format), in report order, so local mode resumes it; [] if there is none."""
+        try:
+            snapshot = json.loads((self.run_dir / RAY_SNAPSHOT).read_text())
+            reported = sorted(zip(snapshot["checkpoint_report_indices"], snapshot["checkpoint_results"],
+                                  strict=True), key=lambda pair: pair[0])
+            latest = snapshot["latest_checkpoint_result"]["checkpoint_dir_name"]
+        except (OSError, ValueError, KeyError, TypeError):
+            return []
+        attribute = self.checkpoint_config.checkpoint_score_attribute
+        entries = [{"dir": r["checkpoint_dir_name"], "score": r["metrics"].get(attribute) if attribute else None}
+                   for _, r in reported if r["checkpoint_dir_name"] != latest]
+        return entries + [{"dir": latest, "score": snapshot["latest_checkpoint_result"]["metrics"].get(attribute)
+                           if attribute else None}]
 
     def get_checkpoint(self) -> Checkpoint | None:
         return self._last_checkpoint
