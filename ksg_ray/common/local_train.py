@@ -70,13 +70,9 @@ class PersistentLocalRun(LocalTrainFnUtils):
             return
         name = checkpoint_dir_name or datetime.now().strftime("checkpoint_%Y-%m-%d_%H-%M-%S.%f")  # Ray's default
         partial, dest = self.run_dir / f".partial-{name}", self.run_dir / name
-        shutil.rmtree(partial, ignore_errors=True)
         shutil.copytree(checkpoint.path, partial)
         shutil.rmtree(dest, ignore_errors=True)
-        attribute = self.checkpoint_config.checkpoint_score_attribute
-        score = float(metrics[attribute]) if attribute and metrics.get(attribute) is not None else math.nan
-        entry = {"dir": name, "score": None if math.isnan(score) else score}
-        self.entries = [e for e in self.entries if e["dir"] != name] + [entry]
+        self.entries = [e for e in self.entries if e["dir"] != name] + [self._entry(name, metrics)]
         self._drop_unkept()
         # The index first, then the folder: a process killed in between leaves an entry whose folder is missing,
         # which the next run skips (it resumes from the checkpoint before), never a folder the index lacks.
@@ -91,14 +87,18 @@ class PersistentLocalRun(LocalTrainFnUtils):
             snapshot = json.loads((self.run_dir / RAY_SNAPSHOT).read_text())
             reported = sorted(zip(snapshot["checkpoint_report_indices"], snapshot["checkpoint_results"],
                                   strict=True), key=lambda pair: pair[0])
-            latest = snapshot["latest_checkpoint_result"]["checkpoint_dir_name"]
+            latest = snapshot["latest_checkpoint_result"]  # null when the run reported no checkpoint
+            latest_name = latest["checkpoint_dir_name"]
         except (OSError, ValueError, KeyError, TypeError):
             return []
+        return [self._entry(r["checkpoint_dir_name"], r["metrics"]) for _, r in reported
+                if r["checkpoint_dir_name"] != latest_name] + [self._entry(latest_name, latest["metrics"])]
+
+    def _entry(self, name: str, metrics: dict[str, Any]) -> dict[str, Any]:
+        """One index entry: the checkpoint's folder and its score (None without one, or NaN)."""
         attribute = self.checkpoint_config.checkpoint_score_attribute
-        entries = [{"dir": r["checkpoint_dir_name"], "score": r["metrics"].get(attribute) if attribute else None}
-                   for _, r in reported if r["checkpoint_dir_name"] != latest]
-        return entries + [{"dir": latest, "score": snapshot["latest_checkpoint_result"]["metrics"].get(attribute)
-                           if attribute else None}]
+        score = float(metrics[attribute]) if attribute and metrics.get(attribute) is not None else math.nan
+        return {"dir": name, "score": None if math.isnan(score) else score}
 
     def get_checkpoint(self) -> Checkpoint | None:
         return self._last_checkpoint
