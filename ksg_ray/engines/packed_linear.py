@@ -1,14 +1,24 @@
-"""Linear layers on MKL's packed fp32 GEMM, for generating on a CPU.
+"""Linear layers with a packed weight, for the few-row products of generating on a CPU.
 
-A decode step multiplies a few rows (one per sequence in the batch) by every weight matrix. MKL's plain sgemm
-is slow at such skinny shapes; with the weight packed once into MKL's internal layout (`mkl_sgemm_pack`, the
-path torch.compile's CPU freezing pass takes for fp32 linears) the same product ran 1.3–1.8× faster on this
-2-core AMD EPYC at 2–64 rows, and greedy generation of SmolLM2-135M (64 tokens, identical answers) 1.29× / 1.12×
-faster at batch 16 / 32 on one thread, 1.49× / 1.27× on two (`bench/engine_options.py`). At more rows
-(prefill, scoring) packing gains nothing or loses, so those calls keep the plain path; so does one row on one
-thread, where MKL's plain gemv was 5% faster (on two threads the packed one was 15% faster), and so do several
-threads on a CPU other than AMD's (`PACK_ON_SEVERAL_THREADS`: slower there). The weights are shared, not copied;
-only the packed copy is extra memory.
+A decode step multiplies a few rows (one per sequence in the batch) by every weight matrix: it is bound by reading
+the weights, and plain sgemm is slow at such skinny shapes. Two packed kernels, the weight packed once:
+
+- `mkl`: MKL's packed fp32 GEMM (`mkl_sgemm_pack`, the path torch.compile's CPU freezing pass takes for fp32
+  linears); the same numbers as `nn.Linear`. On a 2-core AMD EPYC the product ran 1.3-1.8x faster at 2-64 rows and
+  greedy generation of SmolLM2-135M (64 tokens, identical answers) 1.29x / 1.12x faster at batch 16 / 32 on one
+  thread, 1.49x / 1.27x on two. On an Intel Xeon without AMX it lost on two threads (below), so there several
+  threads keep the plain path (`PACK_ON_SEVERAL_THREADS`).
+- `fp16`: fbgemm's fp16-weight GEMM (`quantized.linear_dynamic_fp16`): the weight stored in fp16 (half the bytes
+  to read), the activations and the sums in fp32, so the result is exactly `nn.Linear` with fp16-rounded weights.
+  On the Intel Xeon (family 6 model 207) greedy generation ran 1.30x plain at batch 16 on one thread and 1.18x on
+  two, where `mkl` ran 0.92x / 0.91x (`bench/engine_options.py --option packed_linear`). The answer NLL of 48
+  medical dev records moved 3.7318 -> 3.7319 and 30-31 of 32 greedy 96-token answers were identical (the rest
+  part after their first tokens): a rounding, not a loss (int8 weights cost 3.73 -> 4.75 and looped: not offered).
+
+At more rows (prefill, scoring) both kernels take the plain path, and the fp16 one takes it for anything but a
+decode step (one position per sequence), so prompts and scores stay exact fp32; with autograd on, so does
+training. `DEFAULT_KERNEL` is `mkl` on AMD (measured there) and `fp16` elsewhere. The weights are shared, not
+copied; only the packed copy is extra memory.
 """
 
 from __future__ import annotations
@@ -19,16 +29,18 @@ from torch import nn
 
 from ksg_ray.common.hardware import amd_cpu
 
-__all__ = ["MAX_PACKED_ROWS", "PACK_ON_SEVERAL_THREADS", "PackedLinear", "pack_linears", "packed_gemm_available"]
+__all__ = ["DEFAULT_KERNEL", "KERNELS", "MAX_PACKED_ROWS", "PACK_ON_SEVERAL_THREADS", "PackedLinear",
+           "kernel_available", "pack_linears", "packed_gemm_available"]
 
 MAX_PACKED_ROWS = 64  # above it the plain sgemm is as fast (prefill, scoring): measured on this CPU
+KERNELS = ("mkl", "fp16")
+DEFAULT_KERNEL = "mkl" if amd_cpu() else "fp16"
 
-
-# Greedy generation, packed ÷ plain, side by side (`bench/engine_options.py`, batch 16 / 32): on an AMD EPYC (MKL on
-# its Intel path) 1.29 / 1.12x on one thread and 1.49 / 1.27x on two; on an Intel Xeon without AMX (family 6 model
-# 207) 1.15x on one thread at batch 16 but 0.83 / 0.90x and 0.79x on two (three runs), though there too the linear
-# layers alone ran 1.3x faster packed on two threads: what is lost is in the interplay with the rest of a decode
-# step, not understood. Measured on those two CPUs only, so several threads pack on AMD alone, one thread everywhere.
+# Greedy generation, mkl-packed ÷ plain, side by side (`bench/engine_options.py`, batch 16 / 32): on an AMD EPYC
+# (MKL on its Intel path) 1.29 / 1.12x on one thread and 1.49 / 1.27x on two; on an Intel Xeon without AMX (family 6
+# model 207) 1.15x on one thread at batch 16 but 0.83 / 0.90x and 0.79x on two (three runs), though there too the
+# linear layers alone ran 1.3x faster packed on two threads: what is lost is in the interplay with the rest of a
+# decode step, not understood. Measured on those two CPUs only, so several threads pack on AMD alone.
 PACK_ON_SEVERAL_THREADS = amd_cpu()
 
 
@@ -37,43 +49,66 @@ def packed_gemm_available() -> bool:
     return torch.backends.mkl.is_available() and hasattr(torch.ops.mkl, "_mkl_linear")
 
 
+def kernel_available(kernel: str) -> bool:
+    """Whether this torch can run `kernel` ("mkl": MKL's packed sgemm; "fp16": fbgemm's fp16-weight GEMM)."""
+    if kernel not in KERNELS:
+        raise ValueError(f"unknown packed-linear kernel {kernel!r}: choose one of {', '.join(KERNELS)}")
+    if kernel == "mkl":
+        return packed_gemm_available()
+    return "fbgemm" in torch.backends.quantized.supported_engines and hasattr(torch.ops.quantized,
+                                                                              "linear_prepack_fp16")
+
+
 class PackedLinear(nn.Module):
     """An `nn.Linear` (same `weight` and `bias` parameters) that multiplies few rows by a packed weight."""
 
-    def __init__(self, linear: nn.Linear, max_rows: int = MAX_PACKED_ROWS) -> None:
+    def __init__(self, linear: nn.Linear, max_rows: int = MAX_PACKED_ROWS, kernel: str = "mkl") -> None:
         super().__init__()
+        if not kernel_available(kernel):
+            raise RuntimeError(f"this torch ({torch.__version__}) cannot run the {kernel!r} packed-linear kernel")
         self.in_features, self.out_features = linear.in_features, linear.out_features
         self.weight, self.bias = linear.weight, linear.bias
-        self.max_rows = max_rows
+        self.max_rows, self.kernel = max_rows, kernel
         with torch.no_grad():
-            self._packed = torch.ops.mkl._mkl_reorder_linear_weight(self.weight.detach(), max_rows)
+            if kernel == "fp16":
+                bias = None if self.bias is None else self.bias.detach()
+                self._packed = torch.ops.quantized.linear_prepack_fp16(self.weight.detach(), bias)
+            else:
+                self._packed = torch.ops.mkl._mkl_reorder_linear_weight(self.weight.detach(), max_rows)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         rows = x.reshape(-1, self.in_features)
         n = rows.shape[0]
-        threads = torch.get_num_threads()
-        if (n > self.max_rows or torch.is_grad_enabled() or (n == 1 and threads == 1)
-                or (threads > 1 and not PACK_ON_SEVERAL_THREADS)):
+        if n > self.max_rows or torch.is_grad_enabled():
             return F.linear(x, self.weight, self.bias)
-        out = torch.ops.mkl._mkl_linear(rows, self._packed, self.weight, self.bias, n)
+        if self.kernel == "fp16":
+            if x.dim() != 3 or x.shape[1] != 1:  # not a decode step (batch, 1 position, features): exact fp32
+                return F.linear(x, self.weight, self.bias)
+            out = torch.ops.quantized.linear_dynamic_fp16(rows, self._packed)
+        else:
+            threads = torch.get_num_threads()
+            if (n == 1 and threads == 1) or (threads > 1 and not PACK_ON_SEVERAL_THREADS):
+                return F.linear(x, self.weight, self.bias)
+            out = torch.ops.mkl._mkl_linear(rows, self._packed, self.weight, self.bias, n)
         return out.reshape(*x.shape[:-1], self.out_features)
 
     def extra_repr(self) -> str:
-        return f"in_features={self.in_features}, out_features={self.out_features}, packed up to {self.max_rows} rows"
+        return (f"in_features={self.in_features}, out_features={self.out_features}, {self.kernel} kernel up to "
+                f"{self.max_rows} rows")
 
 
-def pack_linears(model: nn.Module, max_rows: int = MAX_PACKED_ROWS) -> int:
+def pack_linears(model: nn.Module, max_rows: int = MAX_PACKED_ROWS, kernel: str = DEFAULT_KERNEL) -> int:
     """Replace every fp32 CPU `nn.Linear` in `model` by a `PackedLinear`, in place; returns how many.
 
     Call it after the model has its final weights and device (after merging adapters, after `.to()`): the
-    packed copy is not a parameter and does not follow later changes.
+    packed copy is not a parameter and does not follow later changes. A torch without `kernel` packs nothing.
     """
-    if not packed_gemm_available():
+    if not kernel_available(kernel):
         return 0
     count = 0
     for parent in list(model.modules()):
         for name, child in list(parent.named_children()):
             if type(child) is nn.Linear and child.weight.device.type == "cpu" and child.weight.dtype == torch.float32:
-                setattr(parent, name, PackedLinear(child, max_rows))
+                setattr(parent, name, PackedLinear(child, max_rows, kernel))
                 count += 1
     return count

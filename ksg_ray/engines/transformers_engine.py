@@ -23,7 +23,7 @@ from ksg_ray.common.hardware import resolve_dtype
 from ksg_ray.common.torch_threads import one_torch_thread
 from ksg_ray.engines import Generation, SamplingParams, encode, render_prompt, score_inputs
 from ksg_ray.engines.kv_cache import reserved_cache_kwargs
-from ksg_ray.engines.packed_linear import pack_linears
+from ksg_ray.engines.packed_linear import DEFAULT_KERNEL, KERNELS, pack_linears
 
 __all__ = ["PADDING_PER_NEW_TOKEN", "RowSeededSampling", "TransformersEngine", "top_p_cut"]
 
@@ -47,8 +47,11 @@ class TransformersEngine:
         dtype: weight dtype (a `torch.dtype` or its name); "auto" = bfloat16 where the device has fast bf16
             (CUDA bf16, CPU AMX / AVX-512 bf16: batched generation ran 1.87x fp32 here), else float32.
         batch_size: prompts per `generate` / forward call (`n` answers each); bounds memory.
-        packed_linear: on a CPU in fp32, run the linear layers on MKL's packed GEMM (`PackedLinear`): the
-            decode steps' few-row products 1.3-1.8x faster, the answers the same. False keeps plain sgemm.
+        packed_linear: on a CPU in fp32, the packed-linear kernel for the decode steps' few-row products
+            (`PackedLinear`): "mkl" (MKL's packed sgemm, the same answers), "fp16" (the weights read in fp16,
+            summed in fp32: a rounding that left 30 of 32 greedy answers identical), "auto" (`DEFAULT_KERNEL`:
+            whichever was faster on this kind of CPU, 1.2-1.5x at batch 16); None keeps plain sgemm. Prefill and
+            scoring stay plain fp32 either way.
         reserve_kv_cache: give `generate` a KV cache with room for the new tokens (`kv_cache.ReservedLayer`), so
             a decode step does not copy the whole cache; the answers the same. False keeps transformers' own.
         max_padding: group the prompts (and scored pairs) of one call by length, so that a batch's padding is at
@@ -60,12 +63,14 @@ class TransformersEngine:
     """
 
     def __init__(self, model_path: str, adapter_path: str | None = None, device: str | torch.device | None = None,
-                 dtype: torch.dtype | str = torch.float32, batch_size: int = 16, packed_linear: bool = True,
+                 dtype: torch.dtype | str = torch.float32, batch_size: int = 16, packed_linear: str | None = "auto",
                  reserve_kv_cache: bool = True, max_padding: float | None = 0.25) -> None:
         from transformers import AutoModelForCausalLM, AutoTokenizer
 
         if batch_size < 1:
             raise ValueError(f"batch_size must be a positive integer, got {batch_size}")
+        if packed_linear not in (None, "auto", *KERNELS):
+            raise ValueError(f"packed_linear must be one of auto, {', '.join(KERNELS)} or None, got {packed_linear!r}")
         if max_padding is not None and max_padding < 0:
             raise ValueError(f"max_padding must be >= 0 or None, got {max_padding}")
         self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
@@ -85,14 +90,15 @@ class TransformersEngine:
 
                 model = PeftModel.from_pretrained(model, adapter_path).merge_and_unload()
             self.model = model.to(self.device).eval()
-            packed = pack_linears(self.model) if packed_linear and self.device.type == "cpu" else 0
+            kernel = DEFAULT_KERNEL if packed_linear == "auto" else packed_linear
+            packed = pack_linears(self.model, kernel=kernel) if kernel and self.device.type == "cpu" else 0
         # Every id that ends a turn: the model's generation config may list several (e.g. Llama 3's <|eot_id|>).
         eos = self.model.generation_config.eos_token_id
         eos = [] if eos is None else [eos] if isinstance(eos, int) else list(eos)
         self.eos_token_ids: list[int] = sorted({*eos, self.tokenizer.eos_token_id} - {None})
         logger.info("transformers engine: %s%s on %s (%s), batch %d%s", model_path,
                     f" + adapter {adapter_path}" if adapter_path else "", self.device, dtype, batch_size,
-                    f", {packed} linear layers on MKL's packed GEMM" if packed else "")
+                    f", {packed} linear layers on the {kernel} packed kernel" if packed else "")
 
     @torch.inference_mode()
     def generate(self, prompts: list[list[dict]], params: SamplingParams,
