@@ -64,3 +64,18 @@ def test_all_problems_are_reported_at_once():
     with pytest.raises(KsgConfigError) as err:
         load_config(DPFinetuneConfig, None, ["train.epochs=-1", "lora.r=0", "bogus=1"])
     assert len(err.value.problems) == 3
+
+
+def test_train_probe_records_reach_both_trainers():
+    """`train.probe_records` sizes the before/after probe of the DP trainers and the fine-tune (the embedded default
+    probes 4 records: each probe is a forward pass that trains nothing)."""
+    from ksg_ray.client.dp_trainer import plan_dp_run
+    from ksg_ray.server.finetune.trainer import plan_finetune
+
+    dp = load_config(DPFinetuneConfig, ROOT / "configs/dp_finetune.yaml", ["train.probe_records=3"])
+    assert plan_dp_run(400, dp.privacy, dp.train, dp.scaling).probe_records == 3
+    ft = load_config(FinetuneConfig, ROOT / "configs/finetune.yaml", ["train.probe_records=5"])
+    assert plan_finetune(ft.train, ft.scaling, ft.dev, 100).probe_records == 5
+    assert load_config(FinetuneConfig, ROOT / "configs/finetune.yaml").train.probe_records == 16
+    with pytest.raises(KsgConfigError, match="probe_records"):
+        load_config(DPFinetuneConfig, ROOT / "configs/dp_finetune.yaml", ["train.probe_records=0"])

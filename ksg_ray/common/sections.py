@@ -45,6 +45,8 @@ class TrainSection(StrictModel):
     optimizer: Literal["adamw", "sgd"] = "adamw"
     checkpoint_every: int = Field(20, gt=0, description="steps between checkpoints")
     seed: int = Field(0, description="seed of the LoRA initialisation")
+    probe_records: int = Field(16, gt=0, description="training records whose loss is measured before and after "
+                               "(a diagnostic that moves with the model only; each measure is a forward pass)")
 
 
 class ScalingSection(StrictModel):

@@ -482,7 +482,8 @@ def plan_finetune(train, scaling, dev, num_records: int) -> FinetuneSpec:
         lr=train.lr, weight_decay=train.weight_decay, optimizer=train.optimizer, max_grad_norm=train.max_grad_norm,
         warmup_steps=round(train.warmup_ratio * total), lr_schedule=train.lr_schedule,
         checkpoint_every=train.checkpoint_every, strategy=scaling.strategy, zero_stage=scaling.zero_stage,
-        bf16=scaling.use_bf16, seed=train.seed, dev_max_new_tokens=dev.max_new_tokens, dev_batch_size=dev.batch_size)
+        bf16=scaling.use_bf16, seed=train.seed, dev_max_new_tokens=dev.max_new_tokens, dev_batch_size=dev.batch_size,
+        probe_records=train.probe_records)
 
 
 def check_run_identity(run_dir: Path, identity: dict[str, Any]) -> None:
