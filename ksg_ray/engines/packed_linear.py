@@ -10,10 +10,11 @@ the weights, and plain sgemm is slow at such skinny shapes. Two packed kernels, 
   threads keep the plain path (`PACK_ON_SEVERAL_THREADS`).
 - `fp16`: fbgemm's fp16-weight GEMM (`quantized.linear_dynamic_fp16`): the weight stored in fp16 (half the bytes
   to read), the activations and the sums in fp32, so the result is exactly `nn.Linear` with fp16-rounded weights.
-  On the Intel Xeon (family 6 model 207) greedy generation ran 1.30x plain at batch 16 on one thread and 1.18x on
-  two, where `mkl` ran 0.92x / 0.91x (`bench/engine_options.py --option packed_linear`). The answer NLL of 48
-  medical dev records moved 3.7318 -> 3.7319 and 30-31 of 32 greedy 96-token answers were identical (the rest
-  part after their first tokens): a rounding, not a loss (int8 weights cost 3.73 -> 4.75 and looped: not offered).
+  On the Intel Xeon (family 6 model 207), greedy generation ran 1.17 / 1.14 / 1.06x plain at batch 1 / 16 / 32 on
+  one thread and 1.09 / 1.09 / 1.05x on two (`bench/engine_options.py --kernel fp16`), where `mkl` lost on two; 62
+  of 64 greedy 64-token answers were identical, and the answer NLL of 48 medical dev
+  records moved 3.7318 -> 3.7319 with every linear layer in fp16: a rounding, not a loss (int8 weights cost 3.73
+  -> 4.75 and looped: not offered).
 
 At more rows (prefill, scoring) both kernels take the plain path, and the fp16 one takes it for anything but a
 decode step (one position per sequence), so prompts and scores stay exact fp32; with autograd on, so does
@@ -62,7 +63,7 @@ def kernel_available(kernel: str) -> bool:
 class PackedLinear(nn.Module):
     """An `nn.Linear` (same `weight` and `bias` parameters) that multiplies few rows by a packed weight."""
 
-    def __init__(self, linear: nn.Linear, max_rows: int = MAX_PACKED_ROWS, kernel: str = "mkl") -> None:
+    def __init__(self, linear: nn.Linear, max_rows: int = MAX_PACKED_ROWS, kernel: str = DEFAULT_KERNEL) -> None:
         super().__init__()
         if not kernel_available(kernel):
             raise RuntimeError(f"this torch ({torch.__version__}) cannot run the {kernel!r} packed-linear kernel")
