@@ -82,7 +82,7 @@ def evaluate(cfg: DPRewardConfig, model_path: str, adapter_dir: Path) -> dict:
     held_out = load_records(cfg.eval.path, limit=cfg.eval.limit)
     base = generate_answers(held_out, engine=cfg.candidates.engine, model_path=model_path, adapter_path=None,
                             max_new_tokens=cfg.candidates.max_new_tokens, batch_size=cfg.candidates.batch_size,
-                            max_actors=cfg.candidates.max_actors)
+                            max_actors=cfg.candidates.max_actors, ray=cfg.candidates.ray)
     keep = [i for i, a in enumerate(base) if a is not None]
     questions = [held_out[i].input for i in keep]
     truth, other = [held_out[i].output for i in keep], [base[i] for i in keep]

@@ -145,3 +145,17 @@ def test_smollm2_fp16_weights_round_only_the_decode_steps(smollm2_path, monkeypa
     assert calls  # the decode steps ran on the fp16 kernel
     for g, w in zip(got, want, strict=True):  # a rounding of the weights: the first tokens are the same
         assert g[0].text.split()[:5] == w[0].text.split()[:5] and g[0].num_tokens > 5
+
+
+@pytest.mark.parametrize(("cpuinfo", "family", "amd"), [
+    ("vendor_id\t: AuthenticAMD\ncpu family\t: 25\nmodel\t\t: 1\n", 25, True),
+    ("vendor_id\t: AuthenticAMD\ncpu family\t: 26\n", 26, True),
+    ("vendor_id\t: GenuineIntel\ncpu family\t: 6\n", 6, False),
+    ("", None, False),
+])
+def test_cpu_family_and_vendor_from_cpuinfo(monkeypatch, cpuinfo, family, amd):
+    """The kernel rule reads these two: mkl by default only on the AMD family where it was measured to win."""
+    from ksg_ray.common import hardware
+
+    monkeypatch.setattr(hardware, "_cpuinfo", lambda: cpuinfo)
+    assert hardware.cpu_family() == family and hardware.amd_cpu() is amd

@@ -163,3 +163,7 @@ def test_two_candidate_sources_in_one_execution_keep_their_answers_apart(ray_clu
     assert set(sets) == {"short", "long"} and all(len(a) == len(records) for a in sets.values())
     assert all(long.startswith(short) for short, long in zip(sets["short"], sets["long"], strict=True))
     assert len(set(sets["long"])) > 1  # the answers differ by record, so a mixed-up order would show
+    # in this process (`candidates.ray: false`): the same GenerateUDF on the same batches, so the same answers
+    here = generate_answer_sets(records, short=kw | {"max_new_tokens": 3, "ray": False},
+                                long=kw | {"max_new_tokens": 6, "ray": False})
+    assert here == sets

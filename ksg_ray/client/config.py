@@ -101,6 +101,8 @@ class CandidatesSection(StrictModel):
     max_new_tokens: int = Field(96, gt=0, description="greedy answer length of the base and DP models")
     batch_size: int = Field(8, gt=0, description="prompts per engine call")
     max_actors: int = Field(2, gt=0, description="engine actors the Ray Data pool scales up to (each holds a model)")
+    ray: bool = Field(True, description="on Ray Data actor pools (False: each source's engine in the job's process, "
+                      "one after the other; no actors to start, for a small run on one machine)")
     non_dp_proxy_adapter: Path | None = Field(
         None, description="NOT DP: answers of a non-private proxy trained on the records; marks the bundle not DP")
 

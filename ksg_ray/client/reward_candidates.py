@@ -1,8 +1,9 @@
 """CLIENT SIDE — candidate answers to the private questions, for the reward model's preference pairs.
 
-The base model's and the DP generator's greedy answers come from batched generation on Ray Data through the
-same engine code the server uses (`ksg_ray.engines.stage`). Results are cached per record in the run
-directory (client-side: they are derived from private questions), so a rerun generates nothing twice.
+The base model's and the DP generator's greedy answers come from batched generation through the same engine code
+the server uses (`ksg_ray.engines.stage.GenerateUDF`): on Ray Data actor pools, or (`candidates.ray: false`, a
+small run on one machine) called in this process, with no actors to start. Results are cached per record in the
+run directory (client-side: they are derived from private questions), so a rerun generates nothing twice.
 """
 
 from __future__ import annotations
@@ -31,44 +32,82 @@ def question_messages(record: Record) -> list[dict[str, str]]:
 
 
 def generate_answers(records: list[Record], *, engine: str, model_path: str, adapter_path: str | None,
-                     max_new_tokens: int, batch_size: int, max_actors: int = 1) -> list[str | None]:
+                     max_new_tokens: int, batch_size: int, max_actors: int = 1, ray: bool = True) -> list[str | None]:
     """Greedy answers, one per record, in record order; None where the engine failed (reported, not dropped)."""
     return generate_answer_sets(records, answers=dict(engine=engine, model_path=model_path, adapter_path=adapter_path,
                                                       max_new_tokens=max_new_tokens, batch_size=batch_size,
-                                                      max_actors=max_actors))["answers"]
+                                                      max_actors=max_actors, ray=ray))["answers"]
 
 
 def generate_answer_sets(records: list[Record], **sources: dict) -> dict[str, list[str | None]]:
     """For each named source (`generate_answers`' keyword arguments), greedy answers per record, in record order.
 
-    One Ray Data execution: each source is a branch with its own engine pool, and the branches are unioned, so
-    their pools start and run side by side (on a 2-core machine two 1-CPU engines use both cores, where one
-    source after the other left a core idle and started an actor twice). A failed row is None in its source only.
+    Sources with `ray` (the default) run as one Ray Data execution: each is a branch with its own engine pool, and
+    the branches are unioned, so their pools start and run side by side (on a 2-core machine two 1-CPU engines use
+    both cores, where one source after the other left a core idle and started an actor twice). Sources with
+    `ray: False` run in this process, one after the other, on this process's threads: no actor starts (on 2
+    cores the demo's candidates 32 s on Ray Data, about 10 of them starting actors and loading models there).
+    A failed row is None in its source only.
     """
-    import ray.data
-
-    from ksg_ray.engines import SamplingParams
-    from ksg_ray.engines.stage import generate_dataset
-
     prompts = [question_messages(r) for r in records]
-    branches = []
+    order = longest_first(prompts)
+    rows: list[dict] = []
+    on_ray = {name: kw for name, kw in sources.items() if kw.get("ray", True)}
+    if on_ray:
+        rows += _generate_on_ray(prompts, order, on_ray)
     for name, kw in sources.items():
-        ds = ray.data.from_items([{"idx": i, "source": name, "messages": prompts[i]} for i in longest_first(prompts)])
-        branches.append(generate_dataset(
-            ds, engine_kind=kw["engine"], model_path=kw["model_path"], adapter_path=kw["adapter_path"],
-            sampling=SamplingParams(temperature=0.0, max_new_tokens=kw["max_new_tokens"], n=1),
-            batch_size=kw["batch_size"], min_actors=1, max_actors=kw.get("max_actors", 1)))
-    if not branches:
-        return {}
+        if name not in on_ray:
+            rows += _generate_here(prompts, order, name, kw)
     answers: dict[str, list[str | None]] = {name: [None] * len(records) for name in sources}
-    out = branches[0].union(*branches[1:]) if len(branches) > 1 else branches[0]
-    for row in out.select_columns(["idx", "source", "generations", "__error__"]).iter_rows():
+    for row in rows:
         if row["__error__"]:
             logger.warning("record %s, %s: generation failed: %s", records[row["idx"]].source, row["source"],
                            row["__error__"])
         else:
             answers[row["source"]][row["idx"]] = list(row["generations"])[0]
     return answers
+
+
+def _greedy(kw: dict) -> Any:
+    from ksg_ray.engines import SamplingParams
+
+    return SamplingParams(temperature=0.0, max_new_tokens=kw["max_new_tokens"], n=1)
+
+
+def _generate_on_ray(prompts: list[list[dict]], order: list[int], sources: dict[str, dict]) -> list[dict]:
+    """Every source's rows (idx, source, generations, __error__) from one Ray Data execution."""
+    import ray.data
+
+    from ksg_ray.engines.stage import generate_dataset
+
+    branches = []
+    for name, kw in sources.items():
+        ds = ray.data.from_items([{"idx": i, "source": name, "messages": prompts[i]} for i in order])
+        branches.append(generate_dataset(
+            ds, engine_kind=kw["engine"], model_path=kw["model_path"], adapter_path=kw["adapter_path"],
+            sampling=_greedy(kw), batch_size=kw["batch_size"], min_actors=1, max_actors=kw.get("max_actors", 1)))
+    out = branches[0].union(*branches[1:]) if len(branches) > 1 else branches[0]
+    return list(out.select_columns(["idx", "source", "generations", "__error__"]).iter_rows())
+
+
+def _generate_here(prompts: list[list[dict]], order: list[int], name: str, kw: dict) -> list[dict]:
+    """One source's rows, as `_generate_on_ray` gives them, from the same `GenerateUDF` called in this process."""
+    import dataclasses
+
+    import numpy as np
+
+    from ksg_ray.engines.stage import GenerateUDF
+
+    udf = GenerateUDF(kw["engine"], kw["model_path"], kw["adapter_path"], dataclasses.asdict(_greedy(kw)))
+    rows = []
+    for start in range(0, len(order), kw["batch_size"]):
+        idx = order[start:start + kw["batch_size"]]
+        messages = np.empty(len(idx), dtype=object)  # one list of messages per row, as Ray Data hands them over
+        messages[:] = [prompts[i] for i in idx]
+        out = udf({"idx": np.array(idx), "messages": messages})
+        rows += [{"idx": i, "source": name, "generations": g, "__error__": e}
+                 for i, g, e in zip(idx, out["generations"], out["__error__"], strict=True)]
+    return rows
 
 
 def load_or_generate_candidates(records: list[Record], cache: Path, key: dict | None = None,
@@ -136,7 +175,7 @@ def build_reward_examples(cfg: Any, records: list[Record], tokenizer: Any, gener
 
     gen = dict(engine=cfg.candidates.engine, model_path=generator.base_path,
                max_new_tokens=cfg.candidates.max_new_tokens, batch_size=cfg.candidates.batch_size,
-               max_actors=cfg.candidates.max_actors)
+               max_actors=cfg.candidates.max_actors, ray=cfg.candidates.ray)
     sources = {"base": gen | {"adapter_path": None}, "dp_generator": gen | {"adapter_path": generator.adapter_path}}
     if cfg.candidates.non_dp_proxy_adapter is not None:
         sources["non_dp_proxy"] = gen | {"adapter_path": str(cfg.candidates.non_dp_proxy_adapter)}

@@ -8,9 +8,10 @@ configs default to `auto`; elsewhere `auto` stays float32. DP clipping and noise
 from __future__ import annotations
 
 import functools
+import re
 from pathlib import Path
 
-__all__ = ["amd_cpu", "bf16_available", "resolve_bf16", "resolve_dtype"]
+__all__ = ["amd_cpu", "bf16_available", "cpu_family", "resolve_bf16", "resolve_dtype"]
 
 _CPU_BF16_FLAGS = ("amx_bf16", "avx512_bf16")
 
@@ -31,6 +32,12 @@ def _cpu_flags() -> frozenset[str]:
 def amd_cpu() -> bool:
     """Whether this CPU is AMD's (where MKL's packed GEMM was measured to pay on several threads)."""
     return "AuthenticAMD" in _cpuinfo()
+
+
+def cpu_family() -> int | None:
+    """The CPU's family number (/proc/cpuinfo `cpu family`: 6 Intel, 23 AMD Zen 2, 25 Zen 3/4, 26 Zen 5), or None."""
+    m = re.search(r"^cpu family\s*:\s*(\d+)", _cpuinfo(), re.MULTILINE)
+    return int(m.group(1)) if m else None
 
 
 def bf16_available(device_type: str = "cpu") -> bool:

@@ -18,8 +18,8 @@ the weights, and plain sgemm is slow at such skinny shapes. Two packed kernels, 
 
 At more rows (prefill, scoring) both kernels take the plain path, and the fp16 one takes it for anything but a
 decode step (one position per sequence), so prompts and scores stay exact fp32; with autograd on, so does
-training. `DEFAULT_KERNEL` is `mkl` on AMD (measured there) and `fp16` elsewhere. The weights are shared, not
-copied; only the packed copy is extra memory.
+training. `DEFAULT_KERNEL` is `mkl` on the AMD EPYC where it was measured to win (family 26) and `fp16` elsewhere.
+The weights are shared, not copied; only the packed copy is extra memory.
 """
 
 from __future__ import annotations
@@ -28,20 +28,24 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ksg_ray.common.hardware import amd_cpu
+from ksg_ray.common.hardware import amd_cpu, cpu_family
 
 __all__ = ["DEFAULT_KERNEL", "KERNELS", "MAX_PACKED_ROWS", "PACK_ON_SEVERAL_THREADS", "PackedLinear",
            "kernel_available", "pack_linears", "packed_gemm_available"]
 
 MAX_PACKED_ROWS = 64  # above it the plain sgemm is as fast (prefill, scoring): measured on this CPU
 KERNELS = ("mkl", "fp16")
-DEFAULT_KERNEL = "mkl" if amd_cpu() else "fp16"
+# `mkl` where it was measured to win: the family-26 AMD EPYC (below). On a family-25 one (Zen 3, AVX2 only) it lost
+# on two threads, 0.96 / 0.93 / 0.87x plain at batch 16 / 32 / 64, where fp16 ran 1.09 / 1.00 / 0.99x; on one thread
+# at batch 8 / 16 mkl 1.23 / 1.19x, fp16 1.25 / 1.14x (`bench/engine_options.py`). fp16 lost nowhere beyond noise.
+DEFAULT_KERNEL = "mkl" if amd_cpu() and cpu_family() == 26 else "fp16"
 
-# Greedy generation, mkl-packed ÷ plain, side by side (`bench/engine_options.py`, batch 16 / 32): on an AMD EPYC
-# (MKL on its Intel path) 1.29 / 1.12x on one thread and 1.49 / 1.27x on two; on an Intel Xeon without AMX (family 6
-# model 207) 1.15x on one thread at batch 16 but 0.83 / 0.90x and 0.79x on two (three runs), though there too the
-# linear layers alone ran 1.3x faster packed on two threads: what is lost is in the interplay with the rest of a
-# decode step, not understood. Measured on those two CPUs only, so several threads pack on AMD alone.
+# Greedy generation, mkl-packed ÷ plain, side by side (`bench/engine_options.py`, batch 16 / 32): on the family-26
+# AMD EPYC (MKL on its Intel path) 1.29 / 1.12x on one thread and 1.49 / 1.27x on two; on an Intel Xeon without AMX
+# (family 6 model 207) 1.15x on one thread at batch 16 but 0.83 / 0.90x and 0.79x on two (three runs), though there
+# too the linear layers alone ran 1.3x faster packed on two threads: what is lost is in the interplay with the rest
+# of a decode step, not understood. Several threads pack on AMD alone (the family-25 EPYC above lost there too,
+# but `auto` does not take mkl there).
 PACK_ON_SEVERAL_THREADS = amd_cpu()
 
 

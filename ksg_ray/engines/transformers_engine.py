@@ -50,7 +50,8 @@ class TransformersEngine:
         packed_linear: on a CPU in fp32, the packed-linear kernel for the decode steps' few-row products
             (`PackedLinear`): "mkl" (MKL's packed sgemm, the same answers), "fp16" (the weights read in fp16,
             summed in fp32: a rounding that left 62 of 64 greedy answers identical), "auto" (`DEFAULT_KERNEL`:
-            whichever was faster on this kind of CPU: mkl 1.1-1.5x on AMD, fp16 1.05-1.17x on an Intel Xeon);
+            whichever was faster on this kind of CPU: mkl 1.1-1.5x on a family-26 AMD EPYC, fp16 elsewhere:
+            1.05-1.17x on an Intel Xeon, 1.0-1.25x on a family-25 AMD EPYC, where mkl lost);
             None keeps plain sgemm. Prefill and scoring stay plain fp32 either way.
         reserve_kv_cache: give `generate` a KV cache with room for the new tokens (`kv_cache.ReservedLayer`), so
             a decode step does not copy the whole cache; the answers the same. False keeps transformers' own.
