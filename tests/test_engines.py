@@ -139,23 +139,31 @@ def test_row_seeded_sampling_draws_from_the_tempered_top_p_distribution():
     assert float((cold_picks == 0).float().mean()) > 0.85  # a low temperature sharpens towards the mode
 
 
-def test_top_p_cut_equals_a_full_sort_with_and_without_its_fallback():
-    from ksg_ray.engines.transformers_engine import top_p_cut
+def test_sample_top_p_equals_the_inverse_cdf_of_a_full_sort_with_and_without_its_fallbacks():
+    from ksg_ray.engines.transformers_engine import sample_top_p
 
-    def by_full_sort(logits, top_p):
-        probs, order = torch.sort(torch.softmax(logits, dim=-1), descending=True, dim=-1)
-        cut = (probs.cumsum(dim=-1) - probs) >= top_p
-        return cut.scatter(1, order, cut)
+    def by_full_sort(probs, u, top_p):
+        out = []
+        for row, x in zip(probs, u.tolist(), strict=True):
+            p, order = torch.sort(row, descending=True)
+            nucleus = p[(p.cumsum(0) - p) < top_p]
+            cum = nucleus.cumsum(0)
+            out.append(int(order[min(int((cum <= x * cum[-1]).sum()), len(nucleus) - 1)]))
+        return torch.tensor(out)
 
     gen = torch.Generator().manual_seed(0)
-    # peaked rows (their nucleus is in the top 8) and flat rows (it is not: the full-sort fallback)
-    logits = torch.cat([torch.randn(6, 5000, generator=gen) * 8, torch.randn(6, 5000, generator=gen) * 0.1])
-    for top_p in (0.5, 0.9, 0.99):
-        for k in (8, 1024):
-            got = top_p_cut(logits, top_p, k=k)
-            assert torch.equal(got, by_full_sort(logits, top_p)), (top_p, k)
-            assert (~got).sum(dim=-1).min() >= 1  # at least one token kept
-    assert (~top_p_cut(logits, 0.9, k=8))[6:].sum(dim=-1).min() > 8  # the flat rows did need the fallback
+    # peaked rows (their nucleus is in the top 8), middling ones (in the top 64) and flat ones (a full sort)
+    logits = torch.cat([torch.randn(6, 5000, generator=gen) * scale for scale in (8, 2, 0.1)])
+    probs = torch.softmax(logits, dim=-1)
+    for draw in range(5):
+        u = torch.rand(len(probs), generator=gen)
+        for top_p in (0.5, 0.9, 0.99):
+            for ks in ((8, 64), (1024,)):
+                got = sample_top_p(probs, u, top_p, ks=ks)
+                assert torch.equal(got, by_full_sort(probs, u, top_p)), (draw, top_p, ks)
+    edge = sample_top_p(probs, torch.full((len(probs),), 1 - 2 ** -24), 0.9)  # u at its largest: still inside
+    assert torch.equal(edge, by_full_sort(probs, torch.full((len(probs),), 1 - 2 ** -24), 0.9))
+    assert torch.equal(sample_top_p(probs, torch.zeros(len(probs)), 0.5), probs.argmax(dim=-1))  # u = 0: the mode
 
 
 def test_a_message_marked_continue_is_left_open(engine):

