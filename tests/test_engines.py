@@ -164,6 +164,9 @@ def test_sample_top_p_equals_the_inverse_cdf_of_a_full_sort_with_and_without_its
     edge = sample_top_p(probs, torch.full((len(probs),), 1 - 2 ** -24), 0.9)  # u at its largest: still inside
     assert torch.equal(edge, by_full_sort(probs, torch.full((len(probs),), 1 - 2 ** -24), 0.9))
     assert torch.equal(sample_top_p(probs, torch.zeros(len(probs)), 0.5), probs.argmax(dim=-1))  # u = 0: the mode
+    # each level was needed: the middling rows' nucleus (0.9) is past their top 8, the flat rows' past their top 64
+    assert (torch.topk(probs[6:12], 8).values.sum(dim=-1) < 0.9).all()
+    assert (torch.topk(probs[12:], 64).values.sum(dim=-1) < 0.9).all()
 
 
 def test_a_message_marked_continue_is_left_open(engine):
