@@ -4,6 +4,7 @@ on the plain path."""
 
 import pytest
 import torch
+import torch.nn.functional as F
 from conftest import save_varied_model
 from torch import nn
 from transformers import AutoModelForCausalLM
@@ -89,7 +90,10 @@ def test_several_threads_pack_only_where_packing_pays(pays, monkeypatch):
     assert len(plain_calls) == (0 if pays else 1)  # one thread packs 8 rows; two pack them only where it pays
 
 
-def test_pack_linears_keeps_every_parameter_and_the_logits(tiny_model_path, tmp_path):
+@pytest.mark.parametrize("kernel", KERNELS)
+def test_pack_linears_keeps_every_parameter_and_the_logits(tiny_model_path, tmp_path, kernel):
+    if not kernel_available(kernel):
+        pytest.skip(f"this torch has no {kernel} kernel")
     save_varied_model(tiny_model_path, tmp_path)
     model = AutoModelForCausalLM.from_pretrained(tmp_path, dtype=torch.float32).eval()
     ids = torch.randint(0, model.config.vocab_size, (3, 20))
@@ -97,13 +101,21 @@ def test_pack_linears_keeps_every_parameter_and_the_logits(tiny_model_path, tmp_
         before_logits = model(ids).logits
     before = dict(model.named_parameters())
     n_linear = sum(type(m) is nn.Linear for m in model.modules())
-    assert pack_linears(model, kernel="mkl") == n_linear > 0
+    threads = torch.get_num_threads()
+    torch.set_num_threads(2)  # the layers are packed on a thread each: each must get its own weight
+    try:
+        assert pack_linears(model, kernel=kernel) == n_linear > 0
+    finally:
+        torch.set_num_threads(threads)
     assert not any(type(m) is nn.Linear for m in model.modules())
     after = dict(model.named_parameters())
     assert after.keys() == before.keys() and all(after[k] is before[k] for k in before)  # shared, tied stay tied
     with torch.inference_mode():
         torch.testing.assert_close(model(ids).logits, before_logits, rtol=1e-4, atol=1e-4)
         torch.testing.assert_close(model(ids[:1, :5]).logits, before_logits[:1, :5], rtol=1e-4, atol=1e-4)
+        for layer in (m for m in model.modules() if isinstance(m, PackedLinear)):  # a decode step's rows
+            x = torch.randn(3, 1, layer.in_features)
+            torch.testing.assert_close(layer(x), F.linear(x, layer.weight, layer.bias), rtol=2e-3, atol=2e-3)
     half = AutoModelForCausalLM.from_pretrained(tmp_path, dtype=torch.bfloat16)
     assert pack_linears(half) == 0  # only fp32 layers are packed
 

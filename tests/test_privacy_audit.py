@@ -230,3 +230,22 @@ def test_canary_rate_and_mia_separate_leak_from_no_leak(leak_setup, tmp_path):
     assert leak["generations_untrained"] == 0 and clean["generations_untrained"] == 0
     assert leak["mia"].unscored == {"members": 0, "nonmembers": 0}
     assert (len(leak["mia"].member_scores), len(leak["mia"].nonmember_scores)) == (4, 12)
+
+
+def test_an_evaluated_model_scores_each_pair_once(tiny_model_path):
+    """The held-out answer loss and the attack's non-members share pairs: the second ask is not scored again."""
+    from ksg_ray.audit.method_eval import ScoredOnce
+    from ksg_ray.engines.transformers_engine import TransformersEngine
+
+    engine = TransformersEngine(tiny_model_path)
+    engine_score, calls = engine.score, []
+    engine.score = lambda p, a: calls.append(len(a)) or engine_score(p, a)
+    model = ScoredOnce(engine)
+    prompts = [[{"role": "user", "content": q}] for q in ("how are you", "what is a cold", "why")]
+    answers = ["fine thanks", "a virus of the nose", "because"]
+    first = model.score(prompts[:2], answers[:2])
+    again = model.score(prompts, answers)
+    assert calls == [2, 1]  # only the new pair was scored
+    assert again[:2] == first
+    assert again == pytest.approx(engine_score(prompts, answers), abs=1e-5)
+    assert model.tokenizer is engine.tokenizer  # everything else is the engine's

@@ -5,6 +5,7 @@ Run where the audit inputs (canary secrets, member records) may be read: the cli
 
 from __future__ import annotations
 
+import json
 import logging
 import math
 import time
@@ -16,21 +17,45 @@ from ksg_ray.common.records import Record, load_records
 from ksg_ray.common.run_layout import RunLayout, epsilon_label
 from ksg_ray.engines import SamplingParams, build_engine
 
-__all__ = ["audit_inputs", "budget_coverage", "format_summary", "load_model", "run_privacy_audit",
+__all__ = ["ScoredOnce", "audit_inputs", "budget_coverage", "format_summary", "load_model", "run_privacy_audit",
            "synthetic_fidelity"]
 
 logger = logging.getLogger(__name__)
 
 
 def load_model(cfg: EvalConfig, model_path: str, adapter_path: str | None) -> Any:
-    """The engine contract for `model_path` (+ adapter): a Ray Data actor pool, or one engine in this process."""
+    """The engine contract for `model_path` (+ adapter): a Ray Data actor pool, or one engine in this process;
+    either scores each (prompt, answer) once (`ScoredOnce`)."""
     if cfg.engine.ray:
         from ksg_ray.engines.batch_inference import RayDataModel
 
-        return RayDataModel(cfg.engine.kind, model_path, adapter_path, batch_size=cfg.engine.batch_size,
-                            max_actors=cfg.engine.max_actors, num_cpus=cfg.engine.num_cpus,
-                            num_gpus=cfg.engine.num_gpus, engine_kwargs=cfg.engine.engine_kwargs() or None)
-    return build_engine(cfg.engine.kind, model_path, adapter_path, **cfg.engine.engine_kwargs())
+        return ScoredOnce(RayDataModel(cfg.engine.kind, model_path, adapter_path, batch_size=cfg.engine.batch_size,
+                                       max_actors=cfg.engine.max_actors, num_cpus=cfg.engine.num_cpus,
+                                       num_gpus=cfg.engine.num_gpus,
+                                       engine_kwargs=cfg.engine.engine_kwargs() or None))
+    return ScoredOnce(build_engine(cfg.engine.kind, model_path, adapter_path, **cfg.engine.engine_kwargs()))
+
+
+class ScoredOnce:
+    """An engine whose `score` keeps what it computed: the held-out answer loss and the membership attack's
+    non-members score the same (question, reference answer) pairs, so an evaluation scores each once (8 of the
+    embedded default's 20 attack records). Everything else goes to the engine."""
+
+    def __init__(self, engine: Any) -> None:
+        self.engine = engine
+        self._scores: dict[str, float] = {}
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.engine, name)
+
+    def score(self, prompts: list[list[dict]], answers: list[str]) -> list[float]:
+        keys = [json.dumps([p, a]) for p, a in zip(prompts, answers, strict=True)]
+        todo = {k: i for i, k in enumerate(keys) if k not in self._scores}
+        if todo:
+            idx = list(todo.values())
+            new = self.engine.score([prompts[i] for i in idx], [answers[i] for i in idx])
+            self._scores.update(zip(todo, new, strict=True))
+        return [self._scores[k] for k in keys]
 
 
 def audit_inputs(cfg: EvalConfig, layout: RunLayout, heldout: str) -> dict[str, Any]:
