@@ -39,9 +39,10 @@ class DomainSection(StrictModel):
     seed_questions: list[str] = Field(
         [], description="PUBLIC example questions shown to the generator (never private records); empty = seedless")
     answer_system_prompt: str = Field(
-        "You are a helpful, careful medical doctor. Answer the patient's question clearly and specifically.",
-        description="system message of every answer request (the domain-expert persona); also the rows' "
-                    "instruction unless `train_instruction` is set")
+        "Answer the patient's medical question clearly and specifically, as a careful doctor would.",
+        description="system message of every answer request: a doctor's task, not a persona to play ('You are a "
+                    "helpful, careful medical doctor' had SmolLM2-135M write 'As a medical doctor': 52 of 74 queries "
+                    "kept an answer, 61 with this one); also the rows' instruction unless `train_instruction` is set")
     language: str = Field("en", description="the domain's language (ISO 639-1), kept by the language filter")
     topics: list[str] = Field(
         [], description="PUBLIC in-domain anchors for the domain filter, beside the seed questions: short texts of "
