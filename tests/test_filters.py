@@ -108,13 +108,15 @@ def test_each_filter_rejects_its_planted_row(cfg):
                "I've revised the question to make it more concise and informative. The answer still conveys it.",
                'To clarify, please refrain from using "specially". A more accurate way to phrase the question is:',
                "I'd be happy to help you improve that answer! A person's life is worth it.",
+               "Alibacu can be managed. My friend, This response is already better than my previous one.",
+               "As a caring and compassionate healthcare professional, my primary responsibility is your care.",
                "I'm glad to help. Pain can be hard to manage. How long have you had it? What else do you feel?",
                "I'd be happy to help.\nCan you tell me more? Was it a genetic disorder? Are there other relatives?",
                "Rest and drink water. A better diet helps too. I am not able to see the rash, so see your GP. "
                "I am 100% sure it is not serious at 25 years of age. Vitamin A is better absorbed than vitamin B. "
                "Type A is not improved by diet. Count it as a small debt that a doctor, a nurse and a friend forgave."]
     question = "I have had an itchy rash on my arm for a week and I am 25. What should I do about it?"
-    assert [r is None for r in apply_filters(answer_filters(cfg), answers, question)] == [False] * 58 + [True]
+    assert [r is None for r in apply_filters(answer_filters(cfg), answers, question)] == [False] * 60 + [True]
 
 
 def test_an_answer_that_mostly_asks_back_is_rejected_and_one_question_is_not():

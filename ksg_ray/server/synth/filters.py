@@ -177,7 +177,8 @@ class PatternFilter:
 # sentence", "I suggest rewriting the answer", "I've revised the question to make it more concise", a correction
 # of the asker's wording: "please refrain from using ...", "A more accurate way to phrase the question", "I'd be
 # happy to help you improve that answer!": 0 of the 130 medical and financial dev answers; "final edit" alone is
-# left, since a forum answer may well announce one).
+# left, since a forum answer may well announce one; a rewrite that ends "This response is already better than my
+# previous one": 0 of the 5,187 real answers).
 META = PatternFilter("meta", r"\b(?:answer [ab]\b|(?:improved|revised|previous|past|above|better|original) (?:answer|"
                      r"version|response|question)|(?:revised|improved|rewrote|rewritten) the "
                      r"(?:answer|response|question)|(?:a )?good (?:answer|edit) would|a new (?:answer|question)\b|"
@@ -196,6 +197,9 @@ META = PatternFilter("meta", r"\b(?:answer [ab]\b|(?:improved|revised|previous|p
                      r"\ba possible improvement\b|\bcorrected answer\b|\byou(?:'ve| have) got it (?:correct|right)\b|"
                      r"\ba more appropriate (?:answer|response)\b|\b(?:answer|response) (?:could|would|might) be:|"
                      r"\b(?:apolog(?:y|ies|ise|ize)|sorry) for (?:the|any) (?:misunderstanding|confusion)\b|"
+                     r"\b(?:this|my) (?:response|rewrite|version) is (?:already |now |much |even )?"
+                     r"(?:better|improved)\b|"
+                     r"\bthan (?:my|the) (?:previous|original|last|earlier) (?:one|answer|response|version)\b|"
                      r"\byou(?:'ve| have) been asked to\b|\b(?:rephras|rewrit)\w* the (?:sentence|answer|response)\b|"
                      r"\bthe answer is:?\s*(?-i:[A-E])(?=\s*(?:[.)]|$))|\brewritten (?:answer|response)\b|"
                      r"\b(?:answer|response) (?:could|should|can|would|might) be (?:reworded|rewritten|revised|"
@@ -221,15 +225,17 @@ REFUSAL = PatternFilter("refusal", r"\b(?:as an? (?:ai|language model|medical as
 # the patient ("Dear Dr."), or speaks "as a medical doctor" (39 of the medical study's 237 rows), also at length
 # ("As a caring, well-respected, and highly compassionate medical doctor, ..."; that long a run only where a
 # sentence starts: mid-sentence it matched a finance answer's "as a small debt that a doctor"), or "I'm a caring,
-# honest, and helpful doctor". Real answers do none of it (0 of the 112 medical dev answers match, none names a Dr.).
+# honest, and helpful doctor", or "As a caring and compassionate healthcare professional" (0 of the 5,187 real
+# answers). Real answers do none of it (0 of the 112 medical dev answers match, none names a Dr.).
 PERSONA = PatternFilter("persona", r"(?-i:\bDr\.? [A-Z][a-z]+ [A-Z][a-z]+\b)|"
                         r"\b(?:i(?:'m| am) (?:dr\.?|doctor) [a-z]|my name is|dear (?:dr\b|doctor)|"
                         r"as an? (?:[\w-]+,? (?:and )?){0,3}(?:doctor|physician)\b|"
                         r"(?:^|[.!?]\s+)as an? (?:[\w-]+,? (?:and )?){4,5}(?:doctor|physician)\b|"
                         r"i(?:'m| am) an? (?:[\w-]+,? (?:and )?){0,4}(?:doctor|physician)\b|"
                         r"i(?:'m| am) (?:a|an) (?:[\w-]+,? (?:and )?){0,4}(?:healthcare|medical|health) "
-                        r"(?:professional|provider|expert)|highly (?:trained|skilled|qualified) "
-                        r"(?:and|doctor|healthcare|medical|professional))",
+                        r"(?:professional|provider|expert)|as an? (?:[\w-]+,? (?:and )?){0,3}"
+                        r"(?:healthcare|medical|health) (?:professional|provider|expert)\b|"
+                        r"highly (?:trained|skilled|qualified) (?:and|doctor|healthcare|medical|professional))",
                         "talks about itself, not the question")
 # A small professional also writes as the patient: it greets the doctor ("Hello doctor, my 5 year old son has had
 # ..."), gives its own age, or tells of its own family ("My 4-year-old daughter is doing wonderfully"): 9 of the
