@@ -139,3 +139,30 @@ def test_frozen_base_stored_in_bf16_gives_the_autocast_clipped_sum_bit_for_bit(t
     assert (n_before, loss_before) == (n_after, loss_after)
     for a, b in zip(before, after, strict=True):
         assert torch.equal(a, b)
+
+
+def test_top_layer_adapters_train_the_top_layers_alone_and_sum_the_same_gradients(tiny_model_path):
+    """`lora.top_layers`: adapters (and so gradients, clipping, noise) in the top layers only; the per-record
+    hooks still give the plain gradient of the batch, and a model with fewer layers than asked is refused."""
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(tiny_model_path)
+    examples, _ = tokenize_records(tok, load_records("demo", limit=3), max_seq_len=64, question_loss=True)
+    model = build_lora_lm(torch.device("cpu"), model_path=tiny_model_path, lora=LoraSection(r=4, top_layers=1))
+    top = model.config.num_hidden_layers - 1
+    trained = [name for name, p in model.named_parameters() if p.requires_grad]
+    assert trained and all(f".layers.{top}." in name for name in trained), trained
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "lora_B" in name:
+                p.normal_(0, 0.5)
+    batch = collate(examples, tok.pad_token_id)
+    params = [p for p in model.parameters() if p.requires_grad]
+    plain = torch.autograd.grad(lm_loss(model, batch).sum(), params)
+    dp = DPSGD(model, max_grad_norm=1e9, noise_multiplier=0.0, expected_batch_size=3)  # no record is clipped
+    sums, _, n = dp.clipped_sum([batch], lm_loss)
+    assert n == 3
+    for s, g in zip(sums, plain, strict=True):
+        torch.testing.assert_close(s, g, rtol=1e-4, atol=1e-6)
+    with pytest.raises(ValueError, match="top_layers"):
+        build_lora_lm(torch.device("cpu"), model_path=tiny_model_path, lora=LoraSection(top_layers=top + 2))

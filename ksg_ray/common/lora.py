@@ -17,7 +17,7 @@ from safetensors.torch import load_file
 from ksg_ray.common.sections import LoraSection
 
 __all__ = ["build_lora_lm", "example_tokens", "frozen_linears_to_bf16", "lm_builder", "lm_loss", "load_adapter",
-           "per_sample_lm_loss", "save_adapter", "unwrap_peft"]
+           "lora_config", "per_sample_lm_loss", "save_adapter", "unwrap_peft"]
 
 
 def build_lora_lm(device: torch.device, *, model_path: str, lora: LoraSection, seed: int = 0) -> PeftModel:
@@ -28,10 +28,18 @@ def build_lora_lm(device: torch.device, *, model_path: str, lora: LoraSection, s
     base.config.use_cache = False
     base.to(device)
     torch.manual_seed(seed)
-    return get_peft_model(base, LoraConfig(
-        r=lora.r, lora_alpha=lora.alpha, lora_dropout=lora.dropout, target_modules=list(lora.target_modules),
-        task_type="CAUSAL_LM",
-    ))
+    return get_peft_model(base, lora_config(lora, base.config.num_hidden_layers, task_type="CAUSAL_LM"))
+
+
+def lora_config(lora: LoraSection, num_layers: int, **kwargs) -> LoraConfig:
+    """peft's config for `lora` on a model of `num_layers` transformer layers (`top_layers`: the top ones only)."""
+    layers = None
+    if lora.top_layers is not None:
+        if lora.top_layers > num_layers:
+            raise ValueError(f"lora.top_layers={lora.top_layers}: the model has {num_layers} layers")
+        layers = list(range(num_layers - lora.top_layers, num_layers))
+    return LoraConfig(r=lora.r, lora_alpha=lora.alpha, lora_dropout=lora.dropout,
+                      target_modules=list(lora.target_modules), layers_to_transform=layers, **kwargs)
 
 
 def frozen_linears_to_bf16(model: torch.nn.Module) -> int:

@@ -17,9 +17,10 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-from peft import LoraConfig, PeftModel, get_peft_model
+from peft import PeftModel, get_peft_model
 
 from ksg_ray.common.batching import length_batches
+from ksg_ray.common.lora import lora_config
 from ksg_ray.common.sections import LoraSection
 from ksg_ray.common.torch_threads import one_torch_thread
 
@@ -133,10 +134,8 @@ def build_lora_reward(device: torch.device, *, model_path: str, lora: LoraSectio
     base.config.pad_token_id = reward_pad_id(tokenizer)
     base.config.use_cache = False
     base.to(device)
-    return get_peft_model(base, LoraConfig(
-        r=lora.r, lora_alpha=lora.alpha, lora_dropout=lora.dropout, target_modules=list(lora.target_modules),
-        task_type="SEQ_CLS", modules_to_save=["score"],
-    ))
+    return get_peft_model(base, lora_config(lora, base.config.num_hidden_layers, task_type="SEQ_CLS",
+                                            modules_to_save=["score"]))
 
 
 def reward_builder(model_path: str, lora: LoraSection, seed: int):
