@@ -40,6 +40,28 @@ def test_composed_epsilon_of_generator_and_reward_matches_an_independent_account
     assert [m["name"] for m in report["mechanisms"]] == ["generator", "reward"]
 
 
+@pytest.mark.parametrize("accountant", ["prv", "rdp"])
+@pytest.mark.parametrize(("target", "q", "steps"), [(8.0, 0.2, 5), (4.0, 0.02, 150), (1.0, 0.01, 1000)])
+def test_calibrated_sigma_spends_just_under_the_target_as_opacus_search_does(target, q, steps, accountant):
+    from opacus.accountants.utils import get_noise_multiplier
+
+    from ksg_ray.client.privacy.accountant import epsilon_for
+
+    sigma = calibrate_noise(target, DELTA, q, steps, accountant)
+    assert target - 0.01 < epsilon_for([(sigma, q, steps)], DELTA, accountant) <= target
+    reference = get_noise_multiplier(target_epsilon=target, target_delta=DELTA, sample_rate=q, steps=steps,
+                                     accountant=accountant, epsilon_tolerance=0.01)
+    assert sigma == pytest.approx(reference, rel=0.01)
+
+
+def test_composed_calibration_lands_the_total_just_under_its_target():
+    from ksg_ray.client.privacy.accountant import epsilon_for
+
+    prior = [(calibrate_noise(4.0, DELTA, 0.2, 5), 0.2, 5)]
+    sigma = calibrate_noise(8.0, DELTA, 0.2, 5, prior_history=prior)
+    assert 8.0 - 0.01 < epsilon_for([*prior, (sigma, 0.2, 5)], DELTA) <= 8.0
+
+
 def test_a_rerun_replaces_its_own_entry_instead_of_double_counting(tmp_path):
     ledger = open_ledger(tmp_path, DELTA)
     ledger.record(Mechanism("generator", 1.0, 0.02, 100))

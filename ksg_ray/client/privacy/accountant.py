@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import functools
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
 
 from ksg_ray.common.errors import KsgError
@@ -18,7 +19,7 @@ from ksg_ray.common.errors import KsgError
 class PrivacyPlanError(KsgError, ValueError):
     """A DP plan that cannot be met (ε ≤ 0, or a σ no search reaches), or a resume that would change it."""
 
-__all__ = ["ACCOUNTANTS", "Mechanism", "calibrate_noise", "epsilon_for"]
+__all__ = ["ACCOUNTANTS", "Mechanism", "calibrate_noise", "epsilon_for", "smallest_sigma"]
 
 ACCOUNTANTS = ("prv", "rdp")
 
@@ -76,10 +77,11 @@ def calibrate_noise(
     target_epsilon: float, delta: float, sample_rate: float, steps: int, accountant: str = "prv",
     prior_history: list[tuple[float, float, int]] | None = None,
 ) -> float:
-    """Smallest σ (within 1%) so that `steps` steps at rate q spend at most `target_epsilon`; 0 for ε = inf.
+    """Smallest σ (ε within `EPSILON_TOLERANCE` under the target, as Opacus' `get_noise_multiplier`) so that
+    `steps` steps at rate q spend at most `target_epsilon`; 0 for ε = inf.
 
     With `prior_history` (what the runs this one composes with spent), the target is the composed ε of those
-    runs and this one: σ is bisected on the composed history.
+    runs and this one.
 
     Raises:
         ValueError: the target is not positive or cannot be reached.
@@ -92,35 +94,92 @@ def calibrate_noise(
     if not prior_history:
         return sigma
     spent = epsilon_for(prior_history, delta, accountant)
-    if spent >= target_epsilon - 0.01:
+    if spent >= target_epsilon - EPSILON_TOLERANCE:
         raise PrivacyPlanError(f"the runs this one composes with already spent ε={spent:.3f} of the total "
                                f"target ε={target_epsilon}: nothing is left for this run")
 
     def composed(s: float) -> float:
         return epsilon_for([*prior_history, (s, sample_rate, steps)], delta, accountant)
 
-    low, high = sigma, 2 * sigma  # the composed ε needs at least the noise of this run alone
-    while composed(high) > target_epsilon:
-        low, high = high, 2 * high
-        if high > 1e4:
-            raise PrivacyPlanError(f"cannot reach a total ε={target_epsilon} after ε={spent:.3f} already spent")
-    while high - low > 0.005 * high:  # within 0.5%: the composed ε lands just under the target
-        mid = (low + high) / 2
-        low, high = (low, mid) if composed(mid) <= target_epsilon else (mid, high)
-    return high
+    try:  # the composed ε needs at least the noise of this run alone
+        return smallest_sigma(composed, target_epsilon, low=sigma)
+    except PrivacyPlanError as e:
+        raise PrivacyPlanError(f"cannot reach a total ε={target_epsilon} after ε={spent:.3f} already spent") from e
+
+
+EPSILON_TOLERANCE = 0.01  # Opacus' default: the calibrated σ spends between target - 0.01 and the target
+MAX_SIGMA = 1e4
+
+
+def smallest_sigma(epsilon_at: Callable[[float], float], target: float, low: float | None = None,
+                   high: float | None = None, tolerance: float = EPSILON_TOLERANCE) -> float:
+    """The σ whose ε (`epsilon_at`, decreasing in σ) lies in (target - tolerance, target].
+
+    A bracketed false position on log ε against log σ (Illinois), aimed at target - tolerance/2: ε is nearly
+    a power of σ, so it lands in the band in 1-3 accountant calls after the bracket, where Opacus' bisection
+    from [0, 20] makes about 14 (each PRV call ~0.6 s on a 2-core CPU). `low`/`high` are guesses: a bracket
+    that does not hold is widened.
+
+    Raises:
+        PrivacyPlanError: no σ up to `MAX_SIGMA` reaches the target.
+    """
+    def log_gap(eps: float) -> float:  # > 0: too little noise (+inf: unbounded ε); -inf: ε = 0
+        return math.log(eps / aim) if eps > 0 else -math.inf
+
+    aim = target - tolerance / 2
+    hi = high or (2 * low if low else 1.0)
+    e_hi = epsilon_at(hi)
+    lo, e_lo = (low, None) if low and low < hi else (None, None)
+    while e_hi > target:  # too little noise: double
+        lo, e_lo, hi = hi, e_hi, 2 * hi
+        if hi > MAX_SIGMA:
+            raise PrivacyPlanError(f"no σ up to {MAX_SIGMA:g} reaches ε={target}")
+        e_hi = epsilon_at(hi)
+    if lo is None:
+        lo = hi / 2
+    if e_lo is None:
+        e_lo = epsilon_at(lo)
+    while e_lo <= target:  # already enough noise at the low end: halve
+        if target - e_lo <= tolerance or lo < 1e-6:
+            return lo
+        hi, e_hi, lo = lo, e_lo, lo / 2
+        e_lo = epsilon_at(lo)
+    kept = 0  # which end the last step kept (Illinois: halve a stale end's gap)
+    g_lo, g_hi = log_gap(e_lo), log_gap(e_hi)
+    while target - e_hi > tolerance:
+        x_lo, x_hi = math.log(lo), math.log(hi)
+        if math.isfinite(g_lo) and math.isfinite(g_hi) and g_lo != g_hi:
+            x = x_hi - g_hi * (x_hi - x_lo) / (g_hi - g_lo)
+            x = min(max(x, x_lo + 0.01 * (x_hi - x_lo)), x_hi - 0.01 * (x_hi - x_lo))
+        else:
+            x = (x_lo + x_hi) / 2
+        s = math.exp(x)
+        e = epsilon_at(s)
+        if e <= target:
+            hi, e_hi, g_hi = s, e, log_gap(e)
+            g_lo = g_lo / 2 if kept == -1 else g_lo
+            kept = -1
+        else:
+            lo, e_lo, g_lo = s, e, log_gap(e)
+            g_hi = g_hi / 2 if kept == 1 else g_hi
+            kept = 1
+        if hi - lo < 1e-9 * hi:
+            break
+    return hi
 
 
 @functools.lru_cache(maxsize=256)
 def _noise_multiplier(target_epsilon: float, delta: float, sample_rate: float, steps: int, accountant: str) -> float:
-    """Opacus' σ search (about 14 accountant calls: seconds on a 2-core CPU), once per process and plan."""
-    from opacus.accountants.utils import get_noise_multiplier  # imports torch: only where σ is calibrated
+    """σ for one run, once per process and plan; for PRV, the bracket is [0.9, 1] × RDP's σ (RDP's ε bounds PRV's
+    from above, and costs milliseconds a call), so 3-4 PRV calls settle it."""
+    def at(acc: str) -> Callable[[float], float]:
+        return lambda s: epsilon_for([(s, sample_rate, steps)], delta, acc)
 
     try:
-        return float(get_noise_multiplier(
-            target_epsilon=target_epsilon, target_delta=delta, sample_rate=sample_rate, steps=steps,
-            accountant=accountant, epsilon_tolerance=0.01,
-        ))
-    except ValueError as e:
-        raise PrivacyPlanError(
-            f"cannot reach ε={target_epsilon} at δ={delta}, q={sample_rate:.4f}, {steps} steps: {e}"
-        ) from e
+        high = smallest_sigma(at("rdp"), target_epsilon)
+        if accountant == "rdp":
+            return high
+        return smallest_sigma(at(accountant), target_epsilon, low=0.9 * high, high=high)  # PRV's σ: 0.92-0.95 of it
+    except PrivacyPlanError as e:
+        raise PrivacyPlanError(f"cannot reach ε={target_epsilon} at δ={delta}, q={sample_rate:.4f}, {steps} steps: "
+                               f"{e}") from e
