@@ -243,6 +243,19 @@ def test_rounds_select_the_pool_and_held_out_queries_leave_every_round(synthetic
                if rec.input == r.input)  # the reference answer is the round-0 one
 
 
+def test_dev_limit_0_trains_on_every_row_and_holds_nothing_out(synthetic, tmp_path):
+    from ksg_ray.server.finetune.data import DEV_OFF, load_finetune_data
+
+    dev_file = tmp_path / "dev.jsonl"
+    dev_file.write_text(json.dumps({"instruction": "Answer.", "input": "Q?", "output": "A."}) + "\n")
+    for dev_path in (None, str(dev_file)):
+        data = load_finetune_data(str(synthetic), max_round=1, dev_path=dev_path, dev_limit=0)
+        assert data.dev == [] and data.dev_source == DEV_OFF
+        assert len(data.train) == len(load_records(synthetic))
+    with pytest.raises(KsgConfigError, match="dev.limit"):
+        finetune.main(SMALL + [f"data.path={synthetic}", "dev.limit=-1", f"run.output_dir={tmp_path}"])
+
+
 def test_bad_row_is_named_by_file_and_line(tmp_path):
     bad = write_synthetic(tmp_path / "synthetic.jsonl")
     lines = bad.read_text().splitlines()

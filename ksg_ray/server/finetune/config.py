@@ -33,7 +33,9 @@ class DevSection(StrictModel):
     path: str | None = Field(
         None, description="PUBLIC held-out records for model selection (.jsonl | .parquet); None = hold out "
                           "`limit` queries of the round-0 pool (every row with those queries leaves training)")
-    limit: int = Field(16, gt=0, description="dev records scored per epoch (greedy generation: the cost of an eval)")
+    limit: int = Field(16, ge=0, description="dev records scored per epoch (greedy generation: the cost of an eval); "
+                                             "0 = no dev set: every row trains and the last epoch is exported (a "
+                                             "one-epoch run has nothing to select)")
     holdout_fraction: float = Field(
         0.2, gt=0, lt=1, description="without dev.path: hold out at most this fraction of the round-0 queries "
                                      "(at least one), and at most `limit`")

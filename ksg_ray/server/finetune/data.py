@@ -25,11 +25,12 @@ from pathlib import Path
 
 from ksg_ray.common.records import DataError, Record, load_records
 
-__all__ = ["NO_DEV", "FinetuneData", "format_dev_score", "load_finetune_data", "read_rounds"]
+__all__ = ["DEV_OFF", "NO_DEV", "FinetuneData", "format_dev_score", "load_finetune_data", "read_rounds"]
 
 logger = logging.getLogger(__name__)
 
 NO_DEV = "none: one distinct query, nothing to hold out; the last epoch is exported, not selected on a dev set"
+DEV_OFF = "none (dev.limit=0): every row trains; the last epoch is exported, not selected on a dev set"
 
 
 def format_dev_score(score: float | None) -> str:
@@ -105,7 +106,7 @@ def load_finetune_data(path: str, *, max_round: int | None, dev_path: str | None
         max_round: keep rows with round <= this; None keeps every row.
         dev_path: public held-out records; None holds out round-0 queries instead: `holdout_fraction` of them
             (at least one), at most `dev_limit`; none when there is a single distinct query (`NO_DEV`).
-        dev_limit: dev records used.
+        dev_limit: dev records used; 0 = no dev set (`DEV_OFF`: a one-epoch run has no epoch to select).
         holdout_fraction: see `dev_path`.
         limit: train on the first `limit` rows only (after the round filter and the hold-out).
         seed: picks the held-out queries.
@@ -118,7 +119,9 @@ def load_finetune_data(path: str, *, max_round: int | None, dev_path: str | None
     keep = [(r, k) for r, k in zip(records, rounds, strict=True) if max_round is None or k <= max_round]
     if not keep:
         raise DataError(f"{path}: no row has round <= {max_round} (rounds present: {sorted(set(rounds))})")
-    if dev_path is not None:
+    if dev_limit == 0:
+        dev, dev_source = [], DEV_OFF
+    elif dev_path is not None:
         dev = load_records(dev_path, limit=dev_limit)
         dev_source = str(dev_path)
     else:

@@ -200,7 +200,8 @@ def format_summary(s: dict) -> str:
         f"model       {s['model_dir']} ({s['export']}, base {s['base_model']}, mode {s['mode']})",
         f"data        {s['rows']} rows (per round {s['rows_per_round']}), {s['steps']} steps, init {s['init']}",
         f"dev         ROUGE-L {fmt(s['dev_rouge_l_start'])} before → best {fmt(s['best_dev_rouge_l'])} at epoch "
-        f"{s['best_epoch']} ({s['dev']['records']} records, {s['dev']['source']})",
+        f"{s['best_epoch']} ({s['dev']['records']} records, {s['dev']['source']})" if s["dev"]["records"] else
+        f"dev         {s['dev']['source']}",
         f"epochs      {epochs}",
         f"loss        answer tokens of a fixed probe of training rows {s['probe_loss_start']:.4f} before → "
         f"{s['epoch_probe_loss'][s['best_epoch'] - 1]:.4f} at the best epoch",

@@ -11,11 +11,11 @@ all-reduce), the answer-token loss of a fixed probe of training records is measu
 only, unlike batch losses), and a checkpoint is reported with the score; Ray keeps the best-scoring checkpoint
 and the latest one (`CheckpointConfig(num_to_keep=1, checkpoint_score_attribute=SCORE_KEY)`). Mid-epoch
 checkpoints, every `checkpoint_every` steps, score -1 (below any ROUGE-L) and exist only to resume. With no dev
-set (`finetune_data.NO_DEV`) an epoch scores its number, so the last epoch is kept and exported. A
-checkpoint holds the trainable weights in export form (`model/`: a peft adapter, or full HF weights), the
-optimizer (`optimizer.pt`, or DeepSpeed's own shards under `deepspeed/`) and `finetune_state.json` (position,
-losses, scores, best epoch), so a killed run resumes at the step after its last checkpoint with the same data
-order.
+set (`finetune_data.NO_DEV`, or `DEV_OFF`: `dev.limit=0`) an epoch scores its number, so the last epoch is kept
+and exported. A checkpoint holds the trainable weights in export form (`model/`: a peft adapter, or full HF
+weights), the optimizer (`optimizer.pt`, or DeepSpeed's own shards under `deepspeed/`) and `finetune_state.json`
+(position, losses, scores, best epoch), so a killed run resumes at the step after its last checkpoint with the
+same data order.
 """
 
 from __future__ import annotations
