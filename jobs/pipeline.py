@@ -25,11 +25,17 @@ CONFIG = PipelineConfig  # the config this recipe takes (`ksg config show`)
 def main(argv: list[str] | None = None) -> dict:
     cfg = job_config(CONFIG, argv, __doc__.split("\n")[0])
 
+    from concurrent.futures import ThreadPoolExecutor
+
     import ray
 
-    if not ray.is_initialized():
-        ray.init()  # joins the cluster under `ray job submit`, else starts a local one
-    summary = PipelineRunner(cfg).run()
+    runner = PipelineRunner(cfg)
+    with ThreadPoolExecutor(1) as pool:  # a first run's model build (GGUF) beside Ray's start: ~7 s less wall time
+        built = pool.submit(runner.build_first_model)
+        if not ray.is_initialized():
+            ray.init()  # joins the cluster under `ray job submit`, else starts a local one
+        built.result()
+    summary = runner.run()
     print("\n" + format_times(summary["stage_seconds"]) + "\n")
     return summary
 

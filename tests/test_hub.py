@@ -34,3 +34,29 @@ def test_the_build_parses_each_gguf_once_and_restores_gguf_after(tmp_path):
     assert again is not first
     assert np.array_equal(np.asarray(again.tensors[0].data).reshape(3, 4),
                           np.arange(12, dtype=np.float32).reshape(3, 4))
+
+
+def test_two_callers_in_one_process_build_a_model_once(tmp_path, monkeypatch):
+    """`ksg pipeline` builds the first model beside Ray's start; the stage asking for it meanwhile waits for that
+    build instead of running a second one."""
+    import threading
+    import time
+    from concurrent.futures import ThreadPoolExecutor
+
+    from ksg_ray.common.hub import _cached
+
+    monkeypatch.setenv("KSG_CACHE", str(tmp_path))
+    builds, started = [], threading.Event()
+
+    def build(out):
+        builds.append(out)
+        started.set()
+        time.sleep(0.5)
+        (out / "config.json").write_text("{}")
+
+    with ThreadPoolExecutor(2) as pool:
+        first = pool.submit(_cached, "m", build)
+        started.wait(5)
+        second = pool.submit(_cached, "m", build)
+        assert first.result() == second.result() == tmp_path / "m"
+    assert len(builds) == 1 and (tmp_path / "m" / "config.json").is_file()

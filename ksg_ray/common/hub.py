@@ -9,6 +9,7 @@ Anything else (a Hugging Face id or a local path) passes through unchanged.
 
 from __future__ import annotations
 
+import collections
 import contextlib
 import functools
 import importlib.metadata
@@ -17,6 +18,7 @@ import logging
 import os
 import shutil
 import tempfile
+import threading
 from pathlib import Path
 
 logger = logging.getLogger(__name__)
@@ -65,10 +67,21 @@ def resolve_model(name: str) -> str:
     return name
 
 
+_BUILDING: dict[str, threading.Lock] = collections.defaultdict(threading.Lock)
+
+
 def _cached(name: str, build) -> Path:
-    """Build `name` into the cache once; a temp dir + rename keeps a crashed build from looking complete."""
+    """Build `name` into the cache once; a temp dir + rename keeps a crashed build from looking complete, and a
+    second caller in this process (`ksg pipeline` builds beside Ray's start) waits for the first one's build."""
     target = cache_root() / name
     if (target / "config.json").is_file():
+        return target
+    with _BUILDING[str(target)]:
+        return _build_once(target, name, build)
+
+
+def _build_once(target: Path, name: str, build) -> Path:
+    if (target / "config.json").is_file():  # built by the caller this one waited for
         return target
     target.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{name}.", dir=target.parent))

@@ -86,6 +86,19 @@ class PipelineRunner:
         self.times[name] = round(time.perf_counter() - started, 1)
         print(f"[pipeline] {name}: {self.times[name]} s", flush=True)
 
+    def build_first_model(self) -> None:
+        """Provision the first client stage's model (an embedded one is built into the cache on a first run), so
+        that its build can run beside Ray's start; the stage then finds it built."""
+        from ksg_ray.common.config import job_config
+        from ksg_ray.common.hub import resolve_model
+        from ksg_ray.jobs import dp_finetune, dp_reward
+
+        for name, stage, job in (("dp_train", self.cfg.dp_train, dp_finetune), ("dp_reward", self.cfg.dp_reward,
+                                                                               dp_reward)):
+            if name in self.cfg.stages:
+                resolve_model(job_config(job.CONFIG, stage_args(stage), name).model.name)
+                return
+
     def elapsed(self) -> float:
         return sum(t for t in self.times.values() if not isinstance(t, str))
 
