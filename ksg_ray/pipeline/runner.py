@@ -89,14 +89,14 @@ class PipelineRunner:
     def build_first_model(self) -> None:
         """Provision the first client stage's model (an embedded one is built into the cache on a first run), so
         that its build can run beside Ray's start; the stage then finds it built."""
-        from ksg_ray.common.config import job_config
+        from ksg_ray.client.config import DPFinetuneConfig, DPRewardConfig  # the configs alone: the jobs' imports
+        from ksg_ray.common.config import job_config  # (torch, Opacus) would take Ray's start to themselves
         from ksg_ray.common.hub import resolve_model
-        from ksg_ray.jobs import dp_finetune, dp_reward
 
-        for name, stage, job in (("dp_train", self.cfg.dp_train, dp_finetune), ("dp_reward", self.cfg.dp_reward,
-                                                                               dp_reward)):
+        for name, stage, config in (("dp_train", self.cfg.dp_train, DPFinetuneConfig),
+                                    ("dp_reward", self.cfg.dp_reward, DPRewardConfig)):
             if name in self.cfg.stages:
-                resolve_model(job_config(job.CONFIG, stage_args(stage), name).model.name)
+                resolve_model(job_config(config, stage_args(stage), name).model.name)
                 return
 
     def elapsed(self) -> float:
