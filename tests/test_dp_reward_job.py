@@ -48,14 +48,16 @@ def test_server_loads_both_models_from_the_bundle_without_the_data(client_bundle
         reward, rtok = load_reward(tmp / "bundle")
         scores = score_texts(reward, rtok, ["Is it safe?", "Is it safe?"], ["Yes, with care.", "No."])
         assert len(scores) == 2 and all(s == s for s in scores)  # finite, not NaN
-        # batches grouped by length give each pair the reward it gets alone, in the input order
-        questions = ["Is it safe?", "What dose of ibuprofen is safe for an adult with a sore back?", "Why?"]
-        answers = ["Yes, with care.", "No.", "Up to 400 mg every six hours, with food. " * 3]
+        # answers to one question packed in a row, rows in batches grouped by length: each pair gets the reward
+        # it gets alone, in the input order
+        questions = ["Is it safe?", "What dose of ibuprofen is safe for an adult with a sore back?", "Why?",
+                     "Is it safe?"]
+        answers = ["Yes, with care.", "No.", "Up to 400 mg every six hours, with food. " * 3, "Ask your doctor."]
         grouped = score_texts(reward, rtok, questions, answers, batch_size=2)
         in_order = score_texts(reward, rtok, questions, answers, batch_size=2, max_padding=None)
         alone = [score_texts(reward, rtok, [q], [a])[0] for q, a in zip(questions, answers, strict=True)]
         assert grouped == pytest.approx(in_order, abs=1e-5) and grouped == pytest.approx(alone, abs=1e-5)
-        assert len({round(s, 4) for s in grouped}) == 3
+        assert len({round(s, 4) for s in grouped}) == 4
         # the head was trained: it is not the freshly initialised one
         trained_head = [v for k, v in reward.state_dict().items() if "score" in k and "modules_to_save" in k]
         assert trained_head and float(trained_head[0].abs().sum()) > 0

@@ -1,4 +1,5 @@
-"""The reward model: record-level clipping across a record's pairs, Bradley–Terry loss, exact pooling."""
+"""The reward model: one packed row per record with each chat's own reward, record-level clipping across a
+record's pairs, Bradley–Terry loss, exact pooling."""
 
 from __future__ import annotations
 
@@ -16,6 +17,7 @@ from ksg_ray.common.reward_model import (
     bradley_terry_loss,
     build_lora_reward,
     collate_reward,
+    reward_example_tokens,
     reward_pad_id,
     reward_scores,
     tokenize_reward_example,
@@ -38,6 +40,10 @@ def setup(tiny_model_path):
     warnings.filterwarnings("ignore", message="Full backward hook is firing")
     tok = AutoTokenizer.from_pretrained(tiny_model_path)
     model = build_lora_reward(torch.device("cpu"), model_path=tiny_model_path, lora=LoraSection(r=4), seed=0)
+    with torch.no_grad():  # LoRA's B starts at zero: random adapters make the backbone's gradients count
+        for p in model.parameters():
+            if p.requires_grad:
+                p.normal_(0.0, 0.05, generator=torch.Generator().manual_seed(p.numel()))
     model = GradSampleModule(model, batch_first=True, loss_reduction="sum")  # Opacus hooks a model once
     examples = [tokenize_reward_example(tok, q, answers, 96) for q, answers in QUESTIONS]
     return tok, model, examples
@@ -48,6 +54,61 @@ def _clipped_sum(model, examples, pad):
     sums, _, n = dp.clipped_sum([collate_reward(examples, pad)], bradley_terry_loss)
     assert n == len(examples)  # losses are per record, not per pair or per row
     return torch.cat([s.flatten() for s in sums])
+
+
+def _alone(model, chat: list[int]) -> torch.Tensor:
+    """The reward of one chat through the model's own forward and pooling: what packing must reproduce."""
+    return model._module(input_ids=torch.tensor([chat])).logits.reshape(())
+
+
+def test_a_packed_row_gives_each_chat_the_reward_it_gets_alone(setup):
+    tok, model, examples = setup
+    batch = collate_reward(examples, reward_pad_id(tok))
+    assert batch["input_ids"].shape[0] == len(examples)  # one row per record
+    assert all(reward_example_tokens(ex) < 0.7 * sum(len(r) for r in ex.rows) for ex in examples)
+    model.eval()
+    with torch.no_grad():
+        packed = reward_scores(model, batch)
+        alone = torch.stack([_alone(model, chat) for ex in examples for chat in ex.rows])
+    model.train()
+    torch.testing.assert_close(packed, alone, rtol=1e-4, atol=1e-5)
+    assert len({round(float(r), 4) for r in alone}) == len(alone)  # distinct: a mixed-up chat would show
+
+
+def test_chats_cut_inside_their_shared_prefix_keep_their_own_reward(setup):
+    """Truncated to 12 tokens, all three chats are the same tokens: the prefix stops one short, and each chat
+    keeps its last token."""
+    tok, model, _ = setup
+    ex = tokenize_reward_example(tok, "Is a daily headache a concern?", ["Yes.", "No.", "Maybe."], 12)
+    assert all(r == ex.rows[0] for r in ex.rows) and reward_example_tokens(ex) == 11 + 3
+    model.eval()
+    with torch.no_grad():
+        packed = reward_scores(model, collate_reward([ex], reward_pad_id(tok)))
+        alone = _alone(model, ex.rows[0])
+    model.train()
+    torch.testing.assert_close(packed, alone.expand(3), rtol=1e-4, atol=1e-5)
+
+
+def test_clipped_sum_of_packed_records_equals_clipping_each_records_separate_chats(setup):
+    """The reference needs no Opacus and no packing: each record's loss from its chats run alone, its gradient by
+    autograd, clipped to C, summed. Packing and per-sample gradients must give the same sum."""
+    tok, model, examples = setup
+    params = [p for p in model.parameters() if p.requires_grad]
+    expected = [torch.zeros_like(p) for p in params]
+    norms = []
+    for ex in examples:
+        r = torch.stack([_alone(model, chat) for chat in ex.rows])
+        loss = torch.stack([-torch.nn.functional.logsigmoid(r[c] - r[j]) for c, j in ex.pairs]).mean()
+        grads = torch.autograd.grad(loss, params)
+        norm = torch.cat([g.flatten() for g in grads]).norm()
+        norms.append(float(norm))
+        for e, g in zip(expected, grads, strict=True):
+            e += g * min(1.0, CLIP / (float(norm) + 1e-6))
+    assert min(norms) > CLIP  # every record is clipped: the test compares clipped gradients, not raw ones
+    for p in params:
+        p.grad_sample = None
+    got = _clipped_sum(model, examples, reward_pad_id(tok))
+    torch.testing.assert_close(got, torch.cat([e.flatten() for e in expected]), rtol=1e-3, atol=1e-7)
 
 
 def test_a_record_with_three_pairs_moves_the_clipped_sum_by_at_most_the_clip_norm(setup):

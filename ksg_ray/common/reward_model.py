@@ -2,10 +2,12 @@
 
 Input is the chat of a judge system prompt, the question and one answer; output one logit (the reward).
 Each private record yields three candidate answers — the private truth, the DP generator's greedy answer and
-the base model's — and preference pairs truth ≻ base, truth ≻ DP generator, DP generator ≻ base. All rows of
-one record go through the model together and carry `row_to_record`, so `DPSGD` clips the record's summed
-gradient once: the guarantee is per record, not per pair (the published code clipped per pair, which gives
-only group privacy).
+the base model's — and preference pairs truth ≻ base, truth ≻ DP generator, DP generator ≻ base. A record is
+one packed row: the judge prompt and question once, then each answer, which attends to the shared prefix and to
+itself only and takes the positions it would have in its own chat (`collate_reward`). So the rewards are those
+of the separate chats, the prefix (70-87 of a demo chat's ~96 tokens) is computed once instead of three times,
+and `DPSGD` clips each row's gradient, which is the record's: the guarantee is per record, not per pair (the
+published code clipped per pair, which gives only group privacy).
 """
 
 from __future__ import annotations
@@ -26,7 +28,7 @@ from ksg_ray.common.torch_threads import one_torch_thread
 
 __all__ = ["JUDGE_PROMPT", "RewardExample", "bradley_terry_loss", "build_lora_reward", "collate_reward",
            "load_reward_model", "pairwise_accuracy", "reward_example_tokens", "reward_messages", "reward_pad_id",
-           "reward_scores", "tokenize_reward_example"]
+           "reward_scores", "score_texts", "shared_prefix_length", "tokenize_reward_example"]
 
 JUDGE_PROMPT = (
     "You are a data quality evaluator. Judge the quality of this conversation: is the assistant's answer "
@@ -36,6 +38,7 @@ JUDGE_PROMPT = (
 # (off by default, NOT DP) ranks between the truth and the base model, as in RewardDS
 CANDIDATES = ("truth", "dp_generator", "base", "non_dp_proxy")
 PAIRS = ((0, 2), (0, 1), (1, 2), (0, 3), (3, 2))
+MAX_ANSWERS_PER_ROW = 8  # scoring: answers to one question packed in one row (its attention mask grows as its square)
 
 
 def reward_messages(question: str, answer: str) -> list[dict[str, str]]:
@@ -74,43 +77,92 @@ def tokenize_reward_example(tokenizer, question: str, answers: list[str], max_se
     return RewardExample(rows=rows, pairs=pairs)
 
 
+def shared_prefix_length(rows: list[list[int]]) -> int:
+    """How many leading tokens all of a record's chats share, leaving at least one token of each after it (the
+    token its reward is read at)."""
+    limit, first = min(len(r) for r in rows) - 1, rows[0]
+    n = 0
+    while n < limit and all(r[n] == first[n] for r in rows):
+        n += 1
+    return n
+
+
 def reward_example_tokens(example: RewardExample) -> int:
-    """A record's padded width in a batch (its longest candidate row): what DP training groups micro-batches by."""
-    return max(len(r) for r in example.rows)
+    """A record's packed length (shared prefix once, then each chat's rest): what batches group records by."""
+    prefix = shared_prefix_length(example.rows)
+    return prefix + sum(len(r) - prefix for r in example.rows)
 
 
 def collate_reward(examples: list[RewardExample], pad_token_id: int) -> dict[str, torch.Tensor]:
-    """Rows of all records (right-padded) plus the maps row → record and pair → (chosen row, rejected row)."""
-    rows, row_to_record, chosen, rejected, pair_to_record = [], [], [], [], []
+    """One packed, right-padded row per record, and where each chat's reward is read.
+
+    A row holds the record's shared prefix, then the rest of each chat in `rows` order. `attention_mask` is a
+    4D additive mask: a prefix token sees the prefix before it, a chat's token sees the prefix and its own chat
+    before it, and padding sees padding and the prefix (only so that no attention row is empty: an empty one
+    gives NaN, and NaN times a zero gradient is still NaN in Opacus' per-sample sums). `position_ids` restart
+    after the prefix for each chat, so each chat's tokens are computed as in a batch of separate chats.
+    `reward_at[i, k]` is the position of chat k's last token in row i (`reward_valid` marks the chats a record
+    has), and `pair_chosen` / `pair_rejected` index the rewards flattened record by record, chat by chat.
+    """
+    rows, positions, segments, reward_at = [], [], [], []
+    chosen, rejected, pair_to_record = [], [], []
+    num_rewards = 0
     for i, ex in enumerate(examples):
-        base = len(rows)
-        rows.extend(ex.rows)
-        row_to_record.extend([i] * len(ex.rows))
+        prefix = shared_prefix_length(ex.rows)
+        ids, pos, seg, at = list(ex.rows[0][:prefix]), list(range(prefix)), [0] * prefix, []
+        for k, chat in enumerate(ex.rows, start=1):
+            ids.extend(chat[prefix:])
+            pos.extend(range(prefix, len(chat)))
+            seg.extend([k] * (len(chat) - prefix))
+            at.append(len(ids) - 1)
+        rows.append(ids)
+        positions.append(pos)
+        segments.append(seg)
+        reward_at.append(at)
         for c, r in ex.pairs:
-            chosen.append(base + c)
-            rejected.append(base + r)
+            chosen.append(num_rewards + c)
+            rejected.append(num_rewards + r)
             pair_to_record.append(i)
-    width = max(len(r) for r in rows)
+        num_rewards += len(ex.rows)
+    width, chats = max(len(r) for r in rows), max(len(a) for a in reward_at)
     ids = torch.full((len(rows), width), pad_token_id, dtype=torch.long)
-    mask = torch.zeros((len(rows), width), dtype=torch.long)
-    for j, r in enumerate(rows):
-        ids[j, : len(r)] = torch.tensor(r)
-        mask[j, : len(r)] = 1
+    pos = torch.zeros((len(rows), width), dtype=torch.long)
+    seg = torch.full((len(rows), width), -1, dtype=torch.long)  # -1: padding, 0: shared prefix, k: chat k
+    at = torch.zeros((len(rows), chats), dtype=torch.long)
+    valid = torch.zeros((len(rows), chats), dtype=torch.bool)
+    for j, (r, p, s, a) in enumerate(zip(rows, positions, segments, reward_at, strict=True)):
+        ids[j, : len(r)], pos[j, : len(r)], seg[j, : len(r)] = torch.tensor(r), torch.tensor(p), torch.tensor(s)
+        at[j, : len(a)], valid[j, : len(a)] = torch.tensor(a), True
+    causal = torch.ones((width, width), dtype=torch.bool).tril()
+    sees = causal & ((seg[:, None, :] == 0) | (seg[:, None, :] == seg[:, :, None]))
+    mask = torch.zeros(sees.shape, dtype=torch.float32).masked_fill_(~sees, torch.finfo(torch.float32).min)
     return {
-        "input_ids": ids, "attention_mask": mask,
-        "position_ids": torch.arange(width).expand(len(rows), width).clone() * mask,
-        "row_to_record": torch.tensor(row_to_record), "num_records": torch.tensor(len(examples)),
+        "input_ids": ids, "attention_mask": mask[:, None], "position_ids": pos,
+        "reward_at": at, "reward_valid": valid, "num_records": torch.tensor(len(examples)),
         "pair_chosen": torch.tensor(chosen, dtype=torch.long),
         "pair_rejected": torch.tensor(rejected, dtype=torch.long),
         "pair_to_record": torch.tensor(pair_to_record, dtype=torch.long),
     }
 
 
+def _sequence_classifier(module: torch.nn.Module) -> torch.nn.Module:
+    """The transformers `*ForSequenceClassification` inside Opacus' and peft's wrappers (LoRA stays injected)."""
+    module = getattr(module, "_module", module)  # opacus GradSampleModule
+    return module.get_base_model() if isinstance(module, PeftModel) else module
+
+
 def reward_scores(module: torch.nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
-    """One scalar per row (the head's logit at the row's last real token)."""
-    out = module(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
-                 position_ids=batch["position_ids"])
-    return out.logits.squeeze(-1).float()
+    """One scalar per chat, record by record (the head's logit at the chat's last token).
+
+    The backbone and the head are called apart because the model's own pooling reads one token per row; the
+    head sees [records, chats, hidden], so Opacus' per-sample gradients stay per record.
+    """
+    model = _sequence_classifier(module)
+    hidden = model.base_model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
+                              position_ids=batch["position_ids"]).last_hidden_state
+    rows = torch.arange(len(hidden), device=hidden.device)[:, None]
+    logits = model.score(hidden[rows, batch["reward_at"]]).squeeze(-1)
+    return logits[batch["reward_valid"]].float()
 
 
 def bradley_terry_loss(module: torch.nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
@@ -156,16 +208,27 @@ def load_reward_model(component_dir: str | Path, model_path: str, device: str = 
 
 @torch.no_grad()
 def score_texts(model, tokenizer, questions: list[str], answers: list[str], max_seq_len: int = 512,
-                batch_size: int = 16, max_padding: float | None = 0.25) -> list[float]:
-    """Rewards of (question, answer) pairs, in batches of like lengths (`length_batches`), in the input order."""
+                batch_size: int = 16, max_padding: float | None = 0.25,
+                answers_per_row: int = MAX_ANSWERS_PER_ROW) -> list[float]:
+    """Rewards of (question, answer) pairs, in the input order.
+
+    The answers to one question share a packed row (up to `answers_per_row` of them), so the judge prompt and
+    question are computed once per row; rows go in batches of like lengths (`length_batches`), `batch_size`
+    rows at a time.
+    """
     pad = reward_pad_id(tokenizer)
-    rows = [judge_chat_ids(tokenizer, q, a, max_seq_len) for q, a in zip(questions, answers, strict=True)]
-    out = [math.nan] * len(rows)
+    by_question: dict[str, list[int]] = {}
+    for i, q in enumerate(questions):
+        by_question.setdefault(q, []).append(i)
+    groups = [g[j:j + answers_per_row] for g in by_question.values() for j in range(0, len(g), answers_per_row)]
+    examples = [RewardExample(rows=[judge_chat_ids(tokenizer, questions[i], answers[i], max_seq_len) for i in g],
+                              pairs=[]) for g in groups]
+    out = [math.nan] * len(questions)
     dev = next(model.parameters()).device
-    for chunk in length_batches([len(r) for r in rows], batch_size, max_padding):
-        batch = collate_reward([RewardExample(rows=[rows[i]], pairs=[]) for i in chunk], pad)
-        for i, reward in zip(chunk, reward_scores(model, {k: v.to(dev) for k, v in batch.items()}).tolist(),
-                             strict=True):
+    for chunk in length_batches([reward_example_tokens(ex) for ex in examples], batch_size, max_padding):
+        batch = collate_reward([examples[j] for j in chunk], pad)
+        rewards = reward_scores(model, {k: v.to(dev) for k, v in batch.items()}).tolist()
+        for i, reward in zip((i for j in chunk for i in groups[j]), rewards, strict=True):
             out[i] = reward
     return out
 

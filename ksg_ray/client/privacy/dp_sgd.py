@@ -84,8 +84,9 @@ class DPSGD:
 
         Args:
             batches: chunks of this worker's Poisson sample (any sizes; may be empty).
-            loss_fn: (module, chunk) -> per-record losses of shape [B]. A chunk whose rows are not records
-                carries `row_to_record` (row -> record index in the chunk); rows of one record are clipped together.
+            loss_fn: (module, chunk) -> per-record losses of shape [B]; row i of the chunk is record i (a record
+                of several texts, like a reward model's candidate answers, is packed into one row), so the
+                per-sample gradients Opacus computes are per record.
 
         Returns:
             (per-parameter clipped sums in float32, sum of the records' losses, number of records).
@@ -103,7 +104,7 @@ class DPSGD:
             losses = loss_fn(self.module, chunk)
             torch.autograd.grad(losses.sum(), self.params)  # fires the grad-sample hooks; result unused
             with torch.autocast(self.params[0].device.type, enabled=False):
-                grad_samples = [self._per_record(p.grad_sample.float(), chunk, len(losses)) for p in self.params]
+                grad_samples = [p.grad_sample.float() for p in self.params]
                 norms = torch.stack([g.reshape(len(g), -1).norm(2, dim=-1) for g in grad_samples],
                                     dim=1).norm(2, dim=1)
                 factor = (self.max_grad_norm / (norms + 1e-6)).clamp(max=1.0)
@@ -114,16 +115,6 @@ class DPSGD:
             loss_total += float(losses.detach().sum())
             count += len(losses)
         return sums, loss_total, count
-
-    @staticmethod
-    def _per_record(grad_sample: torch.Tensor, chunk: dict[str, torch.Tensor], num_records: int) -> torch.Tensor:
-        """Sum the rows of each record: a record that contributes several rows (a reward model's candidate
-        answers) is clipped once as a whole — the guarantee is per record, not per row or pair."""
-        rows = chunk.get("row_to_record")
-        if rows is None:
-            return grad_sample
-        out = torch.zeros((num_records, *grad_sample.shape[1:]), dtype=grad_sample.dtype, device=grad_sample.device)
-        return out.index_add_(0, rows.to(grad_sample.device), grad_sample)
 
     def lockstep_pass(self, batch: dict[str, torch.Tensor], loss_fn) -> None:
         """A forward/backward whose result is discarded: keeps a rank with fewer records in step with the others

@@ -43,7 +43,7 @@ class ScoreUDF:
         candidates_column: the input column of answers.
         prompt_column: the input column of prompts.
         engine_kwargs: extra engine options.
-        reward_batch_size: (question, answer) pairs per reward-model forward pass.
+        reward_batch_size: rows per reward-model forward pass (a row: one question and its answers, up to 8).
     """
 
     def __init__(self, bundle_dir: str, engine_kind: str, candidates_column: str = "candidates",
