@@ -61,16 +61,23 @@ def _alone(model, chat: list[int]) -> torch.Tensor:
     return model._module(input_ids=torch.tensor([chat])).logits.reshape(())
 
 
-def test_a_packed_row_gives_each_chat_the_reward_it_gets_alone(setup):
+@pytest.mark.parametrize("attention", ["sdpa", "eager"])  # sdpa takes the boolean mask, eager an additive one
+def test_a_packed_row_gives_each_chat_the_reward_it_gets_alone(setup, attention):
     tok, model, examples = setup
     batch = collate_reward(examples, reward_pad_id(tok))
     assert batch["input_ids"].shape[0] == len(examples)  # one row per record
     assert all(reward_example_tokens(ex) < 0.7 * sum(len(r) for r in ex.rows) for ex in examples)
+    config = model._module.get_base_model().config
+    before = config._attn_implementation
     model.eval()
-    with torch.no_grad():
-        packed = reward_scores(model, batch)
-        alone = torch.stack([_alone(model, chat) for ex in examples for chat in ex.rows])
-    model.train()
+    try:
+        config._attn_implementation = attention
+        with torch.no_grad():
+            packed = reward_scores(model, batch)
+            alone = torch.stack([_alone(model, chat) for ex in examples for chat in ex.rows])
+    finally:
+        config._attn_implementation = before
+        model.train()
     torch.testing.assert_close(packed, alone, rtol=1e-4, atol=1e-5)
     assert len({round(float(r), 4) for r in alone}) == len(alone)  # distinct: a mixed-up chat would show
 

@@ -97,10 +97,11 @@ def collate_reward(examples: list[RewardExample], pad_token_id: int) -> dict[str
     """One packed, right-padded row per record, and where each chat's reward is read.
 
     A row holds the record's shared prefix, then the rest of each chat in `rows` order. `attention_mask` is a
-    4D additive mask: a prefix token sees the prefix before it, a chat's token sees the prefix and its own chat
-    before it, and padding sees padding and the prefix (only so that no attention row is empty: an empty one
-    gives NaN, and NaN times a zero gradient is still NaN in Opacus' per-sample sums). `position_ids` restart
-    after the prefix for each chat, so each chat's tokens are computed as in a batch of separate chats.
+    4D boolean mask (True: may attend): a prefix token sees the prefix before it, a chat's token sees the prefix
+    and its own chat before it, and padding sees padding and the prefix (only so that no attention row is empty:
+    an empty one gives NaN, and NaN times a zero gradient is still NaN in Opacus' per-sample sums).
+    `position_ids` restart after the prefix for each chat, so each chat's tokens are computed as in a batch of
+    separate chats.
     `reward_at[i, k]` is the position of chat k's last token in row i (`reward_valid` marks the chats a record
     has), and `pair_chosen` / `pair_rejected` index the rewards flattened record by record, chat by chat.
     """
@@ -135,9 +136,8 @@ def collate_reward(examples: list[RewardExample], pad_token_id: int) -> dict[str
         at[j, : len(a)], valid[j, : len(a)] = torch.tensor(a), True
     causal = torch.ones((width, width), dtype=torch.bool).tril()
     sees = causal & ((seg[:, None, :] == 0) | (seg[:, None, :] == seg[:, :, None]))
-    mask = torch.zeros(sees.shape, dtype=torch.float32).masked_fill_(~sees, torch.finfo(torch.float32).min)
     return {
-        "input_ids": ids, "attention_mask": mask[:, None], "position_ids": pos,
+        "input_ids": ids, "attention_mask": sees[:, None], "position_ids": pos,
         "reward_at": at, "reward_valid": valid, "num_records": torch.tensor(len(examples)),
         "pair_chosen": torch.tensor(chosen, dtype=torch.long),
         "pair_rejected": torch.tensor(rejected, dtype=torch.long),
@@ -158,7 +158,11 @@ def reward_scores(module: torch.nn.Module, batch: dict[str, torch.Tensor]) -> to
     head sees [records, chats, hidden], so Opacus' per-sample gradients stay per record.
     """
     model = _sequence_classifier(module)
-    hidden = model.base_model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
+    mask = batch["attention_mask"]
+    if model.config._attn_implementation == "eager":  # eager adds the mask to its scores; sdpa takes booleans
+        mask = torch.zeros(mask.shape, dtype=model.dtype, device=mask.device).masked_fill(
+            ~mask, torch.finfo(model.dtype).min)
+    hidden = model.base_model(input_ids=batch["input_ids"], attention_mask=mask,
                               position_ids=batch["position_ids"]).last_hidden_state
     rows = torch.arange(len(hidden), device=hidden.device)[:, None]
     logits = model.score(hidden[rows, batch["reward_at"]]).squeeze(-1)
