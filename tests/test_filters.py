@@ -54,7 +54,7 @@ def test_repeated_ngram_finds_loops_only():
 
 
 def test_each_filter_rejects_its_planted_row(cfg):
-    lang, degenerate, meta, domain = query_filters(cfg)
+    lang, degenerate, meta, invented, domain = query_filters(cfg)
     assert lang([PLANTED["language"]])[0].startswith("language: it")
     assert "repeated 6-gram" in degenerate([PLANTED["loop"]])[0]
     assert "non-alphabetic" in degenerate([PLANTED["symbols"]])[0]
@@ -62,6 +62,13 @@ def test_each_filter_rejects_its_planted_row(cfg):
     echoes = meta(["You create one new question about heart health, similar in style to the examples.",
                    "Here is a new medical question: why do I cough?", "I have a question about my new medicine."])
     assert [r.split(":")[0] if r else None for r in echoes] == ["meta", "meta", None]
+    named = invented(["Hi, I am 12 weeks pregnant and I have heard about a rare health condition known as "
+                      '"Impregnancy Flu" and I am concerned about it.',
+                      "Hello, I have been coughing for 3 days. I have heard about a rare skin condition called "
+                      "SjuCklenowklippos.", "Dear doctor, my mother is 68 and she was diagnosed with a rare kidney "
+                      "disease called aliments.", "My daughter has a rare form of epilepsy. Which tests show it?",
+                      "I was diagnosed with a condition called plantar fasciitis. How long does it last?"])
+    assert [r.split(":")[0] if r else None for r in named] == ["invented condition"] * 3 + [None, None]
     reasons = apply_filters(query_filters(cfg), [*PLANTED.values(), "Hi doctor, my son has had a fever for "
                                                  "three days and a cough. Should I take him to hospital?"])
     assert [r.split(":")[0] if r else None for r in reasons] == [
@@ -172,5 +179,5 @@ def test_the_domain_filter_rejects_most_finance_questions(cfg):
 def test_filters_are_configurable():
     cfg = job_config(SynthConfig, ["--config", "configs/synthesize.yaml", "filters.domain=false",
                                    "filters.language=false"], "test")
-    assert [type(f) for f in query_filters(cfg)] == [DegenerateTextFilter, PatternFilter]
+    assert [type(f) for f in query_filters(cfg)] == [DegenerateTextFilter, PatternFilter, PatternFilter]
     assert LanguageFilter("en")(["Hello, how are you today?"]) == [None]

@@ -9,7 +9,9 @@ small class with one reason string (the DataTrove / NeMo Curator pattern), compo
 - `AsksBackFilter`: an answer that mostly asks the patient questions instead of answering;
 - `DomainFilter`: MiniLM similarity to the domain's public anchors minus the similarity to public off-domain
   anchors (calibrated on public data, README "Filters");
-- `OffQuestionFilter`: an answer about something other than its question (MiniLM similarity to the question).
+- `OffQuestionFilter`: an answer about something other than its question (MiniLM similarity to the question);
+- `PatternFilter`: a regular expression with its reason: talk about the task, refusals, personas, the patient's
+  voice in an answer, and a question about a rare condition it names (`INVENTED_CONDITION`).
 
 Each filter maps a list of texts to a list of reasons (None = kept), so a batch pays one model call; a filter
 that judges an answer against its question (`needs_question`) also takes the question.
@@ -30,7 +32,8 @@ from ksg_ray.common.text_metrics import repeated_ngram, words
 if TYPE_CHECKING:
     from ksg_ray.server.synth.config import SynthConfig
 
-__all__ = ["META", "PATIENT_VOICE", "PERSONA", "QUERY_META", "REFUSAL", "AsksBackFilter", "DegenerateTextFilter",
+__all__ = ["INVENTED_CONDITION", "META", "PATIENT_VOICE", "PERSONA", "QUERY_META", "REFUSAL", "AsksBackFilter",
+           "DegenerateTextFilter",
            "DomainFilter", "LanguageFilter", "OffQuestionFilter", "PatternFilter", "TextFilter", "answer_filters",
            "apply_filters", "query_filters"]
 
@@ -215,6 +218,14 @@ QUERY_META = PatternFilter("meta", r"\b(?:(?:a|one|another) new (?:\w+ )?questio
                            r"question|here(?:'s| is) (?:a|one|another) (?:\w+ ){0,2}question|(?:provide|create|write|"
                            r"generate|add) (?:a|one|another|\w+ new) (?:\w+ ){0,2}question|similar in style to the "
                            r"examples|reply with the question only)", "repeats the request for a question")
+# Asked to continue a patient's message, the DP generator often makes up a rare disease and asks about it ("I have
+# heard about a rare skin condition called SjuCklenowklippos", "my mother was diagnosed with a rare kidney disease
+# called aliments"), and the professional then describes it as if it were real: 4 of the 64 query samples of a
+# session-32 embedded run; 0 of the 5,187 real medical and financial questions match.
+INVENTED_CONDITION = PatternFilter("invented condition", r"\brare\b[^.?!]{0,60}\b(?:called|known as|named)\b|"
+                                   r"\b(?:called|known as|named)\b[^.?!]{0,30}\brare\b|"
+                                   r"\bheard (?:about|of) (?:a |an |the )?(?:\w+ ){0,3}rare\b",
+                                   "names a rare condition (a small generator invents them)")
 # Distilled into the target, refusals ("as an AI ...", "I'm unable to provide ...") teach it to refuse the domain.
 REFUSAL = PatternFilter("refusal", r"\b(?:as an? (?:ai|language model|medical assistant)|i(?:'m| am) (?:an ai|not "
                         r"(?:a|an) (?:doctor|medical|healthcare|financial)|(?:not |un)able to (?:provide|give|offer|"
@@ -314,7 +325,7 @@ def query_filters(cfg: SynthConfig) -> list[TextFilter]:
         out.append(LanguageFilter(d.language, f.min_language_confidence))
     if f.degenerate:
         out += [DegenerateTextFilter(cfg.queries.min_words, f.max_query_words, f.max_non_alpha, f.repeat_ngram),
-                QUERY_META]
+                QUERY_META, INVENTED_CONDITION]
     if f.domain and d.off_topics:
         out.append(DomainFilter([*d.seed_questions, *d.topics, d.description], d.off_topics, f.min_domain_margin,
                                 d.name))
