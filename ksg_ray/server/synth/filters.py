@@ -33,9 +33,8 @@ if TYPE_CHECKING:
     from ksg_ray.server.synth.config import SynthConfig
 
 __all__ = ["INVENTED_CONDITION", "META", "PATIENT_VOICE", "PERSONA", "QUERY_META", "REFUSAL", "AsksBackFilter",
-           "DegenerateTextFilter",
-           "DomainFilter", "LanguageFilter", "OffQuestionFilter", "PatternFilter", "TextFilter", "answer_filters",
-           "apply_filters", "query_filters"]
+           "DegenerateTextFilter", "DomainFilter", "LanguageFilter", "OffQuestionFilter", "PatternFilter", "TextFilter",
+           "answer_filters", "apply_filters", "query_filters"]
 
 class TextFilter(Protocol):
     """A filter: one reason string per rejected text, None for a kept one."""
