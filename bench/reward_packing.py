@@ -1,6 +1,6 @@
 """The DP reward step, one row per chat (the old path) against one packed row per record, side by side.
 
-    python bench/reward_packing.py                    # the embedded default's 40 demo records and sizes (~2 min)
+    python bench/reward_packing.py                    # the embedded default's 40 demo records and sizes (~3 min)
     python bench/reward_packing.py --data ../shared/data/medical/train.jsonl --records 24 --max-seq-len 384 \
         --answer-tokens 96                            # real medical questions (longer), the benchmark's sequence
 

@@ -212,11 +212,10 @@ def load_reward_model(component_dir: str | Path, model_path: str, device: str = 
 
 @torch.no_grad()
 def score_texts(model, tokenizer, questions: list[str], answers: list[str], max_seq_len: int = 512,
-                batch_size: int = 16, max_padding: float | None = 0.25,
-                answers_per_row: int = MAX_ANSWERS_PER_ROW) -> list[float]:
+                batch_size: int = 16, max_padding: float | None = 0.25) -> list[float]:
     """Rewards of (question, answer) pairs, in the input order.
 
-    The answers to one question share a packed row (up to `answers_per_row` of them), so the judge prompt and
+    The answers to one question share a packed row (up to `MAX_ANSWERS_PER_ROW` of them), so the judge prompt and
     question are computed once per row; rows go in batches of like lengths (`length_batches`), `batch_size`
     rows at a time.
     """
@@ -224,7 +223,8 @@ def score_texts(model, tokenizer, questions: list[str], answers: list[str], max_
     by_question: dict[str, list[int]] = {}
     for i, q in enumerate(questions):
         by_question.setdefault(q, []).append(i)
-    groups = [g[j:j + answers_per_row] for g in by_question.values() for j in range(0, len(g), answers_per_row)]
+    groups = [g[j:j + MAX_ANSWERS_PER_ROW] for g in by_question.values()
+              for j in range(0, len(g), MAX_ANSWERS_PER_ROW)]
     examples = [RewardExample(rows=[judge_chat_ids(tokenizer, questions[i], answers[i], max_seq_len) for i in g],
                               pairs=[]) for g in groups]
     out = [math.nan] * len(questions)
